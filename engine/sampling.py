@@ -1,0 +1,54 @@
+"""Sampling parameters (vLLM-style) and the on-device sampler."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature=0 is greedy; top_k <= 0 and top_p=1 switch those filters off; seed=None
+    draws a fresh seed per request. Stop tokens (and EOS unless ignore_eos) end a request and
+    are kept in its token_ids, not in its text."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer (<= 0 for no limit), got {self.top_k!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
+
+
+def sample(logits, temperature, top_k, top_p, seed, position):
+    """logits [B,V] float32; temperature, top_p [B] float32; top_k [B] int32 (<= 0: off);
+    seed [B] uint32; position [B] int32 (index of the token being drawn, so a request draws
+    the same tokens whatever batch it runs in) -> tokens [B] int32."""
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ranked = -jnp.sort(-scaled, axis=-1)                                   # [B,V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)           # [B,1]
+    ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                            # mass ranked above
+    kept = jnp.sum((before < top_p[:, None]) & (ranked > -jnp.inf), axis=-1)
+    floor = jnp.take_along_axis(ranked, jnp.maximum(kept - 1, 0)[:, None], axis=-1)
+    masked = jnp.where(scaled >= jnp.maximum(kth, floor), scaled, -jnp.inf)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)

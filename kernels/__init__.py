@@ -1,0 +1,47 @@
+"""Attention kernels over a paged KV cache, and the one function that dispatches to them.
+
+Axis alphabet, used in every shape comment, einsum and BlockSpec of the project:
+
+    B batch rows           T query tokens per row    S key positions
+    N query heads          K KV heads                Q query heads per KV head (N = K * Q)
+    H head dim             P pages in the pool       G tokens per page (page size)
+    M pages per row (page-table width)               R cache rows (sequence slots)
+    L layers               V vocabulary              D model width        F MLP width
+
+A row's tokens live in pages; the page table maps (row, position // G) to a page id and
+position % G is the slot inside it:
+
+    page_table[b] = [ 7, 3, 9, 0, ...]      position s -> page page_table[b, s // G], slot s % G
+                      |  |  |  '-- page 0: reserved trash page, never holds a live token
+                      '--'--'----- pages 7, 3, 9 hold positions [0, G), [G, 2G), [2G, 3G)
+"""
+
+from kernels.reference import paged_attention_reference
+
+IMPLEMENTATIONS = {"reference": paged_attention_reference}
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps an attention implementation name ('auto' included) to a key of IMPLEMENTATIONS."""
+    if impl == "auto":
+        return "reference"
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {impl!r}; choose one of "
+            f"{['auto', *IMPLEMENTATIONS]}"
+        )
+    return impl
+
+
+def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, impl="auto",
+                    sliding_window=None):
+    """Attention of query tokens over the pages of their rows.
+
+    q [B,T,N,H]; k_pages, v_pages [P,G,K,H]; page_table [B,M] int32; q_positions [B,T] int32
+    (absolute position of each query token, -1 for padding); kv_lens [B] int32 (tokens stored,
+    the new ones included). Key s is visible from query position t iff s <= t, s < kv_len and,
+    with a sliding window W, t - s < W. Returns [B,T,N,H] in q's dtype; padding rows are zero.
+    """
+    fn = IMPLEMENTATIONS[resolve_impl(impl)]
+    return fn(q, k_pages, v_pages, page_table, q_positions, kv_lens,
+              sliding_window=sliding_window)

@@ -1,0 +1,44 @@
+"""KV cache: page pool description, functional allocator, page tables, layout policy."""
+
+from kvcache import allocator
+from kvcache.accounting import usage
+from kvcache.page_table import (
+    LAYOUT_CODES,
+    LAYOUT_NONE,
+    LAYOUT_PAGED,
+    LAYOUT_STATIC,
+    KVCache,
+    admit_rows,
+    ensure_next_slot,
+    grow_rows,
+    init_cache,
+    release_rows,
+    slot_addresses,
+    write_kv,
+)
+from kvcache.policy import LAYOUTS, LayoutPolicy
+from kvcache.pool import PoolDoesNotFit, PoolSpec, device_memory_bytes, nbytes, size_pool
+
+__all__ = [
+    "allocator",
+    "usage",
+    "LAYOUT_CODES",
+    "LAYOUT_NONE",
+    "LAYOUT_PAGED",
+    "LAYOUT_STATIC",
+    "KVCache",
+    "admit_rows",
+    "ensure_next_slot",
+    "grow_rows",
+    "init_cache",
+    "release_rows",
+    "slot_addresses",
+    "write_kv",
+    "LAYOUTS",
+    "LayoutPolicy",
+    "PoolDoesNotFit",
+    "PoolSpec",
+    "device_memory_bytes",
+    "nbytes",
+    "size_pool",
+]

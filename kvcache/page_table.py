@@ -1,0 +1,116 @@
+"""The KV cache as one pytree: K/V pages of every layer, the page table and the allocator.
+
+Rows are sequence slots. A row's pages fill its page-table columns from 0 up, with no gaps;
+column c holds positions [c*G, (c+1)*G). Entries past the row's last page are the trash page 0.
+Every function here is pure and jit-able; masked-out rows write nowhere (scatters drop them).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kvcache import allocator
+from kvcache.pool import PoolSpec
+
+LAYOUT_NONE, LAYOUT_STATIC, LAYOUT_PAGED = 0, 1, 2
+LAYOUT_CODES = {"static": LAYOUT_STATIC, "paged": LAYOUT_PAGED}
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "page_table", "lengths", "layout", "alloc"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array           # [L,P,G,K,H]
+    v: jax.Array           # [L,P,G,K,H]
+    page_table: jax.Array  # [R,M] int32, 0 (trash) past a row's last page
+    lengths: jax.Array     # [R] int32, tokens stored per row
+    layout: jax.Array      # [R] int32, LAYOUT_NONE for a free row
+    alloc: allocator.AllocState
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int) -> KVCache:
+    kv = spec.kv_struct
+    return KVCache(
+        k=jnp.zeros(kv.shape, kv.dtype),
+        v=jnp.zeros(kv.shape, kv.dtype),
+        page_table=jnp.zeros((max_rows, max_pages_per_row), jnp.int32),
+        lengths=jnp.zeros(max_rows, jnp.int32),
+        layout=jnp.zeros(max_rows, jnp.int32),
+        alloc=allocator.init(spec.num_pages),
+    )
+
+
+def grow_rows(cache: KVCache, rows, need, max_need: int):
+    """Appends need[b] fresh pages to row rows[b] (need [B] int32 <= max_need, static).
+
+    Returns (cache', ok [B]); a row that could not be served got no page (see allocator.alloc).
+    """
+    num_rows, width = cache.page_table.shape
+    held = jnp.sum(cache.page_table[rows] != allocator.TRASH_PAGE, axis=1)   # [B]
+    alloc, pages, ok = allocator.alloc(cache.alloc, need, max_need)
+    j = jnp.arange(max_need)[None, :]                                          # [1,max_need]
+    valid = (j < need[:, None]) & ok[:, None]                                  # [B,max_need]
+    row_idx = jnp.where(valid, rows[:, None], num_rows)
+    page_table = cache.page_table.at[row_idx, held[:, None] + j].set(pages, mode="drop")
+    return dataclasses.replace(cache, page_table=page_table, alloc=alloc), ok
+
+
+def admit_rows(cache: KVCache, rows, layout, reserve, max_need: int):
+    """Marks rows as taken with their layout codes and reserves their first pages.
+
+    rows, layout, reserve [B]; layout LAYOUT_NONE marks a padding entry that changes nothing.
+    Returns (cache', ok [B]).
+    """
+    live = layout != LAYOUT_NONE
+    cache, ok = grow_rows(cache, rows, jnp.where(live, reserve, 0), max_need)
+    idx = jnp.where(live & ok, rows, cache.layout.shape[0])
+    return dataclasses.replace(
+        cache,
+        layout=cache.layout.at[idx].set(layout, mode="drop"),
+        lengths=cache.lengths.at[idx].set(0, mode="drop"),
+    ), ok
+
+
+def ensure_next_slot(cache: KVCache, rows, active):
+    """Gives every active row whose next position starts an unreserved page one more page:
+    the paged layout's allocation, inside the step. Returns (cache', ok [B])."""
+    g = cache.page_size
+    col = jnp.minimum(cache.lengths[rows] // g, cache.page_table.shape[1] - 1)
+    missing = cache.page_table[rows, col] == allocator.TRASH_PAGE
+    return grow_rows(cache, rows, (active & missing).astype(jnp.int32), 1)
+
+
+def release_rows(cache: KVCache, rows, mask) -> KVCache:
+    """Drops one reference to every page of rows[b] with mask[b] and frees those rows."""
+    pages = cache.page_table[rows]                                             # [B,M]
+    alloc = allocator.decref(cache.alloc, pages.ravel(),
+                             jnp.broadcast_to(mask[:, None], pages.shape).ravel())
+    idx = jnp.where(mask, rows, cache.layout.shape[0])
+    return dataclasses.replace(
+        cache,
+        alloc=alloc,
+        page_table=cache.page_table.at[idx].set(allocator.TRASH_PAGE, mode="drop"),
+        lengths=cache.lengths.at[idx].set(0, mode="drop"),
+        layout=cache.layout.at[idx].set(LAYOUT_NONE, mode="drop"),
+    )
+
+
+def slot_addresses(row_pages, positions, page_size: int):
+    """row_pages [B,M], positions [B,T] (-1 = padding) -> (page [B,T], slot [B,T]).
+    Padding goes to the trash page."""
+    col = jnp.clip(positions // page_size, 0, row_pages.shape[1] - 1)
+    page = jnp.where(positions >= 0, jnp.take_along_axis(row_pages, col, axis=1),
+                     allocator.TRASH_PAGE)
+    return page, jnp.maximum(positions, 0) % page_size
+
+
+def write_kv(pages, layer: int, page, slot, new):
+    """pages [L,P,G,K,H]; page, slot [B,T]; new [B,T,K,H] -> pages with new stored."""
+    return pages.at[layer, page, slot].set(new.astype(pages.dtype))

@@ -1,0 +1,102 @@
+"""Abstract description of the page pool and its sizing, before anything is allocated."""
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class PoolDoesNotFit(ValueError):
+    """The requested pool is larger than the memory that can hold it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    num_layers: int
+    num_pages: int      # page 0, the trash page, included
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the trash page), "
+                             f"got {self.num_pages}")
+
+    @property
+    def kv_struct(self) -> jax.ShapeDtypeStruct:
+        """K (and, alike, V) of every layer: [L,P,G,K,H]."""
+        shape = (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads,
+                 self.head_dim)
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(self.dtype))
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(
+            self.dtype).itemsize
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.bytes_per_token * self.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_per_page * self.num_pages
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+
+def device_memory_bytes(device: jax.Device) -> int:
+    """Memory the device can give its arrays: the allocator's limit, or host RAM on a CPU."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
+              dtype: str, weight_bytes: int, device: jax.Device, mem_fraction_static: float,
+              max_total_tokens: int | None, default_tokens: int) -> PoolSpec:
+    """Pages for `max_total_tokens`, or else for what `mem_fraction_static` of the device leaves
+    after the weights, capped at `default_tokens` (what the rows could ever hold).
+
+    Raises PoolDoesNotFit, with bytes needed, bytes available and the flag to change.
+    """
+    if not 0.0 < mem_fraction_static <= 1.0:
+        raise ValueError(f"mem_fraction_static must be in (0, 1], got {mem_fraction_static}")
+    probe = PoolSpec(num_layers, 2, page_size, num_kv_heads, head_dim, dtype)
+    budget = int(device_memory_bytes(device) * mem_fraction_static) - weight_bytes
+    if max_total_tokens is not None:
+        if max_total_tokens < page_size:
+            raise ValueError(f"max_total_tokens must be >= page_size ({page_size}), "
+                             f"got {max_total_tokens}")
+        pages = math.ceil(max_total_tokens / page_size) + 1
+        needed = pages * probe.bytes_per_page
+        if needed > budget:
+            raise PoolDoesNotFit(
+                f"a KV pool of {max_total_tokens} tokens needs {needed:,} bytes but "
+                f"{max(budget, 0):,} bytes are available on {device} "
+                f"(mem_fraction_static={mem_fraction_static} minus {weight_bytes:,} bytes of "
+                f"weights); lower --max-total-tokens or raise --mem-fraction-static")
+    else:
+        pages = min(budget // probe.bytes_per_page, math.ceil(default_tokens / page_size) + 1)
+        if pages < 2:
+            raise PoolDoesNotFit(
+                f"no room for a KV pool: one page needs {probe.bytes_per_page:,} bytes plus the "
+                f"trash page, but {max(budget, 0):,} bytes are left on {device} after "
+                f"{weight_bytes:,} bytes of weights at mem_fraction_static="
+                f"{mem_fraction_static}; raise --mem-fraction-static")
+    return dataclasses.replace(probe, num_pages=int(pages))
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))

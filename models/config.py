@@ -1,0 +1,160 @@
+"""Model configuration read from a HF `config.json`, validated, with no silent defaults.
+
+Core shape fields must be present. Optional switches that HF itself defaults per family
+(biases, tied embeddings, RoPE scaling, sliding window) take the HF class default when absent,
+so a checkpoint means the same here as in transformers; anything we cannot honour raises.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class ConfigError(ValueError):
+    """A config file is missing, incomplete or asks for something unsupported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    kind: str = "default"               # "default" | "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """[H/2] float32 inverse frequencies, as HF computes them (llama3 scaling included)."""
+        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+        inv = (1.0 / (np.float32(self.theta) ** exponent)).astype(np.float32)
+        if self.kind == "default":
+            return inv
+        old_len = self.original_max_position_embeddings
+        low_wavelen = old_len / self.low_freq_factor
+        high_wavelen = old_len / self.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+        smooth = (old_len / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in FAMILIES:
+            raise ConfigError(f"model_type {self.model_type!r} is not supported; "
+                              f"supported: {list(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "ModelConfig":
+        """Reads `config.json` in a checkpoint directory (or the file itself)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such file (a HF checkpoint directory has config.json)")
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        return from_hf_dict(raw, source=str(file))
+
+
+def _need(raw: dict, key: str, source: str, kind=int):
+    if raw.get(key) is None:
+        raise ConfigError(f"{source}: required field {key!r} is missing")
+    value = raw[key]
+    if kind is not float and not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{source}: field {key!r} should be {kind.__name__}, got {value!r}")
+    if kind is float and not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: field {key!r} should be a number, got {value!r}")
+    return kind(value)
+
+
+def _rope(raw: dict, source: str) -> RopeConfig:
+    params = raw.get("rope_parameters")  # transformers >= 5
+    if params is None:
+        if raw.get("rope_theta") is None:
+            raise ConfigError(f"{source}: required field 'rope_theta' (or 'rope_parameters') "
+                              "is missing")
+        params = dict(raw.get("rope_scaling") or {}, rope_theta=raw["rope_theta"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = _need(params, "rope_theta", source + " rope_parameters", float)
+    if kind == "default":
+        return RopeConfig(theta)
+    if kind != "llama3":
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported "
+                          "(supported: 'default', 'llama3')")
+    sub = source + " rope_scaling"
+    return RopeConfig(
+        theta, "llama3", _need(params, "factor", sub, float),
+        _need(params, "low_freq_factor", sub, float),
+        _need(params, "high_freq_factor", sub, float),
+        _need(params, "original_max_position_embeddings", sub))
+
+
+def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; "
+                          f"supported: {list(FAMILIES)}")
+    hidden = _need(raw, "hidden_size", source)
+    heads = _need(raw, "num_attention_heads", source)
+    head_dim = raw.get("head_dim") or hidden // heads
+    if raw.get("use_sliding_window") and model_type in ("qwen2", "qwen3"):
+        raise ConfigError(f"{source}: use_sliding_window=true (per-layer windows) is not "
+                          "supported yet")
+    bias = bool(raw.get("attention_bias", False))
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=_need(raw, "vocab_size", source),
+        hidden_size=hidden,
+        intermediate_size=_need(raw, "intermediate_size", source),
+        num_layers=_need(raw, "num_hidden_layers", source),
+        num_heads=heads,
+        num_kv_heads=_need(raw, "num_key_value_heads", source),
+        head_dim=int(head_dim),
+        rms_norm_eps=_need(raw, "rms_norm_eps", source, float),
+        rope=_rope(raw, source),
+        max_position_embeddings=_need(raw, "max_position_embeddings", source),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=True if model_type == "qwen2" else bias,
+        o_bias=bias if model_type in ("llama", "qwen3") else False,
+        mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
+        qk_norm=model_type == "qwen3",
+        sliding_window=raw.get("sliding_window") if model_type == "mistral" else None,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )

@@ -1,0 +1,109 @@
+"""HF safetensors -> our NNX model, single file or sharded, with a progress bar.
+
+Every tensor the model needs must be present with the right shape; a missing, extra-shaped or
+unknown tensor raises an error that names the file and the tensor.
+"""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+from tqdm import tqdm
+
+from models.config import ConfigError, ModelConfig
+from models.llama import Llama
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's weight files are missing, incomplete or do not match its config."""
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> Llama:
+    """The model with shapes and dtypes only: nothing is allocated or initialised."""
+    return nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Our state path -> (HF tensor name, whether the HF tensor is transposed from ours)."""
+    *mods, leaf = [str(p) for p in path]
+    prefix = "" if mods == ["lm_head"] else "model."
+    if leaf == "kernel":
+        return prefix + ".".join(mods) + ".weight", True
+    if leaf == "embedding":
+        return prefix + ".".join(mods) + ".weight", False
+    return prefix + ".".join(mods) + "." + leaf, False
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable or without 'weight_map' ({e})") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise CheckpointError(f"{index} names shard {file.name}, which is missing")
+        return files
+    if single.is_file():
+        with safe_open(single, "flax") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{directory}: no model.safetensors nor model.safetensors.index.json")
+
+
+def load_hf(directory: str | Path, dtype=jnp.float32, progress: bool = True) -> Llama:
+    """Loads `config.json` and the safetensors weights of a HF checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    cfg = ModelConfig.from_hf(directory)
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    files = weight_files(directory)
+    flat = dict(nnx.to_flat_state(state))
+    handles = {}
+    try:
+        for path, var in tqdm(flat.items(), desc=f"loading {directory.name}", unit="tensor",
+                              disable=not progress):
+            name, transposed = hf_name(path)
+            if name not in files:
+                raise CheckpointError(f"{directory}: tensor {name!r} is missing from the "
+                                      "safetensors files")
+            file = files[name]
+            if file not in handles:
+                handles[file] = safe_open(file, "flax")
+            array = handles[file].get_tensor(name)
+            expected = var.get_value().shape
+            expected = expected[::-1] if transposed else expected
+            if array.shape != expected:
+                raise CheckpointError(
+                    f"{file.name}: tensor {name!r} has shape {tuple(array.shape)}, config.json "
+                    f"implies {tuple(expected)}")
+            var.set_value(jnp.asarray(array.T if transposed else array, dtype))
+    finally:
+        handles.clear()
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_params(model: Llama, directory: str | Path) -> None:
+    """Saves the converted parameters with orbax-checkpoint."""
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(Path(directory).absolute(), nnx.state(model, nnx.Param))
+
+
+def restore_params(cfg: ModelConfig, directory: str | Path, dtype=jnp.float32) -> Llama:
+    """Restores parameters saved by `save_params` into a model of config `cfg`."""
+    import orbax.checkpoint as ocp
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    with ocp.StandardCheckpointer() as ckpt:
+        state = ckpt.restore(Path(directory).absolute(), abstract)
+    return nnx.merge(graphdef, state)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_hf", "save_params", "restore_params",
+           "abstract_model"]

@@ -1,0 +1,52 @@
+"""Embedded models that need no download. Their weights are random: their text is noise."""
+
+import jax.numpy as jnp
+import tokenizers
+from flax import nnx
+from tokenizers import decoders, pre_tokenizers
+
+from models.config import ModelConfig, RopeConfig
+from models.llama import Llama
+from models.tokenizer import Tokenizer
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level tokenizer: one token per UTF-8 byte (ids 0-255), then special tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: _byte_of(c))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={c: i for i, c in enumerate(byte_chars)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"])
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 256)])
+    return Tokenizer(tok, chat_template=CHAT_TEMPLATE, bos_token=BOS, eos_token=EOS)
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's byte -> printable character table used by ByteLevel."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    if ord(char) in printable:
+        return ord(char)
+    missing = [b for b in range(256) if b not in printable]
+    return missing[ord(char) - 256]
+
+
+def tiny_random(dtype=jnp.float32) -> tuple[Llama, Tokenizer]:
+    tokenizer = byte_tokenizer()
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
+        rope=RopeConfig(10000.0), max_position_embeddings=2048, bos_token_id=256,
+        eos_token_ids=(tokenizer.eos_token_id,))
+    return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tokenizer
+
+
+PRESETS = {"tiny-random": tiny_random}

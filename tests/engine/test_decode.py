@@ -1,0 +1,140 @@
+"""Decode step compilation, on-device sampling, and argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_pool_clean
+
+from engine import LLM, SamplingParams
+from engine.sampling import sample
+from engine.step import SamplingArrays, decode_step
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny-random", page_size=4, max_model_len=128, max_num_seqs=8, steps_per_loop=4)
+
+
+@pytest.fixture
+def compiles():
+    events = []
+
+    def listener(event, duration, **_):
+        if event == COMPILE_EVENT:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_step_compiles_once_per_batch_bucket():
+    """50 steps over changing rows, tokens and active masks: one trace (so one compile) per
+    batch size."""
+    llm = LLM("tiny-random", page_size=4, max_model_len=128, max_num_seqs=8)
+    llm.generate([[1, 2, 3]] * 8, SamplingParams(max_tokens=2, temperature=0))
+    traces = []
+
+    def traced_step(*args, **kwargs):
+        traces.append(args[-1].temperature.shape)
+        return decode_step(*args, **kwargs)
+
+    step = jax.jit(traced_step, static_argnums=0, donate_argnames="cache")
+    rng = np.random.default_rng()
+    cache = llm.cache
+    for i in range(50):
+        b = 4 if i % 2 else 8
+        rows = jnp.asarray(rng.permutation(8)[:b], jnp.int32)
+        greedy = SamplingArrays(jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b),
+                                jnp.zeros(b, jnp.uint32))
+        _, _, cache, ok = step(llm.graphdef, llm.params, cache, rows,
+                               jnp.asarray(rng.integers(0, 200, b), jnp.int32),
+                               jnp.asarray(rng.random(b) < 0.7), greedy)
+        assert bool(jnp.all(ok))
+    assert sorted(traces) == [(4,), (8,)]
+
+
+def test_generate_reuses_compiled_buckets(compiles):
+    llm = LLM("tiny-random", page_size=4, max_model_len=128, max_num_seqs=8, steps_per_loop=4)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], params)
+    first = len(compiles)
+    llm.generate([[9, 8, 7, 6], [5, 4]], params)
+    assert first > 0 and len(compiles) == first
+    assert_pool_clean(llm)
+
+
+def test_seeded_sampling_is_independent_of_the_batch(llm):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    alone = llm.generate([[10, 11, 12]], p)[0].token_ids
+    with_others = llm.generate([[1], [10, 11, 12], [5, 6, 7, 8, 9]], p)[1].token_ids
+    other_seed = llm.generate([[10, 11, 12]], SamplingParams(max_tokens=12, temperature=0.9,
+                                                             seed=8))[0].token_ids
+    assert alone == with_others != other_seed
+    assert_pool_clean(llm)
+
+
+def test_sampler_filters():
+    rng = np.random.default_rng()
+    logits = jnp.asarray(rng.normal(size=(256, 50)) * 3, jnp.float32)
+    b = logits.shape[0]
+    ones, zeros = jnp.ones(b), jnp.zeros(b, jnp.int32)
+    seeds = jnp.asarray(rng.integers(0, 2**32, b), jnp.uint32)
+    argmax = np.argmax(np.asarray(logits), axis=-1)
+    top2 = np.argsort(-np.asarray(logits), axis=-1)[:, :2]
+    greedy = sample(logits, jnp.zeros(b), zeros, ones, seeds, zeros)
+    top_k1 = sample(logits, ones, zeros + 1, ones, seeds, zeros)
+    tiny_p = sample(logits, ones, zeros, ones * 1e-6, seeds, zeros)
+    k2 = np.asarray(sample(logits, ones * 5, zeros + 2, ones, seeds, zeros))
+    free = np.asarray(sample(logits, ones * 5, zeros, ones, seeds, zeros))
+    np.testing.assert_array_equal(greedy, argmax)
+    np.testing.assert_array_equal(top_k1, argmax)
+    np.testing.assert_array_equal(tiny_p, argmax)
+    assert all(k2[i] in top2[i] for i in range(b))
+    assert np.mean([free[i] in top2[i] for i in range(b)]) < 0.9  # hot: the filter mattered
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layout": "dense"}, "unknown layout 'dense'"),
+    ({"page_size": 12}, "page_size must be a power of two, got 12"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"attention_impl": "magic"}, "unknown attention implementation 'magic'"),
+    ({"max_model_len": 4096}, "exceeds the model's max_position_embeddings=2048"),
+    ({"max_total_tokens": 10**12}, "needs .* bytes but .* bytes are available.*"
+                                   "--max-total-tokens"),
+])
+def test_bad_engine_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM("tiny-random", **kwargs)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([1] * 120, SamplingParams(max_tokens=10), "120 tokens .* 130 exceeds the context length"),
+    ([], SamplingParams(), "prompt 0 is empty"),
+    ("", SamplingParams(), "prompt 0 is empty"),
+    ([1, 99999], SamplingParams(), "token ids outside"),
+])
+def test_bad_requests(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompt], params)
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_request_larger_than_the_pool():
+    llm = LLM("tiny-random", page_size=4, max_model_len=128, max_total_tokens=32)
+    with pytest.raises(ValueError, match="may need 12 pages of 4 tokens but the pool has 8"):
+        llm.generate([[1] * 40], SamplingParams(max_tokens=9))

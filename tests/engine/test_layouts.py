@@ -1,0 +1,57 @@
+"""The three layouts give the same greedy tokens, and every page comes back afterwards."""
+
+import pytest
+from helpers import assert_pool_clean
+
+import kvcache
+from engine import LLM, SamplingParams
+
+# Prompt lengths below a page (4), exact multiples of it and neither; mixed max_tokens.
+PROMPTS = [[5], [7, 8, 9], list(range(10, 14)), list(range(20, 29)), list(range(30, 47)),
+           [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
+PARAMS = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
+          for m in (9, 3, 14, 6, 11, 1)]
+
+
+def generate(llm, layout, static_max_tokens=16):
+    llm.policy = kvcache.LayoutPolicy(layout, static_max_tokens)
+    outs = llm.generate(PROMPTS, PARAMS)
+    assert_pool_clean(llm)
+    assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in PARAMS]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=8, steps_per_loop=4)
+    return [o.token_ids for o in generate(llm, "static")], llm
+
+
+@pytest.mark.parametrize("layout", ["paged", "hybrid"])
+def test_layouts_agree(reference, layout):
+    tokens, llm = reference
+    outs = generate(llm, layout)
+    assert [o.token_ids for o in outs] == tokens
+    if layout == "hybrid":  # prompt + max_tokens <= 16 -> static, else paged: both in one batch
+        assert [o.layout for o in outs] == ["static", "static", "paged", "static", "paged",
+                                            "static"]
+
+
+@pytest.mark.parametrize("layout", ["static", "paged", "hybrid"])
+def test_layouts_agree_when_rows_and_pages_are_short(reference, layout):
+    """Two rows and a pool of 12 pages: requests wait, join and leave between loops."""
+    tokens, _ = reference
+    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=2,
+              max_total_tokens=48, steps_per_loop=3)
+    assert [o.token_ids for o in generate(llm, layout)] == tokens
+
+
+def test_stop_tokens_end_a_request(reference):
+    tokens, llm = reference
+    stop = tokens[0][4]
+    first = tokens[0].index(stop)
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=9, temperature=0,
+                                                     stop_token_ids=[stop]))[0]
+    assert out.token_ids == tokens[0][:first + 1]
+    assert out.finish_reason == "stop"
+    assert_pool_clean(llm)

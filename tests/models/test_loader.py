@@ -1,0 +1,116 @@
+"""Checkpoint loading: config, safetensors (single and sharded), errors, orbax round trip."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from helpers import FIXTURES
+from safetensors.numpy import load_file, save_file
+
+from models import CheckpointError, ConfigError, ModelConfig, Tokenizer, load_hf, restore_params, save_params
+from models.config import from_hf_dict
+
+
+@pytest.fixture
+def llama_copy(tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "llama", d)
+    return d
+
+
+def edit_config(directory, **changes):
+    file = directory / "config.json"
+    raw = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    file.write_text(json.dumps(raw))
+
+
+def test_sharded_and_single_file_checkpoints_load():
+    qwen2 = load_hf(FIXTURES / "qwen2", progress=False)      # two shards + index
+    assert qwen2.cfg.tie_word_embeddings and qwen2.cfg.qkv_bias and qwen2.cfg.head_dim == 16
+    qwen3 = load_hf(FIXTURES / "qwen3", progress=False)
+    assert qwen3.cfg.qk_norm and qwen3.cfg.head_dim == 32 and qwen3.cfg.num_kv_heads == 1
+    mistral = load_hf(FIXTURES / "mistral", progress=False)
+    assert mistral.cfg.sliding_window == 8
+    weights = load_file(FIXTURES / "qwen3" / "model.safetensors")
+    np.testing.assert_array_equal(qwen3.layers[1].self_attn.k_proj.kernel[...],
+                                  weights["model.layers.1.self_attn.k_proj.weight"].T)
+
+
+def test_unknown_model_type_names_file_and_field(llama_copy):
+    edit_config(llama_copy, model_type="gpt2")
+    with pytest.raises(ConfigError, match=r"config\.json.*model_type 'gpt2'"):
+        load_hf(llama_copy)
+
+
+def test_missing_field_is_named(llama_copy):
+    edit_config(llama_copy, num_key_value_heads=None)
+    with pytest.raises(ConfigError, match=r"config\.json.*'num_key_value_heads' is missing"):
+        load_hf(llama_copy)
+
+
+def test_missing_files_are_named(tmp_path, llama_copy):
+    with pytest.raises(ConfigError, match="config.json: no such file"):
+        load_hf(tmp_path)
+    (llama_copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_hf(llama_copy)
+    qwen2 = tmp_path / "qwen2"
+    shutil.copytree(FIXTURES / "qwen2", qwen2)
+    (qwen2 / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
+        load_hf(qwen2)
+
+
+def test_missing_tensor_and_shape_mismatch_are_named(llama_copy):
+    file = llama_copy / "model.safetensors"
+    weights = load_file(file)
+    name = "model.layers.0.mlp.up_proj.weight"
+    save_file({k: v for k, v in weights.items() if k != name}, file)
+    with pytest.raises(CheckpointError, match=f"'{name}' is missing"):
+        load_hf(llama_copy, progress=False)
+    weights[name] = weights[name][:-1]
+    save_file(weights, file)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has shape "
+                                              r"\(159, 96\), config.json implies \(160, 96\)"):
+        load_hf(llama_copy, progress=False)
+
+
+def test_rope_config_old_and_new_formats_agree():
+    new = json.loads((FIXTURES / "llama" / "config.json").read_text())
+    old = json.loads(json.dumps(new))
+    params = old.pop("rope_parameters")
+    old["rope_theta"] = params.pop("rope_theta")
+    old["rope_scaling"] = params
+    assert from_hf_dict(old) == from_hf_dict(new) == ModelConfig.from_hf(FIXTURES / "llama")
+    old["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+        from_hf_dict(old)
+
+
+def test_orbax_round_trip(tmp_path):
+    model = load_hf(FIXTURES / "mistral", progress=False)
+    save_params(model, tmp_path / "ckpt")
+    restored = restore_params(model.cfg, tmp_path / "ckpt")
+    import flax.nnx as nnx
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tokenizer_and_chat_template_match_hf():
+    chat = json.loads((FIXTURES / "llama" / "chat.json").read_text())
+    tok = Tokenizer.from_dir(FIXTURES / "llama")
+    rendered = tok.apply_chat_template(chat["messages"], chat["add_generation_prompt"])
+    assert rendered == chat["prompt"]
+    assert tok.encode(rendered, add_special_tokens=False) == chat["prompt_ids"]
+    assert tok.eos_token_id == chat["special_token_ids"][chat["eos_token"]]
+    for example in chat["encode_examples"]:
+        assert tok.encode(example["text"]) == example["ids_with_special_tokens"]
+        assert tok.encode(example["text"], False) == example["ids_without_special_tokens"]
+        assert tok.decode(example["ids_without_special_tokens"]) == example["text"]
