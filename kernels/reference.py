@@ -25,6 +25,8 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_l
     weights = jnp.where(visible, jnp.exp(logits - peak), 0.0)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     probs = weights / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("btkqs,bskh->btkqh", probs, values.astype(jnp.float32))
+    stored = (jnp.arange(m * g)[None, :] < kv_lens[:, None])[:, :, None, None]  # [B,S,1,1]
+    values = jnp.where(stored, values.astype(jnp.float32), 0.0)  # 0 * NaN garbage would be NaN
+    out = jnp.einsum("btkqs,bskh->btkqh", probs, values)
     return out.reshape(b, t, n, h).astype(q.dtype)
 

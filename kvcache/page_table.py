@@ -50,11 +50,14 @@ def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int) -> KVCache
 def grow_rows(cache: KVCache, rows, need, max_need: int):
     """Appends need[b] fresh pages to row rows[b] (need [B] int32 <= max_need, static).
 
-    Returns (cache', ok [B]); a row that could not be served got no page (see allocator.alloc).
+    Returns (cache', ok [B]); a row that could not be served (pool empty, see allocator.alloc,
+    or its page-table row full) got no page.
     """
     num_rows, width = cache.page_table.shape
     held = jnp.sum(cache.page_table[rows] != allocator.TRASH_PAGE, axis=1)   # [B]
-    alloc, pages, ok = allocator.alloc(cache.alloc, need, max_need)
+    fits = held + need <= width
+    alloc, pages, ok = allocator.alloc(cache.alloc, jnp.where(fits, need, 0), max_need)
+    ok &= fits
     j = jnp.arange(max_need)[None, :]                                          # [1,max_need]
     valid = (j < need[:, None]) & ok[:, None]                                  # [B,max_need]
     row_idx = jnp.where(valid, rows[:, None], num_rows)
@@ -84,11 +87,14 @@ def ensure_next_slot(cache: KVCache, rows, active):
     g = cache.page_size
     col = jnp.minimum(cache.lengths[rows] // g, cache.page_table.shape[1] - 1)
     missing = cache.page_table[rows, col] == allocator.TRASH_PAGE
-    return grow_rows(cache, rows, (active & missing).astype(jnp.int32), 1)
+    full = cache.lengths[rows] >= cache.page_table.shape[1] * g
+    cache, ok = grow_rows(cache, rows, (active & missing).astype(jnp.int32), 1)
+    return cache, ok & ~(active & full)
 
 
 def release_rows(cache: KVCache, rows, mask) -> KVCache:
-    """Drops one reference to every page of rows[b] with mask[b] and frees those rows."""
+    """Drops one reference to every page of rows[b] with mask[b] and frees those rows
+    (each row at most once per call)."""
     pages = cache.page_table[rows]                                             # [B,M]
     alloc = allocator.decref(cache.alloc, pages.ravel(),
                              jnp.broadcast_to(mask[:, None], pages.shape).ravel())

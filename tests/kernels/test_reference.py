@@ -1,0 +1,220 @@
+"""kernels.paged_attention (the jnp reference) against naive dense causal attention in float64.
+
+Every run draws fresh inputs; the seed is in every failure message. To replay a failure, set
+SEED below to that number. K/V of each row sit in pages scattered over the pool by a random
+permutation; slots that hold no live token are filled with large garbage, so any masking
+mistake shows.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+
+SEED = None          # an int replays a failure reported as "seed=..."
+K_HEADS, HEAD_DIM = 2, 8
+GARBAGE = 40.0       # magnitude of what fills the slots that hold no live token
+
+
+@pytest.fixture
+def seed():
+    return SEED if SEED is not None else int(np.random.SeedSequence().entropy % 2**63)
+
+
+def row_lengths(rng, page_size):
+    """Ragged: length 1, a length that is not a multiple of the page size, a random one, and a
+    padding row (length 0), in random order."""
+    odd = int(rng.integers(1, 3)) * page_size + int(rng.integers(1, page_size))
+    return rng.permutation([1, odd, int(rng.integers(1, 3 * page_size + 1)), 0]).tolist()
+
+
+def make_case(rng, *, q_per_kv, page_size, num_queries, fill=GARBAGE, spare_pages=3):
+    """Builds one batch: dense per-row K/V and queries, and the same K/V scattered in pages.
+
+    Queries of row b are its last t_b positions (1 <= t_b <= num_queries), padded with -1; the
+    padding row has only padding queries. Returns a dict of numpy arrays.
+    """
+    g, n = page_size, K_HEADS * q_per_kv
+    lengths = row_lengths(rng, g)
+    b = len(lengths)
+    pages_of = [math.ceil(s / g) for s in lengths]
+    m = max(pages_of) + 1                         # at least one trash column in every row
+    num_pages = 1 + sum(pages_of) + spare_pages   # page 0 is the trash page
+    ids = rng.permutation(np.arange(1, num_pages))
+    table = np.zeros((b, m), np.int32)
+    k_pages = rng.uniform(-fill, fill, (num_pages, g, K_HEADS, HEAD_DIM))
+    v_pages = rng.uniform(-fill, fill, (num_pages, g, K_HEADS, HEAD_DIM))
+    k_dense, v_dense = [], []
+    used = 0
+    for row, s in enumerate(lengths):
+        table[row, :pages_of[row]] = ids[used:used + pages_of[row]]
+        used += pages_of[row]
+        kd = rng.standard_normal((s, K_HEADS, HEAD_DIM))
+        vd = rng.standard_normal((s, K_HEADS, HEAD_DIM))
+        for pos in range(s):
+            k_pages[table[row, pos // g], pos % g] = kd[pos]
+            v_pages[table[row, pos // g], pos % g] = vd[pos]
+        k_dense.append(kd)
+        v_dense.append(vd)
+    positions = np.full((b, num_queries), -1, np.int32)
+    for row, s in enumerate(lengths):
+        t = int(rng.integers(1, min(num_queries, s) + 1)) if s else 0
+        positions[row, :t] = np.arange(s - t, s)
+    q = rng.standard_normal((b, num_queries, n, HEAD_DIM))
+    live_pages = set(ids[:used].tolist())
+    return dict(q=q, k_pages=k_pages, v_pages=v_pages, table=table, positions=positions,
+                lengths=np.asarray(lengths, np.int32), k_dense=k_dense, v_dense=v_dense,
+                unused_pages=[p for p in range(num_pages) if p not in live_pages])
+
+
+def dense_attention(q, k_dense, v_dense, positions, window=None):
+    """Naive float64 attention: query at position t sees keys s with t - W < s <= t."""
+    b, t_max, n, h = q.shape
+    q_per_kv = n // K_HEADS
+    out = np.zeros((b, t_max, n, h))
+    for row in range(b):
+        for t in range(t_max):
+            pos = positions[row, t]
+            if pos < 0:
+                continue
+            lo = 0 if window is None else max(0, pos - window + 1)
+            keys, values = k_dense[row][lo:pos + 1], v_dense[row][lo:pos + 1]   # [S,K,H]
+            for head in range(n):
+                kv = head // q_per_kv
+                logits = keys[:, kv] @ q[row, t, head] / math.sqrt(h)            # [S]
+                p = np.exp(logits - logits.max())
+                out[row, t, head] = (p / p.sum()) @ values[:, kv]
+    return out
+
+
+def run(case, dtype=np.float32, window=None, impl="reference"):
+    cast = lambda x: jnp.asarray(np.asarray(x, dtype))   # noqa: E731
+    out = kernels.paged_attention(cast(case["q"]), cast(case["k_pages"]), cast(case["v_pages"]),
+                                  jnp.asarray(case["table"]), jnp.asarray(case["positions"]),
+                                  jnp.asarray(case["lengths"]), impl=impl,
+                                  sliding_window=window)
+    assert out.shape == case["q"].shape and out.dtype == jnp.dtype(dtype)
+    return np.asarray(out, np.float64)
+
+
+def rounded(case, dtype):
+    """The case with every input rounded to dtype (so the reference sees what the kernel sees)."""
+    r = lambda x: np.asarray(x, dtype).astype(np.float64)   # noqa: E731
+    out = dict(case, q=r(case["q"]), k_pages=r(case["k_pages"]), v_pages=r(case["v_pages"]))
+    out["k_dense"] = [r(x) for x in case["k_dense"]]
+    out["v_dense"] = [r(x) for x in case["v_dense"]]
+    return out
+
+
+def expected(case, dtype=np.float32, window=None):
+    r = rounded(case, dtype)
+    return dense_attention(r["q"], r["k_dense"], r["v_dense"], case["positions"], window)
+
+
+def describe(seed, case, **kw):
+    return (f"seed={seed} lengths={case['lengths'].tolist()} "
+            f"positions={case['positions'].tolist()} {kw}")
+
+
+# float32: logits, softmax and the weighted sum run in float32 over at most ~50 keys of unit
+# scale; the float32 rounding of those few steps stays well below 1e-5 of the output scale.
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_queries", [1, 6], ids=["decode", "chunk"])
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("q_per_kv", [1, 3, 8])
+def test_matches_dense_attention(seed, q_per_kv, page_size, num_queries):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, q_per_kv=q_per_kv, page_size=page_size, num_queries=num_queries)
+    out = run(case)
+    want = expected(case)
+    np.testing.assert_allclose(out, want, **F32_TOL, err_msg=describe(seed, case))
+    pad = case["positions"] < 0
+    assert pad.any() and not np.any(out[pad]), describe(seed, case)   # padding queries: zero
+
+
+@pytest.mark.parametrize("window", [1, 3, 6, 100])
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_sliding_window(seed, page_size, window):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, q_per_kv=3, page_size=page_size, num_queries=6)
+    out = run(case, window=window)
+    want = expected(case, window=window)
+    np.testing.assert_allclose(out, want, **F32_TOL, err_msg=describe(seed, case, window=window))
+    if window == 100:   # wider than every row: the same as no window
+        np.testing.assert_array_equal(out, run(case))
+
+
+# bfloat16: inputs are rounded to bf16 before both computations, so the only extra error is the
+# final cast of the float32 result to bf16: at most half an ulp, 2**-8 relative (8-bit
+# significand), on top of the float32 error above.
+BF16_TOL = dict(rtol=2.0**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_queries", [1, 6], ids=["decode", "chunk"])
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("q_per_kv", [1, 8])
+def test_bfloat16(seed, q_per_kv, page_size, num_queries):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, q_per_kv=q_per_kv, page_size=page_size, num_queries=num_queries)
+    out = run(case, dtype=jnp.bfloat16)
+    want = expected(case, jnp.bfloat16)
+    np.testing.assert_allclose(out, want, **BF16_TOL, err_msg=describe(seed, case))
+    assert not np.any(out[case["positions"] < 0])
+
+
+def poisoned(case, which):
+    """Every page that holds no live token (the trash page and the spare pages) set to NaN."""
+    case = dict(case)
+    for name in which:
+        pages = case[name].copy()
+        pages[case["unused_pages"]] = np.nan
+        case[name] = pages
+    return case
+
+
+@pytest.mark.parametrize("num_queries", [1, 6], ids=["decode", "chunk"])
+def test_nan_keys_in_unused_pages_do_not_leak(seed, num_queries):
+    rng = np.random.default_rng(seed)
+    case = poisoned(make_case(rng, q_per_kv=3, page_size=4, num_queries=num_queries),
+                    ["k_pages"])
+    assert 0 in case["unused_pages"]
+    out = run(case, window=5)
+    want = expected(case, window=5)
+    np.testing.assert_allclose(out, want, **F32_TOL, err_msg=describe(seed, case))
+
+
+@pytest.mark.parametrize("num_queries", [1, 6], ids=["decode", "chunk"])
+def test_nan_values_in_unused_pages_do_not_leak(seed, num_queries):
+    rng = np.random.default_rng(seed)
+    case = poisoned(make_case(rng, q_per_kv=3, page_size=4, num_queries=num_queries),
+                    ["k_pages", "v_pages"])
+    np.testing.assert_allclose(run(case), expected(case), **F32_TOL,
+                               err_msg=describe(seed, case))
+
+
+def test_page_placement_does_not_matter(seed):
+    """The same sequences under two different page permutations give the same output."""
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, q_per_kv=8, page_size=4, num_queries=6)
+    perm = np.concatenate([[0], 1 + rng.permutation(len(case["k_pages"]) - 1)])   # keep trash
+    moved = dict(case, k_pages=case["k_pages"][np.argsort(perm)],
+                 v_pages=case["v_pages"][np.argsort(perm)], table=perm[case["table"]])
+    np.testing.assert_allclose(run(moved), run(case), rtol=1e-6, atol=1e-6,
+                               err_msg=describe(seed, case))
+
+
+def test_dispatch():
+    assert kernels.resolve_impl("auto") == "reference"
+    assert kernels.resolve_impl("reference") == "reference"
+    with pytest.raises(ValueError) as err:
+        kernels.resolve_impl("flash")
+    assert "'flash'" in str(err.value)
+    for name in ["auto", *kernels.IMPLEMENTATIONS]:
+        assert repr(name) in str(err.value)
+    case = make_case(np.random.default_rng(0), q_per_kv=3, page_size=4, num_queries=2)
+    np.testing.assert_array_equal(run(case, impl="auto"), run(case, impl="reference"))

@@ -1,0 +1,220 @@
+"""Layout policy, pool description and sizing, and the usage report."""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvcache
+from kvcache import LAYOUT_PAGED, LAYOUT_STATIC, LayoutPolicy, PoolDoesNotFit, PoolSpec
+
+# -- LayoutPolicy ---------------------------------------------------------------------------
+
+lengths = st.integers(1, 5000)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(prompt=lengths, max_new=lengths, limit=st.integers(0, 6000),
+       page_size=st.sampled_from([1, 4, 16, 64]))
+def test_hybrid_is_static_iff_the_request_fits_static_max_tokens(prompt, max_new, limit,
+                                                                 page_size):
+    policy = LayoutPolicy("hybrid", static_max_tokens=limit)
+    kind, pages = policy.pages_at_admission(prompt, max_new, page_size)
+    assert kind == ("static" if prompt + max_new <= limit else "paged")
+    assert kind == policy.choose(prompt + max_new)
+    same = LayoutPolicy(kind, static_max_tokens=limit).pages_at_admission(prompt, max_new,
+                                                                          page_size)
+    assert same == (kind, pages), "hybrid must reserve what the layout it picked reserves"
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(prompt=lengths, max_new=lengths, page_size=st.sampled_from([1, 4, 16, 64]))
+def test_pages_at_admission(prompt, max_new, page_size):
+    static = LayoutPolicy("static", static_max_tokens=0).pages_at_admission(
+        prompt, max_new, page_size)
+    paged = LayoutPolicy("paged", static_max_tokens=10**9).pages_at_admission(
+        prompt, max_new, page_size)
+    # The last sampled token is never stored: prompt + max_new - 1 tokens at most.
+    assert static == ("static", math.ceil((prompt + max_new - 1) / page_size))
+    assert paged == ("paged", math.ceil(prompt / page_size))
+    assert static[1] * page_size >= prompt + max_new - 1 > (static[1] - 1) * page_size
+    assert paged[1] * page_size >= prompt
+
+
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_fixed_layouts_ignore_static_max_tokens(layout):
+    policy = LayoutPolicy(layout, static_max_tokens=8)
+    assert policy.choose(1) == policy.choose(10**6) == layout
+
+
+def test_hybrid_boundary_is_inclusive():
+    policy = LayoutPolicy("hybrid", static_max_tokens=100)
+    assert policy.choose(100) == "static" and policy.choose(101) == "paged"
+    assert policy.pages_at_admission(60, 40, 16) == ("static", 7)   # 99 tokens stored
+    assert policy.pages_at_admission(60, 41, 16) == ("paged", 4)
+
+
+def test_unknown_layout_names_the_choices():
+    with pytest.raises(ValueError) as err:
+        LayoutPolicy("contiguous")
+    message = str(err.value)
+    assert "'contiguous'" in message
+    for name in kvcache.LAYOUTS:
+        assert name in message
+    with pytest.raises(ValueError, match="static_max_tokens"):
+        LayoutPolicy("hybrid", static_max_tokens=-1)
+
+
+# -- PoolSpec -------------------------------------------------------------------------------
+
+def spec(**kw):
+    base = dict(num_layers=3, num_pages=10, page_size=16, num_kv_heads=2, head_dim=8,
+                dtype="bfloat16")
+    return PoolSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("page_size", [0, -4, 3, 6, 12, 24, 100])
+def test_page_size_must_be_a_power_of_two(page_size):
+    with pytest.raises(ValueError, match=rf"page_size must be a power of two, got {page_size}"):
+        spec(page_size=page_size)
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 4, 16, 256])
+def test_powers_of_two_are_accepted(page_size):
+    assert spec(page_size=page_size).page_size == page_size
+
+
+def test_pool_needs_a_page_beside_the_trash_page():
+    with pytest.raises(ValueError, match="num_pages must be >= 2"):
+        spec(num_pages=1)
+
+
+def test_pool_description():
+    s = spec()
+    kv = s.kv_struct
+    assert kv.shape == (3, 10, 16, 2, 8) and kv.dtype == jnp.bfloat16
+    assert s.bytes_per_token == 2 * 3 * 2 * 8 * 2          # K and V, L, K heads, H, bf16
+    assert s.bytes_per_page == s.bytes_per_token * 16
+    assert s.total_bytes == 2 * math.prod(kv.shape) * 2    # K and V arrays, 2 bytes each
+    assert s.capacity_tokens == 9 * 16
+    cache = kvcache.init_cache(dataclasses.replace(s, dtype="float32"), 2, 3)
+    assert cache.k.shape == kv.shape and cache.k.dtype == jnp.float32
+    assert kvcache.nbytes((cache.k, cache.v)) == dataclasses.replace(s, dtype="float32").total_bytes
+
+
+# -- size_pool ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FakeDevice:
+    """Just enough of a jax.Device for size_pool: a GPU with a known allocator limit."""
+    bytes_limit: int
+    platform: str = "gpu"
+
+    def memory_stats(self):
+        return {"bytes_limit": self.bytes_limit, "bytes_in_use": 0}
+
+    def __str__(self):
+        return "FakeGPU(id=0)"
+
+
+MODEL = dict(num_layers=2, page_size=16, num_kv_heads=2, head_dim=64, dtype="float16")
+BYTES_PER_PAGE = 2 * 2 * 2 * 64 * 2 * 16   # 16,384
+
+
+def size(**kw):
+    args = dict(MODEL, weight_bytes=1_000_000, device=FakeDevice(10_000_000),
+                mem_fraction_static=0.5, max_total_tokens=None, default_tokens=10**9)
+    return kvcache.size_pool(**{**args, **kw})
+
+
+def test_device_memory_comes_from_the_allocator_limit():
+    assert kvcache.device_memory_bytes(FakeDevice(123_456)) == 123_456
+
+
+@pytest.mark.parametrize("tokens", [16, 17, 100, 4096])
+def test_max_total_tokens_sets_the_pages(tokens):
+    s = size(max_total_tokens=tokens, device=FakeDevice(10**9))
+    assert s.num_pages == math.ceil(tokens / 16) + 1            # plus the trash page
+    assert s.capacity_tokens >= tokens > s.capacity_tokens - 16
+    assert s.bytes_per_page == BYTES_PER_PAGE
+    assert (s.num_layers, s.num_kv_heads, s.head_dim, s.dtype) == (2, 2, 64, "float16")
+
+
+def test_mem_fraction_fills_what_the_weights_leave():
+    # 0.5 * 10,000,000 - 1,000,000 = 4,000,000 bytes -> 244 pages of 16,384 bytes
+    s = size()
+    assert s.num_pages == 4_000_000 // BYTES_PER_PAGE == 244
+    assert s.total_bytes <= 4_000_000 < s.total_bytes + BYTES_PER_PAGE
+    s = size(mem_fraction_static=0.9)
+    assert s.num_pages == 8_000_000 // BYTES_PER_PAGE
+
+
+def test_mem_fraction_is_capped_by_default_tokens():
+    assert size(default_tokens=100).num_pages == math.ceil(100 / 16) + 1
+
+
+def test_too_many_tokens_says_what_is_needed_available_and_which_flag():
+    with pytest.raises(PoolDoesNotFit) as err:
+        size(max_total_tokens=4096)   # 257 pages * 16,384 = 4,210,688 > 4,000,000
+    message = str(err.value)
+    assert f"{257 * BYTES_PER_PAGE:,}" in message
+    assert "4,000,000" in message
+    assert "--max-total-tokens" in message and "--mem-fraction-static" in message
+    assert "FakeGPU" in message
+    assert isinstance(err.value, ValueError)
+
+
+def test_weights_that_leave_no_room_say_so():
+    with pytest.raises(PoolDoesNotFit) as err:
+        size(weight_bytes=4_990_000)          # 10,000 bytes left: not even one page
+    message = str(err.value)
+    assert f"{BYTES_PER_PAGE:,}" in message and "10,000" in message
+    assert "--mem-fraction-static" in message
+    with pytest.raises(PoolDoesNotFit) as err:
+        size(weight_bytes=6_000_000)          # more weights than the fraction
+    assert "0 bytes" in str(err.value) and "6,000,000" in str(err.value)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_mem_fraction_out_of_range(fraction):
+    with pytest.raises(ValueError, match="mem_fraction_static"):
+        size(mem_fraction_static=fraction)
+
+
+def test_max_total_tokens_below_a_page():
+    with pytest.raises(ValueError, match="max_total_tokens"):
+        size(max_total_tokens=8)
+
+
+# -- accounting.usage -----------------------------------------------------------------------
+
+def test_usage_of_one_static_and_one_paged_row():
+    s = PoolSpec(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=3,
+                 dtype="float32")
+    g, bpt = 4, 2 * 2 * 2 * 3 * 4
+    assert s.bytes_per_token == bpt
+    cache = kvcache.init_cache(s, 3, 5)
+    # Row 2 static: prompt 5, max_new 6 -> 10 stored at most -> 3 pages; 7 tokens so far.
+    # Row 0 paged: prompt 9 -> 3 pages; decoded up to 13 tokens -> 4 pages.
+    _, static_pages = kvcache.LayoutPolicy("static").pages_at_admission(5, 6, g)
+    _, paged_pages = kvcache.LayoutPolicy("paged").pages_at_admission(9, 100, g)
+    assert (static_pages, paged_pages) == (3, 3)
+    cache, ok = kvcache.admit_rows(cache, jnp.array([2, 0]),
+                                   jnp.array([LAYOUT_STATIC, LAYOUT_PAGED]),
+                                   jnp.array([static_pages, paged_pages]), 5)
+    assert bool(ok.all())
+    cache = dataclasses.replace(cache, lengths=jnp.array([12, 0, 7], jnp.int32))
+    cache, ok = kvcache.ensure_next_slot(cache, jnp.array([0, 2]), jnp.array([True, True]))
+    assert bool(ok.all())
+    cache = dataclasses.replace(cache, lengths=jnp.array([13, 0, 7], jnp.int32))
+
+    report = kvcache.usage(cache)
+    assert report["static"] == {"rows": 1, "reserved_pages": 3, "used_pages": 2, "tokens": 7,
+                                "waste_tokens": 5, "waste_bytes": 5 * bpt}
+    assert report["paged"] == {"rows": 1, "reserved_pages": 4, "used_pages": 4, "tokens": 13,
+                               "waste_tokens": 3, "waste_bytes": 3 * bpt}
+    assert report["pool"] == {"pages": 15, "free_pages": 15 - 7, "page_size": 4,
+                              "bytes_per_token": bpt}
