@@ -43,9 +43,10 @@ def alloc(state: AllocState, need: jax.Array, max_need: int):
 
     need [B] int32; max_need is a static bound, and a row asking for more is refused. Returns
     (state', pages [B,max_need] int32, ok [B] bool): row b got pages[b, :need[b]]; the rest of
-    its entries are the trash page. A row that does not fit gets nothing and ok[b] = False, and so does every later row that
-    needs pages (rows are served in order so the ranks stay a cumsum); a row that needs none is
-    always ok. The state is never corrupted and no page is handed out twice.
+    its entries are the trash page. A row that does not fit gets nothing and ok[b] = False, and
+    so does every later row that needs pages (rows are served in order so the ranks stay a
+    cumsum); a row that needs none is always ok. The state is never corrupted and no page is
+    handed out twice.
     """
     need = jnp.maximum(need.astype(jnp.int32), 0)
     too_many = need > max_need
