@@ -32,7 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--context-length", type=int, default=None,
                    help="max tokens per request (default: the model's max positions)")
     m.add_argument("--max-running-requests", type=int, default=32)
-    m.add_argument("--attention-impl", default="auto", choices=["auto", "reference"])
+    m.add_argument("--attention-impl", default=None,
+                   choices=["auto", "reference", "gpu", "tpu", "gpu-interpret", "tpu-interpret"],
+                   help="attention kernels (default: $HYBRIDKV_ATTENTION, else auto: the "
+                        "compiled kernel of the GPU/TPU backend, the jnp reference on CPU)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch")

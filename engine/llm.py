@@ -12,6 +12,7 @@ from flax import nnx
 
 import kernels
 import kvcache
+from engine import envs
 from engine.sampling import SamplingParams
 from engine.step import DecodeState, PrefillBatch, SamplingArrays, decode_loop, prefill
 from models import load_model
@@ -61,16 +62,17 @@ class LLM:
     model: a preset name ('tiny-random') or a HF checkpoint directory. layout: 'static',
     'paged' or 'hybrid' (static when prompt + max_tokens <= static_max_tokens). The pool holds
     max_total_tokens tokens, or what mem_fraction_static of the device leaves after the weights,
-    never more than max_num_seqs full contexts.
+    never more than max_num_seqs full contexts. attention_impl: see kernels.IMPLEMENTATIONS;
+    None takes the HYBRIDKV_ATTENTION environment variable ('auto' when unset).
     """
 
     def __init__(self, model: str = "tiny-random", *, layout: str = "hybrid",
                  static_max_tokens: int = 2048, dtype: str = "auto", page_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_total_tokens: int | None = None, mem_fraction_static: float = 0.9,
-                 attention_impl: str = "auto", steps_per_loop: int = 16):
+                 attention_impl: str | None = None, steps_per_loop: int = 16):
         self.policy = kvcache.LayoutPolicy(layout, static_max_tokens)
-        self.attn_impl = kernels.resolve_impl(attention_impl)
+        self.attn_impl = kernels.resolve_impl(attention_impl or envs.ATTENTION)
         if max_num_seqs < 1 or steps_per_loop < 1:
             raise ValueError("max_num_seqs and steps_per_loop must be >= 1")
         module, self.tokenizer = load_model(model, resolve_dtype(dtype))

@@ -16,20 +16,29 @@ position % G is the slot inside it:
                       '--'--'----- pages 7, 3, 9 hold positions [0, G), [G, 2G), [2G, 3G)
 """
 
+import jax
+
 from kernels.reference import paged_attention_reference
 
-IMPLEMENTATIONS = {"reference": paged_attention_reference}
+IMPLEMENTATIONS = ("auto", "reference", "gpu", "tpu", "gpu-interpret", "tpu-interpret")
 
 
 def resolve_impl(impl: str) -> str:
-    """Maps an attention implementation name ('auto' included) to a key of IMPLEMENTATIONS."""
-    if impl == "auto":
-        return "reference"
+    """An attention implementation name -> the concrete one that will run.
+
+    'auto' is the compiled kernel of the default backend (GPU or TPU) and the jnp reference on
+    a CPU; 'gpu-interpret' / 'tpu-interpret' run the same Pallas kernels in interpret mode on
+    any backend.
+    """
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {impl!r}; choose one of "
-            f"{['auto', *IMPLEMENTATIONS]}"
-        )
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of "
+                         f"{list(IMPLEMENTATIONS)}")
+    backend = jax.default_backend()
+    if impl == "auto":
+        return backend if backend in ("gpu", "tpu") else "reference"
+    if impl in ("gpu", "tpu") and backend != impl:
+        raise ValueError(f"attention implementation {impl!r} needs a {impl.upper()} backend, "
+                         f"but JAX runs on {backend!r}; use '{impl}-interpret' or 'reference'")
     return impl
 
 
@@ -42,6 +51,14 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     the new ones included). Key s is visible from query position t iff s <= t, s < kv_len and,
     with a sliding window W, t - s < W. Returns [B,T,N,H] in q's dtype; padding rows are zero.
     """
-    fn = IMPLEMENTATIONS[resolve_impl(impl)]
-    return fn(q, k_pages, v_pages, page_table, q_positions, kv_lens,
-              sliding_window=sliding_window)
+    impl = resolve_impl(impl)
+    args = (q, k_pages, v_pages, page_table, q_positions, kv_lens)
+    if impl == "reference":
+        return paged_attention_reference(*args, sliding_window=sliding_window)
+    if impl.startswith("gpu"):
+        from kernels.gpu import paged_attention_gpu
+        return paged_attention_gpu(*args, sliding_window=sliding_window,
+                                   interpret=impl == "gpu-interpret")
+    from kernels.tpu import paged_attention_tpu
+    return paged_attention_tpu(*args, sliding_window=sliding_window,
+                               interpret=impl == "tpu-interpret")

@@ -55,3 +55,12 @@ def test_stop_tokens_end_a_request(reference):
     assert out.token_ids == tokens[0][:first + 1]
     assert out.finish_reason == "stop"
     assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("impl", ["gpu-interpret"])
+def test_kernels_in_interpret_mode_generate_the_same_tokens(reference, impl):
+    """The whole engine through a Pallas kernel (interpret mode) == through the reference."""
+    tokens, _ = reference
+    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=8, steps_per_loop=4,
+              attention_impl=impl)
+    assert [o.token_ids for o in generate(llm, "hybrid")] == tokens

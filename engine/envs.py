@@ -1,0 +1,7 @@
+"""Every environment variable hybridkv reads, read here once (this module imports no JAX)."""
+
+import os
+
+# Attention implementation everywhere (kernels.IMPLEMENTATIONS); LLM(attention_impl=...) and
+# serve.py --attention-impl override it.
+ATTENTION = os.environ.get("HYBRIDKV_ATTENTION", "auto")

@@ -1,0 +1,160 @@
+"""Paged attention for NVIDIA GPUs in Pallas, through the Triton lowering.
+
+Why Triton and not Mosaic GPU: the Triton lowering gathers a block of pages with one indexed
+load (`k_ref[page_ids]`), runs in `interpret=True` mode on a CPU (so CI checks the very kernel
+that runs on the GPU), and lets us set warps and pipeline stages per call. jax 0.11 deprecates
+it in favour of Mosaic GPU, whose paged gathers need TMA descriptors per page; that port is the
+next step if the Triton version cannot reach the bandwidth target (see BENCHMARKS.md).
+
+One kernel serves decode rows (one query token) and chunked-prefill rows (many query tokens at
+arbitrary positions) in the same batch. A program owns one (row, KV head, query block, split):
+
+    rows of the program: block_t query tokens x Qp query heads of one KV head (GQA folded in)
+    keys: the row's pages [split * pages_per_split, ...), ppb pages (one gather) at a time,
+          stopping at the last position any of its queries can see
+    out:  unnormalised o, running max m and softmax sum per split (in base 2: the scale folds
+          log2(e) in and the kernel uses exp2); the splits merge in XLA
+
+Split-K gives a long sequence several programs when the batch alone cannot fill the GPU.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum_ref, *,
+            ppb: int, pages_per_split: int, scale: float, window: int | None):
+    g = k_ref.shape[1]
+    block_k = ppb * g
+    kv_len = lens_ref[0]
+    pos = pos_ref[...]                                                 # [R]
+    q = q_ref[...]                                                     # [R,H]
+    exact = False if q.dtype == jnp.float32 else None                  # float32: no TF32
+    rows, head_dim = q.shape
+    split_start = pl.program_id(3) * pages_per_split
+    last = jnp.minimum(jnp.max(pos) + 1, kv_len)                       # keys s < last
+    end_page = jnp.minimum(pl.cdiv(last, g), split_start + pages_per_split)
+    start_page = split_start
+    if window is not None:
+        lowest = jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max))
+        skip = jnp.maximum((lowest - window + 1) // g - split_start, 0) // ppb * ppb
+        start_page = split_start + skip        # whole blocks, so reads stay inside the table
+    num_blocks = jnp.maximum(pl.cdiv(end_page - start_page, ppb), 0)
+
+    def body(j, carry):
+        o, m, total = carry
+        first = start_page + j * ppb
+        ids = table_ref[pl.ds(first, ppb)]                             # [ppb]
+        k = k_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
+        v = v_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
+        s_pos = first * g + jnp.arange(block_k, dtype=jnp.int32)       # [BK]
+        stored = s_pos < kv_len
+        visible = (s_pos[None, :] <= pos[:, None]) & stored[None, :]   # [R,BK]
+        if window is not None:
+            visible &= pos[:, None] - s_pos[None, :] < window
+        logits = plgpu.dot(q, k.T, allow_tf32=exact).astype(jnp.float32) * scale   # log2 units
+        logits = jnp.where(visible, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        correction = jnp.exp2(m - m_safe)
+        p = jnp.exp2(logits - m_safe[:, None])
+        v = jnp.where(stored[:, None], v, jnp.zeros_like(v))           # garbage past kv_len
+        o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=exact).astype(
+            jnp.float32)
+        return o, m_new, total * correction + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, m, total = jax.lax.fori_loop(0, num_blocks, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    sum_ref[...] = total
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "interpret", "pages_per_block",
+                                             "num_splits", "block_rows", "num_warps",
+                                             "num_stages"))
+def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+                        sliding_window=None, interpret=False, pages_per_block=None,
+                        num_splits=None, block_rows=64, num_warps=4, num_stages=2):
+    """Same contract as kernels.paged_attention (see there); tuning knobs default by shape.
+    block_rows: query rows (tokens x heads of a GQA group) per program for T > 1."""
+    b, t, n, h = q.shape
+    _, g, k, _ = k_pages.shape
+    m_width = page_table.shape[1]
+    q_per_kv = n // k
+    if t == 1:                     # decode: one token, the whole GQA group, at least 16 rows
+        block_t, qp = 1, max(16, _pow2(q_per_kv))
+        ppb = pages_per_block or max(1, 128 // g)
+    else:                          # prefill chunk: ~block_rows query rows a program
+        qp = _pow2(q_per_kv)
+        block_t = max(1, block_rows // qp)
+        ppb = pages_per_block or max(1, 64 // g)
+    ppb = min(ppb, _pow2(m_width))
+    t_pad = pl.cdiv(t, block_t) * block_t
+    blocks = pl.cdiv(m_width, ppb)
+    if num_splits is None:         # enough programs for ~4 waves over 132 SMs
+        num_splits = 1 if t > 1 else max(1, min(blocks, 528 // (b * k)))
+    blocks_per_split = pl.cdiv(blocks, num_splits)
+    pages_per_split = blocks_per_split * ppb
+    table = jnp.pad(page_table, ((0, 0), (0, num_splits * pages_per_split - m_width)))
+
+    rows = block_t * qp
+    qg = q.reshape(b, t, k, q_per_kv, h).transpose(0, 2, 1, 3, 4)           # [B,K,T,Q,H]
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, t_pad - t), (0, qp - q_per_kv), (0, 0)))
+    qg = qg.reshape(b, k, t_pad * qp, h)
+    pos = jnp.pad(q_positions, ((0, 0), (0, t_pad - t)), constant_values=-1)
+    pos = jnp.repeat(pos, qp, axis=1)                                        # [B,Tp*Qp]
+    # Later query blocks see more keys: launch them first so the short ones fill the tail.
+    n_t = t_pad // block_t
+    grid = (b, k, n_t, num_splits)
+    kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split,
+                               scale=math.log2(math.e) / math.sqrt(h), window=sliding_window)
+    part = (b, k, num_splits, t_pad * qp)
+    o, m, total = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j, r, s: (i,)),                          # kv_lens
+            pl.BlockSpec((None, table.shape[1]), lambda i, j, r, s: (i, 0)),      # table
+            pl.BlockSpec((None, rows), lambda i, j, r, s: (i, n_t - 1 - r)),      # positions
+            pl.BlockSpec((None, None, rows, h), lambda i, j, r, s: (i, j, n_t - 1 - r, 0)),
+            pl.BlockSpec((k_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
+            pl.BlockSpec((v_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, h),
+                         lambda i, j, r, s: (i, j, s, n_t - 1 - r, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r)),
+            pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((*part, h), jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="hybridkv_paged_attention",
+    )(kv_lens.astype(jnp.int32), table, pos, qg, k_pages, v_pages)
+    return merge_splits(o, m, total).reshape(b, k, t_pad, qp, h)[:, :, :t, :q_per_kv] \
+        .transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def merge_splits(o, m, total):
+    """o [...,S,R,H], m and total [...,S,R]: partial results over disjoint key ranges (running
+    max in log2 units, and softmax denominator) -> [...,R,H].
+    Rows that saw no key at all are zero."""
+    peak = jnp.max(m, axis=-2, keepdims=True)
+    peak = jnp.where(peak == -jnp.inf, 0.0, peak)
+    w = jnp.exp2(m - peak)                                                   # [...,S,R]
+    denom = jnp.sum(w * total, axis=-2)
+    out = jnp.sum(w[..., None] * o, axis=-3)
+    return out / jnp.where(denom > 0, denom, 1.0)[..., None]
