@@ -37,6 +37,7 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
     block_k = ppb * g
     kv_len = lens_ref[0]
     pos = pos_ref[...]                                                 # [R]
+    live = pos >= 0
     q = q_ref[...]                                                     # [R,H]
     exact = False if q.dtype == jnp.float32 else None                  # float32: no TF32
     rows, head_dim = q.shape
@@ -50,34 +51,43 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
         start_page = split_start + skip        # whole blocks, so reads stay inside the table
     num_blocks = jnp.maximum(pl.cdiv(end_page - start_page, ppb), 0)
 
-    def body(j, carry):
+    def block(j, carry, masked: bool):
         o, m, total = carry
         first = start_page + j * ppb
         ids = table_ref[pl.ds(first, ppb)]                             # [ppb]
         k = k_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
         v = v_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
-        s_pos = first * g + jnp.arange(block_k, dtype=jnp.int32)       # [BK]
-        stored = s_pos < kv_len
-        visible = (s_pos[None, :] <= pos[:, None]) & stored[None, :]   # [R,BK]
-        if window is not None:
-            visible &= pos[:, None] - s_pos[None, :] < window
         logits = plgpu.dot(q, k.T, allow_tf32=exact).astype(jnp.float32) * scale   # log2 units
-        logits = jnp.where(visible, logits, -jnp.inf)
+        if masked:
+            s_pos = first * g + jnp.arange(block_k, dtype=jnp.int32)   # [BK]
+            stored = s_pos < kv_len
+            visible = (s_pos[None, :] <= pos[:, None]) & stored[None, :]   # [R,BK]
+            if window is not None:
+                visible &= pos[:, None] - s_pos[None, :] < window
+            logits = jnp.where(visible, logits, -jnp.inf)
+            v = jnp.where(stored[:, None], v, jnp.zeros_like(v))       # garbage past kv_len
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         correction = jnp.exp2(m - m_safe)
         p = jnp.exp2(logits - m_safe[:, None])
-        v = jnp.where(stored[:, None], v, jnp.zeros_like(v))           # garbage past kv_len
         o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=exact).astype(
             jnp.float32)
         return o, m_new, total * correction + jnp.sum(p, axis=1)
 
+    # Leading blocks that every live row sees whole need no mask; the rest (the diagonal, the
+    # end of the row, a sliding window) do.
+    num_full = 0
+    if window is None:
+        seen_by_all = jnp.minimum(jnp.min(jnp.where(live, pos, kv_len)) + 1, kv_len)
+        num_full = jnp.clip((seen_by_all // g - start_page) // ppb, 0, num_blocks)
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    o, m, total = jax.lax.fori_loop(0, num_blocks, body, init)
-    o_ref[...] = o
-    m_ref[...] = m
-    sum_ref[...] = total
+    carry = jax.lax.fori_loop(0, num_full, functools.partial(block, masked=False), init)
+    o, m, total = jax.lax.fori_loop(num_full, num_blocks, functools.partial(block, masked=True),
+                                    carry)
+    o_ref[...] = jnp.where(live[:, None], o, 0.0)                      # padding rows: nothing
+    m_ref[...] = jnp.where(live, m, -jnp.inf)
+    sum_ref[...] = jnp.where(live, total, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "interpret", "pages_per_block",
