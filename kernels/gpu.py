@@ -32,7 +32,7 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum_ref, *,
-            ppb: int, pages_per_split: int, scale: float, window: int | None):
+            ppb: int, pages_per_split: int, scale: float, window: int | None, split_mask: bool):
     g = k_ref.shape[1]
     block_k = ppb * g
     kv_len = lens_ref[0]
@@ -74,10 +74,11 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
             jnp.float32)
         return o, m_new, total * correction + jnp.sum(p, axis=1)
 
-    # Leading blocks that every live row sees whole need no mask; the rest (the diagonal, the
-    # end of the row, a sliding window) do.
+    # Prefill: leading blocks that every live row sees whole need no mask; the rest (the
+    # diagonal, the end of the row, a sliding window) do. Decode keeps one loop: measured on
+    # the H100, splitting it cost ~9% of its bandwidth (BENCHMARKS.md).
     num_full = 0
-    if window is None:
+    if window is None and split_mask:
         seen_by_all = jnp.minimum(jnp.min(jnp.where(live, pos, kv_len)) + 1, kv_len)
         num_full = jnp.clip((seen_by_all // g - start_page) // ppb, 0, num_blocks)
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -128,7 +129,8 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     n_t = t_pad // block_t
     grid = (b, k, n_t, num_splits)
     kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split,
-                               scale=math.log2(math.e) / math.sqrt(h), window=sliding_window)
+                               scale=math.log2(math.e) / math.sqrt(h), window=sliding_window,
+                               split_mask=t > 1)
     part = (b, k, num_splits, t_pad * qp)
     o, m, total = pl.pallas_call(
         kernel,
