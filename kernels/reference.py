@@ -1,5 +1,6 @@
 """Pure-jnp paged attention: the numerical reference for every kernel and the CPU path."""
 
+import jax
 import jax.numpy as jnp
 
 
@@ -11,8 +12,9 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_l
     keys = k_pages[page_table].reshape(b, m * g, k, h)    # [B,S,K,H]
     values = v_pages[page_table].reshape(b, m * g, k, h)  # [B,S,K,H]
     qg = q.reshape(b, t, k, n // k, h)                    # [B,T,K,Q,H]
+    exact = jax.lax.Precision.HIGHEST      # no TF32 on GPUs: this is the numerical reference
     logits = jnp.einsum("btkqh,bskh->btkqs", qg.astype(jnp.float32),
-                        keys.astype(jnp.float32)) * (h ** -0.5)
+                        keys.astype(jnp.float32), precision=exact) * (h ** -0.5)
     s_idx = jnp.arange(m * g)[None, None, :]              # [1,1,S]
     t_pos = q_positions[:, :, None]                       # [B,T,1]
     visible = (s_idx <= t_pos) & (s_idx < kv_lens[:, None, None]) & (t_pos >= 0)
@@ -27,6 +29,6 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_l
     probs = weights / jnp.where(denom > 0, denom, 1.0)
     stored = (jnp.arange(m * g)[None, :] < kv_lens[:, None])[:, :, None, None]  # [B,S,1,1]
     values = jnp.where(stored, values.astype(jnp.float32), 0.0)  # 0 * NaN garbage would be NaN
-    out = jnp.einsum("btkqs,bskh->btkqh", probs, values)
+    out = jnp.einsum("btkqs,bskh->btkqh", probs, values, precision=exact)
     return out.reshape(b, t, n, h).astype(q.dtype)
 

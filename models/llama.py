@@ -25,8 +25,14 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * xf.astype(x.dtype)
 
 
+def _precision(dtype):
+    """float32 models compute in float32 on every backend (GPUs would otherwise use TF32)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _linear(d_in, d_out, bias, dtype, rngs):
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      precision=_precision(dtype), rngs=rngs)
 
 
 def rope(x, cos, sin):
@@ -125,5 +131,6 @@ class Llama(nnx.Module):
     def logits(self, hidden):
         """hidden [...,D] -> float32 logits [...,V]."""
         if self.cfg.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden).astype(jnp.float32)
+            table = self.embed_tokens.embedding[...]                          # [V,D]
+            return jnp.dot(hidden, table.T, precision=_precision(table.dtype)).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
