@@ -39,8 +39,7 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
     pos = pos_ref[...]                                                 # [R]
     live = pos >= 0
     q = q_ref[...]                                                     # [R,H]
-    f32 = q.dtype == jnp.float32                                       # float32: no TF32,
-    tf32, exact = (False, jax.lax.Precision.HIGHEST) if f32 else (None, None)  # interpret too
+    exact = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # float32: no TF32
     rows, head_dim = q.shape
     split_start = pl.program_id(3) * pages_per_split
     last = jnp.minimum(jnp.max(pos) + 1, kv_len)                       # keys s < last
@@ -58,7 +57,7 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
         ids = table_ref[pl.ds(first, ppb)]                             # [ppb]
         k = k_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
         v = v_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
-        logits = plgpu.dot(q, k.T, allow_tf32=tf32, precision=exact).astype(jnp.float32) * scale
+        logits = plgpu.dot(q, k.T, precision=exact).astype(jnp.float32) * scale   # log2 units
         if masked:
             s_pos = first * g + jnp.arange(block_k, dtype=jnp.int32)   # [BK]
             stored = s_pos < kv_len
@@ -71,8 +70,8 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         correction = jnp.exp2(m - m_safe)
         p = jnp.exp2(logits - m_safe[:, None])
-        o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=tf32,
-                                                 precision=exact).astype(jnp.float32)
+        o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=exact).astype(
+            jnp.float32)
         return o, m_new, total * correction + jnp.sum(p, axis=1)
 
     # Prefill: leading blocks that every live row sees whole need no mask; the rest (the
