@@ -96,20 +96,23 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
                                              "num_stages"))
 def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                         sliding_window=None, interpret=False, pages_per_block=None,
-                        num_splits=None, block_rows=64, num_warps=4, num_stages=2):
-    """Same contract as kernels.paged_attention (see there); tuning knobs default by shape.
-    block_rows: query rows (tokens x heads of a GQA group) per program for T > 1."""
+                        num_splits=None, block_rows=128, num_warps=None, num_stages=None):
+    """Same contract as kernels.paged_attention (see there). The tuning knobs default to the
+    best of bench/kernels.py's sweep on the H100 (BENCHMARKS.md); block_rows: query rows
+    (tokens x heads of a GQA group) per program when T > 1."""
     b, t, n, h = q.shape
     _, g, k, _ = k_pages.shape
     m_width = page_table.shape[1]
     q_per_kv = n // k
     if t == 1:                     # decode: one token, the whole GQA group, at least 16 rows
         block_t, qp = 1, max(16, _pow2(q_per_kv))
-        ppb = pages_per_block or max(1, 128 // g)
+        ppb = pages_per_block or max(1, 64 // g)
+        num_warps, num_stages = num_warps or 2, num_stages or 4
     else:                          # prefill chunk: ~block_rows query rows a program
         qp = _pow2(q_per_kv)
         block_t = max(1, block_rows // qp)
         ppb = pages_per_block or max(1, 64 // g)
+        num_warps, num_stages = num_warps or 4, num_stages or 2
     ppb = min(ppb, _pow2(m_width))
     t_pad = pl.cdiv(t, block_t) * block_t
     blocks = pl.cdiv(m_width, ppb)

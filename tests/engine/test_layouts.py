@@ -64,3 +64,17 @@ def test_kernels_in_interpret_mode_generate_the_same_tokens(reference, impl):
     llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=8, steps_per_loop=4,
               attention_impl=impl)
     assert [o.token_ids for o in generate(llm, "hybrid")] == tokens
+
+
+def test_tpu_kernel_in_interpret_mode_generates_the_same_tokens(reference):
+    """A short run through the TPU kernel (interpret mode is slow): a decode row and a row whose
+    prompt spans pages, both layouts."""
+    tokens, _ = reference
+    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=2, steps_per_loop=2,
+              attention_impl="tpu-interpret")
+    llm.policy = kvcache.LayoutPolicy("hybrid", static_max_tokens=8)
+    outs = llm.generate([PROMPTS[1], PROMPTS[3]],
+                        SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [tokens[1][:3], tokens[3][:3]]
+    assert [o.layout for o in outs] == ["static", "paged"]
+    assert_pool_clean(llm)

@@ -23,7 +23,7 @@ K_HEADS, HEAD_DIM = 2, 16   # Triton's dot needs every dimension >= 16
 GARBAGE = 40.0       # magnitude of what fills the slots that hold no live token
 
 
-IMPLS = ["reference", "gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
+IMPLS = ["reference", "gpu-interpret", "tpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=IMPLS)
