@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description=__doc__.splitlines()[0],
@@ -33,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="max tokens per request (default: the model's max positions)")
     m.add_argument("--max-running-requests", type=int, default=32)
     m.add_argument("--attention-impl", default=None,
-                   choices=["auto", "reference", "gpu", "tpu", "gpu-interpret", "tpu-interpret"],
+                   choices=IMPLEMENTATIONS,
                    help="attention kernels (default: $HYBRIDKV_ATTENTION, else auto: the "
                         "compiled kernel of the GPU/TPU backend, the jnp reference on CPU)")
     g = p.add_argument_group("generation")

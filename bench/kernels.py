@@ -12,6 +12,7 @@ against PyTorch SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLO
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import statistics
@@ -71,6 +72,18 @@ def to_torch(x):
     return torch.from_dlpack(x)
 
 
+def sweep_ours(sweep, args, reference, work, rate_key, err_key, iters=20):
+    """Checks and times our kernel under every config of the sweep -> (rows, fastest row);
+    rate_key gets work (bytes or FLOPs) per second, in units of 1e12."""
+    rows = []
+    for cfg in sweep:
+        fn = functools.partial(paged_attention_gpu, **cfg)
+        err = rel_err(fn(*args), reference)
+        seconds = time_jax(fn, *args, iters=iters)
+        rows.append({**cfg, "seconds": seconds, rate_key: work / seconds / 1e12, err_key: err})
+    return rows, min(rows, key=lambda row: row["seconds"])
+
+
 def decode_case(batch: int, seq: int, sweep: list[dict], rng: np.random.Generator) -> dict:
     import torch
     import torch.nn.functional as F
@@ -93,21 +106,12 @@ def decode_case(batch: int, seq: int, sweep: list[dict], rng: np.random.Generato
 
     reference = jax.jit(paged_attention_reference)(q, k_pages, v_pages, scattered, positions,
                                                    lengths)
-    result = {"batch": batch, "seq": seq, "kv_bytes": kv_bytes, "ours": []}
-    best = None
-    for cfg in sweep:
-        fn = jax.jit(lambda q, k, v, t, p, n, cfg=cfg: paged_attention_gpu(q, k, v, t, p, n,
-                                                                            **cfg))
-        err = rel_err(fn(q, k_pages, v_pages, scattered, positions, lengths), reference)
-        seconds = time_jax(fn, q, k_pages, v_pages, scattered, positions, lengths)
-        row = {**cfg, "seconds": seconds, "tb_s": kv_bytes / seconds / 1e12, "rel_err": err}
-        result["ours"].append(row)
-        if best is None or seconds < best["seconds"]:
-            best = row
+    args = (q, k_pages, v_pages, scattered, positions, lengths)
+    result = {"batch": batch, "seq": seq, "kv_bytes": kv_bytes}
+    result["ours"], best = sweep_ours(sweep, args, reference, kv_bytes, "tb_s", "rel_err")
     result["best"] = best
-    cfg = {k: best[k] for k in sweep[0]}
-    fn = jax.jit(lambda q, k, v, t, p, n: paged_attention_gpu(q, k, v, t, p, n, **cfg))
-    out_s = fn(q, k_pages, v_pages, scattered, positions, lengths)
+    fn = functools.partial(paged_attention_gpu, **{k: best[k] for k in sweep[0]})
+    out_s = fn(*args)
     out_c = fn(q, k_pages, v_pages, contiguous, positions, lengths)
     seconds = time_jax(fn, q, k_pages, v_pages, contiguous, positions, lengths)
     result["ours_contiguous_table"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12}
@@ -172,20 +176,11 @@ def prefill_case(tokens: int, sweep: list[dict], rng: np.random.Generator) -> di
         t_seconds = time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv,
                                                                       is_causal=True))
     reference = np.asarray(out_t.float().cpu().numpy()).transpose(0, 2, 1, 3)
-    result = {"tokens": tokens, "heads": heads, "flops": flops, "ours": [],
+    result = {"tokens": tokens, "heads": heads, "flops": flops,
               "torch_sdpa": {"seconds": t_seconds, "tflop_s": flops / t_seconds / 1e12}}
-    best = None
-    for cfg in sweep:
-        fn = jax.jit(lambda q, k, v, t, p, n, cfg=cfg: paged_attention_gpu(q, k, v, t, p, n,
-                                                                            **cfg))
-        out = fn(q, k_pages, v_pages, table, positions, lengths)
-        seconds = time_jax(fn, q, k_pages, v_pages, table, positions, lengths, iters=5)
-        row = {**cfg, "seconds": seconds, "tflop_s": flops / seconds / 1e12,
-               "rel_err_vs_torch": rel_err(out, reference)}
-        result["ours"].append(row)
-        if best is None or seconds < best["seconds"]:
-            best = row
-    result["best"] = best
+    result["ours"], result["best"] = sweep_ours(
+        sweep, (q, k_pages, v_pages, table, positions, lengths), reference, flops, "tflop_s",
+        "rel_err_vs_torch", iters=5)
     try:
         config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
                                              causal=True)

@@ -46,7 +46,7 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
     end_page = jnp.minimum(pl.cdiv(last, g), split_start + pages_per_split)
     start_page = split_start
     if window is not None:
-        lowest = jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max))
+        lowest = jnp.min(jnp.where(live, pos, jnp.iinfo(jnp.int32).max))
         skip = jnp.maximum((lowest - window + 1) // g - split_start, 0) // ppb * ppb
         start_page = split_start + skip        # whole blocks, so reads stay inside the table
     num_blocks = jnp.maximum(pl.cdiv(end_page - start_page, ppb), 0)
@@ -106,14 +106,12 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     q_per_kv = n // k
     if t == 1:                     # decode: one token, the whole GQA group, at least 16 rows
         block_t, qp = 1, max(16, _pow2(q_per_kv))
-        ppb = pages_per_block or max(1, 64 // g)
         num_warps, num_stages = num_warps or 2, num_stages or 4
     else:                          # prefill chunk: ~block_rows query rows a program
         qp = _pow2(q_per_kv)
         block_t = max(1, block_rows // qp)
-        ppb = pages_per_block or max(1, 64 // g)
         num_warps, num_stages = num_warps or 4, num_stages or 2
-    ppb = min(ppb, _pow2(m_width))
+    ppb = min(pages_per_block or max(1, 64 // g), _pow2(m_width))     # ~64 keys a block
     t_pad = pl.cdiv(t, block_t) * block_t
     blocks = pl.cdiv(m_width, ppb)
     if num_splits is None:         # enough programs for ~4 waves over 132 SMs
