@@ -1,13 +1,15 @@
-"""hybridkv command line: generate with the embedded default model or a HF checkpoint.
+"""hybridkv server: an OpenAI-compatible HTTP API over the hybrid static / paged KV cache.
 
-    python serve.py --prompt "Hello"                 # embedded tiny-random model (noise text)
-    python serve.py --model /path/to/hf-checkpoint --prompt "Hello" --chat
+    python serve.py                                  # embedded tiny-random model (noise text)
+    python serve.py --model /path/to/hf-checkpoint --port 30000
+    python serve.py --prompt "Hello"                 # generate for the prompt and exit
 
 Every flag is parsed here, before JAX starts its backend.
 """
 
 import argparse
 import json
+import logging
 import sys
 
 from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
@@ -20,6 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--model", default="tiny-random",
                    help="preset name or HF checkpoint directory (config.json, safetensors, "
                         "tokenizer.json)")
+    m.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: --model)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on an accelerator, float32 on CPU")
     m.add_argument("--layout", default="hybrid", choices=["static", "paged", "hybrid"])
@@ -27,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hybrid: requests of at most this many tokens (prompt + max tokens) "
                         "reserve all their pages at admission; longer ones are paged")
     m.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of 2)")
+    m.add_argument("--kv-pool", default="static", choices=["static"],
+                   help="pool sizing: static = allocated at start-up (elastic: issue 5)")
     m.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV pool size in tokens (default: from --mem-fraction-static)")
     m.add_argument("--mem-fraction-static", type=float, default=0.9,
@@ -34,13 +40,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--context-length", type=int, default=None,
                    help="max tokens per request (default: the model's max positions)")
     m.add_argument("--max-running-requests", type=int, default=32)
-    m.add_argument("--attention-impl", default=None,
-                   choices=IMPLEMENTATIONS,
+    m.add_argument("--chunked-prefill-size", type=int, default=512,
+                   help="prompt tokens per step, shared by the prefill chunks of that step")
+    m.add_argument("--num-continuous-decode-steps", type=int, default=4,
+                   help="decode steps per launch when no prefill is pending (fewer host trips; "
+                        "tokens stream in groups of this size)")
+    m.add_argument("--disable-radix-cache", action="store_true",
+                   help="no prefix cache: finished requests free all their pages")
+    m.add_argument("--attention-impl", default=None, choices=IMPLEMENTATIONS,
                    help="attention kernels (default: $HYBRIDKV_ATTENTION, else auto: the "
                         "compiled kernel of the GPU/TPU backend, the jnp reference on CPU)")
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompt", action="append", required=True,
-                   help="prompt text; repeat for a batch")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=30000)
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("generate and exit (instead of serving)")
+    g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -51,25 +66,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def engine_config(args):
+    from engine import EngineConfig
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, layout=args.layout,
+        static_max_tokens=args.static_max_tokens, page_size=args.page_size,
+        max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
+        context_length=args.context_length, max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        decode_steps=args.num_continuous_decode_steps,
+        disable_radix_cache=args.disable_radix_cache, attention_impl=args.attention_impl)
+
+
+def generate(args) -> int:
     from engine import LLM, SamplingParams  # imports JAX: after the flags are read
 
-    try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        llm = LLM(args.model, layout=args.layout, static_max_tokens=args.static_max_tokens,
-                  dtype=args.dtype, page_size=args.page_size, max_model_len=args.context_length,
-                  max_num_seqs=args.max_running_requests, max_total_tokens=args.max_total_tokens,
-                  mem_fraction_static=args.mem_fraction_static,
-                  attention_impl=args.attention_impl)
-        if args.chat:
-            outputs = llm.chat([[{"role": "user", "content": x}] for x in args.prompt], params)
-        else:
-            outputs = llm.generate(args.prompt, params)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    llm = LLM.from_config(engine_config(args))
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": x}] for x in args.prompt], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
     for prompt, out in zip(args.prompt, outputs):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
@@ -78,6 +96,40 @@ def main(argv=None) -> int:
             print(f"{prompt!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.layout}, "
                   f"{out.finish_reason}]")
     return 0
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from engine import Engine
+    from engine.async_engine import AsyncEngine
+    from engine.metrics import Metrics
+    from engine.server import build_app
+
+    engine = AsyncEngine(Engine(engine_config(args)), Metrics())
+    spec = engine.engine.spec
+    logging.getLogger("hybridkv").info(
+        "KV pool: %d pages of %d tokens (%d tokens, %.1f MiB); steps compile lazily, once per "
+        "batch bucket", spec.num_pages - 1, spec.page_size, spec.capacity_tokens,
+        spec.total_bytes / 2**20)
+    engine.start()
+    app = build_app(engine, args.served_model_name or args.model)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return generate(args) if args.prompt else serve(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Request lifecycle, sampling and the jitted decode step; `LLM` is the offline entry point."""
+"""Request lifecycle, scheduling, sampling and the jitted steps; `LLM` is the offline entry
+point, `Engine` the one the server drives."""
 
+from engine.engine import Engine, EngineConfig, InvalidRequest
 from engine.llm import LLM, RequestOutput
 from engine.sampling import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "InvalidRequest", "LLM", "RequestOutput", "SamplingParams"]

@@ -1,12 +1,18 @@
-"""The hot path as pure functions of explicit pytrees: prefill, one decode step, and a
-multi-step decode loop on the device. Jit them with the graphdef static and the cache donated:
+"""The hot path as pure functions of explicit pytrees: admission, one mixed step (decode rows and
+prefill chunks together), and a multi-step decode loop on the device. Jit them with the graphdef
+static and the cache donated:
 
     loop = jax.jit(decode_loop, static_argnums=0, static_argnames=("num_steps", "attn_impl"),
                    donate_argnames="cache")
+
+A row feeds the tokens it has not stored yet: a decode row its last sampled token, a prefill
+row the next chunk of its prompt. Every fed row samples the token after its last fed one; the
+host keeps that sample only when the row has no prompt left to feed.
 """
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +20,7 @@ from flax import nnx
 
 import kvcache
 from engine.sampling import sample
+from models import Group
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -27,15 +34,14 @@ class SamplingArrays:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["rows", "tokens", "prompt_lens", "layout", "reserve",
-                                "sampling"], meta_fields=[])
+                   data_fields=["rows", "tokens", "num", "sampling"], meta_fields=[])
 @dataclasses.dataclass
-class PrefillBatch:
-    rows: jax.Array         # [B] int32 cache rows to fill
-    tokens: jax.Array       # [B,T] int32 prompts, right-padded
-    prompt_lens: jax.Array  # [B] int32
-    layout: jax.Array       # [B] int32 LAYOUT_STATIC / LAYOUT_PAGED, LAYOUT_NONE = padding
-    reserve: jax.Array      # [B] int32 pages to reserve at admission
+class Feed:
+    """Rows that store new tokens in one step: num[b] tokens of tokens[b] from the row's length
+    on (num 0 = padding). Paged rows take the pages those positions lack inside the step."""
+    rows: jax.Array    # [B] int32 cache rows
+    tokens: jax.Array  # [B,T] int32, left-aligned
+    num: jax.Array     # [B] int32 tokens fed, <= T
     sampling: SamplingArrays
 
 
@@ -52,47 +58,58 @@ class DecodeState:
     sampling: SamplingArrays
 
 
-def prefill(graphdef, params, cache: kvcache.KVCache, batch: PrefillBatch, *, max_pages: int,
-            attn_impl: str = "auto", all_logits: bool = False):
-    """Admits batch.rows, reserves their first pages, writes the prompts' K/V and samples each
-    row's first token. Returns (tokens [B], logits [B,V] or [B,T,V] with all_logits, cache',
-    ok [B]); a row that could not get its pages has ok False and was left untouched."""
+def admit(cache: kvcache.KVCache, rows, layout, reserve, prefix, prefix_len, *, max_need: int):
+    """kvcache.admit_rows, also returning the admitted rows' page-table rows [B,M] so the host
+    learns which page ids were reserved. Returns (cache', ok [B], pages [B,M])."""
+    cache, ok = kvcache.admit_rows(cache, rows, layout, reserve, max_need, prefix, prefix_len)
+    return cache, ok, cache.page_table[rows]
+
+
+def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *,
+            attn_impl: str = "auto"):
+    """One step over every feed at once. Returns (results, cache'), one result per feed:
+    (next [B] sampled after each row's last fed token, logits [B,V] float32 there,
+    new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B]). A row
+    with ok False found the pool empty (or its page table full) and did not move."""
     model = nnx.merge(graphdef, params)
-    cache, ok = kvcache.admit_rows(cache, batch.rows, batch.layout, batch.reserve, max_pages)
-    live = (batch.layout != kvcache.LAYOUT_NONE) & ok
-    t = jnp.arange(batch.tokens.shape[1])[None, :]
-    positions = jnp.where(live[:, None] & (t < batch.prompt_lens[:, None]), t, -1)  # [B,T]
-    kv_lens = jnp.where(live, batch.prompt_lens, 0)
-    hidden, k, v = model(batch.tokens, positions, cache.k, cache.v,
-                         cache.page_table[batch.rows], kv_lens, attn_impl)
-    idx = jnp.where(live, batch.rows, cache.lengths.shape[0])
-    cache = dataclasses.replace(cache, k=k, v=v,
-                                lengths=cache.lengths.at[idx].set(batch.prompt_lens, mode="drop"))
-    last = jnp.maximum(batch.prompt_lens - 1, 0)
-    logits = model.logits(hidden[jnp.arange(hidden.shape[0]), last])         # [B,V]
-    s = batch.sampling
-    tokens = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, batch.prompt_lens)
-    return tokens, (model.logits(hidden) if all_logits else logits), cache, ok
+    g = cache.page_size
+    groups, starts, grown = [], [], []
+    for f in feeds:
+        width = math.ceil(f.tokens.shape[1] / g)
+        held = jnp.sum(cache.page_table[f.rows] != kvcache.allocator.TRASH_PAGE, axis=1)  # [B]
+        cache, ok = kvcache.ensure_slots(cache, f.rows, f.num, width)
+        num = jnp.where(ok, f.num, 0)
+        start = cache.lengths[f.rows]                                          # [B]
+        t = jnp.arange(f.tokens.shape[1])[None, :]
+        positions = jnp.where(t < num[:, None], start[:, None] + t, -1)       # [B,T]
+        row_pages = cache.page_table[f.rows]                                   # [B,M]
+        groups.append(Group(f.tokens, positions, row_pages, jnp.where(num > 0, start + num, 0)))
+        cols = jnp.minimum(held[:, None] + jnp.arange(width)[None, :], row_pages.shape[1] - 1)
+        new = jnp.take_along_axis(row_pages, cols, axis=1)                     # [B,W]
+        after = jnp.sum(row_pages != kvcache.allocator.TRASH_PAGE, axis=1)
+        fresh = held[:, None] + jnp.arange(width)[None, :] < after[:, None]
+        grown.append((jnp.where(fresh, new, kvcache.allocator.TRASH_PAGE), ok, num))
+        starts.append(start)
+    hidden, k, v = model(tuple(groups), cache.k, cache.v, attn_impl)
+    lengths = cache.lengths
+    results = []
+    for f, h, start, (new, ok, num) in zip(feeds, hidden, starts, grown):
+        lengths = lengths.at[jnp.where(num > 0, f.rows, lengths.shape[0])].add(num, mode="drop")
+        logits = model.logits(h[jnp.arange(h.shape[0]), jnp.maximum(num - 1, 0)])   # [B,V]
+        s = f.sampling
+        nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num)
+        results.append((nxt, logits, new, ok))
+    return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths)
 
 
 def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
                 sampling: SamplingArrays, *, attn_impl: str = "auto"):
-    """Feeds tokens [B] to the active rows: a row whose next position starts an unreserved
-    page takes one from the pool first (paged layout). Returns (next [B], logits [B,V],
-    cache', ok [B]); ok is False where the pool had no page left, and such a row did not move."""
-    model = nnx.merge(graphdef, params)
-    cache, ok = kvcache.ensure_next_slot(cache, rows, active)
-    active = active & ok
-    pos = jnp.where(active, cache.lengths[rows], -1)                          # [B]
-    hidden, k, v = model(tokens[:, None], pos[:, None], cache.k, cache.v,
-                         cache.page_table[rows], jnp.where(active, pos + 1, 0), attn_impl)
-    idx = jnp.where(active, rows, cache.lengths.shape[0])
-    cache = dataclasses.replace(cache, k=k, v=v,
-                                lengths=cache.lengths.at[idx].add(1, mode="drop"))
-    logits = model.logits(hidden[:, 0])
-    nxt = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
-                 pos + 1)
-    return nxt, logits, cache, ok
+    """Feeds tokens [B] to the active rows. Returns (next [B], logits [B,V], cache', ok [B],
+    new_page [B]: the page a row took this step, or the trash page)."""
+    feed = Feed(rows, tokens[:, None], active.astype(jnp.int32), sampling)
+    [(nxt, logits, new, ok)], cache = forward(graphdef, params, cache, (feed,),
+                                              attn_impl=attn_impl)
+    return nxt, logits, cache, ok, new[:, 0]
 
 
 def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
@@ -100,28 +117,32 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     """Up to num_steps decode steps on the device (lax.while_loop), each row stopping at a
     stop token or when its `remaining` budget is spent; ends early once no row is active.
 
-    Returns (out [B,num_steps] int32 with -1 where a row produced nothing, cache', state',
-    stalled [B] bool: rows that found the pool empty and wait, still active, for pages).
+    Returns (out [B,num_steps] int32 with -1 where a row produced nothing, pages [B,num_steps]
+    int32 the page each step took or the trash page, cache', state', stalled [B] bool: rows that
+    found the pool empty and wait, still active, for pages).
     """
     b = state.rows.shape[0]
 
     def cond(carry):
-        i, _, st, _, stalled = carry
+        i, _, st, _, _, stalled = carry
         return (i < num_steps) & jnp.any(st.active & ~stalled)
 
     def body(carry):
-        i, cache, st, out, stalled = carry
-        nxt, _, cache, ok = decode_step(graphdef, params, cache, st.rows, st.tokens,
-                                        st.active & ~stalled, st.sampling, attn_impl=attn_impl)
-        emitted = st.active & ~stalled & ok
+        i, cache, st, out, pages, stalled = carry
+        live = st.active & ~stalled
+        nxt, _, cache, ok, new = decode_step(graphdef, params, cache, st.rows, st.tokens, live,
+                                             st.sampling, attn_impl=attn_impl)
+        emitted = live & ok
         out = out.at[:, i].set(jnp.where(emitted, nxt, -1))
+        pages = pages.at[:, i].set(new)
         remaining = st.remaining - emitted
         stop = jnp.any(nxt[:, None] == st.stop_ids, axis=-1) | (remaining <= 0)
         st = dataclasses.replace(st, tokens=jnp.where(emitted, nxt, st.tokens),
                                  active=st.active & ~(emitted & stop), remaining=remaining)
-        return i + 1, cache, st, out, stalled | (st.active & ~ok)
+        return i + 1, cache, st, out, pages, stalled | (live & ~ok)
 
     out = jnp.full((b, num_steps), -1, jnp.int32)
-    init = (jnp.int32(0), cache, state, out, jnp.zeros(b, bool))
-    _, cache, state, out, stalled = jax.lax.while_loop(cond, body, init)
-    return out, cache, state, stalled
+    pages = jnp.zeros((b, num_steps), jnp.int32)
+    init = (jnp.int32(0), cache, state, out, pages, jnp.zeros(b, bool))
+    _, cache, state, out, pages, stalled = jax.lax.while_loop(cond, body, init)
+    return out, pages, cache, state, stalled

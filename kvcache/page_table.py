@@ -65,39 +65,68 @@ def grow_rows(cache: KVCache, rows, need, max_need: int):
     return dataclasses.replace(cache, page_table=page_table, alloc=alloc), ok
 
 
-def admit_rows(cache: KVCache, rows, layout, reserve, max_need: int):
-    """Marks rows as taken with their layout codes and reserves their first pages.
+def admit_rows(cache: KVCache, rows, layout, reserve, max_need: int, prefix=None,
+               prefix_len=None):
+    """Marks rows as taken with their layout codes, gives them their cached prefix and reserves
+    their first pages after it.
 
     rows, layout, reserve [B]; layout LAYOUT_NONE marks a padding entry that changes nothing.
-    Returns (cache', ok [B]).
+    prefix [B,M] (optional): page ids of the row's cached prefix from column 0, the trash page
+    past it; each gets one more holder. prefix_len [B]: tokens those pages hold (the row's
+    length). Returns (cache', ok [B]); a row refused its reservation gets no prefix either.
     """
     live = layout != LAYOUT_NONE
-    cache, ok = grow_rows(cache, rows, jnp.where(live, reserve, 0), max_need)
-    idx = jnp.where(live & ok, rows, cache.layout.shape[0])
+    num_rows = cache.layout.shape[0]
+    if prefix is None:
+        prefix = jnp.zeros((rows.shape[0], cache.page_table.shape[1]), jnp.int32)
+        prefix_len = jnp.zeros(rows.shape[0], jnp.int32)
+    # Reserve as if the prefix were in place: the row's page count decides what fits.
+    held = jnp.sum(prefix != allocator.TRASH_PAGE, axis=1)                     # [B]
+    fits = held + reserve <= cache.page_table.shape[1]
+    alloc, pages, ok = allocator.alloc(cache.alloc, jnp.where(live & fits, reserve, 0), max_need)
+    ok &= fits | ~live
+    take = live & ok
+    alloc = allocator.incref(alloc, prefix.ravel(),
+                             jnp.broadcast_to(take[:, None], prefix.shape).ravel())
+    j = jnp.arange(max_need)[None, :]                                          # [1,max_need]
+    valid = (j < reserve[:, None]) & take[:, None]
+    idx = jnp.where(take, rows, num_rows)
+    page_table = cache.page_table.at[idx].set(prefix, mode="drop")
+    page_table = page_table.at[jnp.where(valid, rows[:, None], num_rows),
+                               held[:, None] + j].set(pages, mode="drop")
     return dataclasses.replace(
         cache,
+        page_table=page_table,
+        alloc=alloc,
         layout=cache.layout.at[idx].set(layout, mode="drop"),
-        lengths=cache.lengths.at[idx].set(0, mode="drop"),
+        lengths=cache.lengths.at[idx].set(prefix_len, mode="drop"),
     ), ok
 
 
-def ensure_next_slot(cache: KVCache, rows, active):
-    """Gives every active row whose next position starts an unreserved page one more page:
-    the paged layout's allocation, inside the step. Returns (cache', ok [B])."""
+def ensure_slots(cache: KVCache, rows, num, max_need: int):
+    """Gives every row the pages that positions [length, length + num[b]) still lack: the paged
+    layout's allocation, inside the step (num [B] int32, 0 for rows that do not move; max_need
+    static >= any row's need). A row whose positions would pass its page-table width is refused.
+    Returns (cache', ok [B])."""
     g = cache.page_size
-    col = jnp.minimum(cache.lengths[rows] // g, cache.page_table.shape[1] - 1)
-    missing = cache.page_table[rows, col] == allocator.TRASH_PAGE
-    full = cache.lengths[rows] >= cache.page_table.shape[1] * g
-    cache, ok = grow_rows(cache, rows, (active & missing).astype(jnp.int32), 1)
-    return cache, ok & ~(active & full)
+    width = cache.page_table.shape[1]
+    end = cache.lengths[rows] + num                                            # [B]
+    held = jnp.sum(cache.page_table[rows] != allocator.TRASH_PAGE, axis=1)     # [B]
+    need = jnp.where(num > 0, jnp.maximum(-(-end // g) - held, 0), 0)
+    full = end > width * g
+    cache, ok = grow_rows(cache, rows, jnp.where(full, 0, need), max_need)
+    return cache, ok & ~((num > 0) & full)
 
 
-def release_rows(cache: KVCache, rows, mask) -> KVCache:
-    """Drops one reference to every page of rows[b] with mask[b] and frees those rows
-    (each row at most once per call)."""
+def release_rows(cache: KVCache, rows, mask, keep=None) -> KVCache:
+    """Drops one reference to every page of rows[b] with mask[b] and frees those rows (each row
+    at most once per call). keep [B,M] bool (optional) marks page-table entries whose reference
+    is handed to another holder (the prefix cache) instead of dropped."""
     pages = cache.page_table[rows]                                             # [B,M]
-    alloc = allocator.decref(cache.alloc, pages.ravel(),
-                             jnp.broadcast_to(mask[:, None], pages.shape).ravel())
+    drop = jnp.broadcast_to(mask[:, None], pages.shape)
+    if keep is not None:
+        drop = drop & ~keep
+    alloc = allocator.decref(cache.alloc, pages.ravel(), drop.ravel())
     idx = jnp.where(mask, rows, cache.layout.shape[0])
     return dataclasses.replace(
         cache,
@@ -106,6 +135,11 @@ def release_rows(cache: KVCache, rows, mask) -> KVCache:
         lengths=cache.lengths.at[idx].set(0, mode="drop"),
         layout=cache.layout.at[idx].set(LAYOUT_NONE, mode="drop"),
     )
+
+
+def drop_pages(cache: KVCache, pages, mask) -> KVCache:
+    """One holder fewer for pages[i] with mask[i] (pages [E]): the prefix cache evicting."""
+    return dataclasses.replace(cache, alloc=allocator.decref(cache.alloc, pages, mask))
 
 
 def slot_addresses(row_pages, positions, page_size: int):

@@ -5,7 +5,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from models.config import FAMILIES, ConfigError, ModelConfig, RopeConfig
-from models.llama import Llama
+from models.llama import Group, Llama
 from models.loader import CheckpointError, load_hf, restore_params, save_params
 from models.presets import PRESETS
 from models.tokenizer import Tokenizer, TokenizerError
@@ -25,6 +25,6 @@ def load_model(model: str, dtype=jnp.float32, progress: bool = True
     return load_hf(directory, dtype, progress), tokenizer
 
 
-__all__ = ["FAMILIES", "ConfigError", "ModelConfig", "RopeConfig", "Llama", "CheckpointError",
+__all__ = ["FAMILIES", "ConfigError", "ModelConfig", "RopeConfig", "Group", "Llama", "CheckpointError",
            "load_hf", "restore_params", "save_params", "PRESETS", "Tokenizer", "TokenizerError",
            "load_model"]

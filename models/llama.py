@@ -5,6 +5,9 @@ loading is a rename plus a transpose. K/V go straight into the paged cache: ever
 its new tokens into their pages and attends through `kernels.paged_attention`.
 """
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +15,17 @@ from flax import nnx
 import kernels
 from kvcache import slot_addresses, write_kv
 from models.config import ModelConfig
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "positions", "page_table", "kv_lens"], meta_fields=[])
+@dataclasses.dataclass
+class Group:
+    """Rows that run together in one attention call."""
+    tokens: jax.Array      # [B,T] int32
+    positions: jax.Array   # [B,T] int32 absolute positions, -1 = padding
+    page_table: jax.Array  # [B,M] int32 the rows' pages
+    kv_lens: jax.Array     # [B] int32 tokens each row holds once these are written
 
 
 class RMSNorm(nnx.Module):
@@ -36,11 +50,11 @@ def _linear(d_in, d_out, bias, dtype, rngs):
 
 
 def rope(x, cos, sin):
-    """x [B,T,N,H]; cos, sin [B,T,H/2] -> x rotated by HF's half-split convention."""
+    """x [S,N,H] (S tokens); cos, sin [S,H/2] -> x rotated by HF's half-split convention."""
     half = x.shape[-1] // 2
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., :half], xf[..., half:]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    c, s = cos[:, None, :], sin[:, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
@@ -57,20 +71,27 @@ class Attention(nnx.Module):
         self.layer, self.cfg = layer, cfg
 
     def __call__(self, x, cos, sin, kv, ctx):
+        """x [S,D]: the tokens of every group, flattened. Attention runs group by group."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)      # [B,T,N,H]
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)   # [B,T,K,H]
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)   # [B,T,K,H]
+        s = x.shape[0]
+        q = self.q_proj(x).reshape(s, cfg.num_heads, cfg.head_dim)         # [S,N,H]
+        k = self.k_proj(x).reshape(s, cfg.num_kv_heads, cfg.head_dim)      # [S,K,H]
+        v = self.v_proj(x).reshape(s, cfg.num_kv_heads, cfg.head_dim)      # [S,K,H]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k_pages = write_kv(kv[0], self.layer, ctx["page"], ctx["slot"], k)
         v_pages = write_kv(kv[1], self.layer, ctx["page"], ctx["slot"], v)
-        out = kernels.paged_attention(
-            q, k_pages[self.layer], v_pages[self.layer], ctx["page_table"], ctx["positions"],
-            ctx["kv_lens"], impl=ctx["attn_impl"], sliding_window=cfg.sliding_window)
-        return self.o_proj(out.reshape(b, t, -1)), (k_pages, v_pages)
+        outs, start = [], 0
+        for g in ctx["groups"]:
+            b, t = g.tokens.shape
+            qg = q[start:start + b * t].reshape(b, t, cfg.num_heads, cfg.head_dim)
+            start += b * t
+            out = kernels.paged_attention(
+                qg, k_pages[self.layer], v_pages[self.layer], g.page_table, g.positions,
+                g.kv_lens, impl=ctx["attn_impl"], sliding_window=cfg.sliding_window)
+            outs.append(out.reshape(b * t, -1))
+        return self.o_proj(jnp.concatenate(outs)), (k_pages, v_pages)
 
 
 class MLP(nnx.Module):
@@ -108,25 +129,33 @@ class Llama(nnx.Module):
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
         self.cfg = cfg
 
-    def __call__(self, tokens, positions, k_pages, v_pages, page_table, kv_lens,
-                 attn_impl="auto"):
-        """Runs tokens [B,T] at positions [B,T] (-1 = padding) over rows whose pages are
-        page_table [B,M] and who hold kv_lens [B] tokens once these are written.
+    def __call__(self, groups, k_pages, v_pages, attn_impl="auto"):
+        """Runs every Group of rows in one pass (the dense layers see all their tokens at once;
+        attention runs per group, so decode rows and prefill chunks keep their own shapes).
 
         Writes every non-padding token's K/V into k_pages / v_pages [L,P,G,K,H] and returns
-        (hidden [B,T,D] after the final norm, k_pages', v_pages').
+        (hidden per group [B,T,D] after the final norm, k_pages', v_pages').
         """
-        page, slot = slot_addresses(page_table, positions, k_pages.shape[2])
-        ctx = {"page": page, "slot": slot, "page_table": page_table, "positions": positions,
-               "kv_lens": kv_lens, "attn_impl": attn_impl}
+        page, slot = zip(*(slot_addresses(g.page_table, g.positions, k_pages.shape[2])
+                           for g in groups))
+        ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
+               "slot": jnp.concatenate([s.ravel() for s in slot]),
+               "groups": groups, "attn_impl": attn_impl}
+        positions = jnp.concatenate([g.positions.ravel() for g in groups])    # [S]
         inv_freq = jnp.asarray(self.cfg.rope.inv_freq(self.cfg.head_dim))     # [H/2]
-        angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq
-        cos, sin = jnp.cos(angles), jnp.sin(angles)                           # [B,T,H/2]
-        x = self.embed_tokens(tokens)                                         # [B,T,D]
+        angles = jnp.maximum(positions, 0).astype(jnp.float32)[:, None] * inv_freq
+        cos, sin = jnp.cos(angles), jnp.sin(angles)                           # [S,H/2]
+        x = self.embed_tokens(jnp.concatenate([g.tokens.ravel() for g in groups]))  # [S,D]
         kv = (k_pages, v_pages)
         for layer in self.layers:
             x, kv = layer(x, cos, sin, kv, ctx)
-        return self.norm(x), kv[0], kv[1]
+        x = self.norm(x)
+        hidden, start = [], 0
+        for g in groups:
+            b, t = g.tokens.shape
+            hidden.append(x[start:start + b * t].reshape(b, t, -1))
+            start += b * t
+        return hidden, kv[0], kv[1]
 
     def logits(self, hidden):
         """hidden [...,D] -> float32 logits [...,V]."""

@@ -7,14 +7,34 @@ import numpy as np
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
-def assert_pool_clean(llm) -> None:
-    """Every page is free again, no row is taken, and only the trash page is referenced."""
-    cache = llm.cache
+def assert_cache_empty(cache, cached=()) -> None:
+    """No row is taken and every page is free, but the trash page and `cached` (held once, by
+    the prefix cache)."""
     pages = cache.k.shape[1]
-    assert int(cache.alloc.top) == pages - 1
     refcount = np.asarray(cache.alloc.refcount)
-    assert refcount[0] == 1 and not refcount[1:].any()
-    assert sorted(np.asarray(cache.alloc.free_stack).tolist()) == list(range(pages))
+    want = np.zeros(pages, np.int32)
+    want[0] = 1
+    want[list(cached)] = 1
+    np.testing.assert_array_equal(refcount, want)
+    top = int(cache.alloc.top)
+    assert top == pages - 1 - len(cached)
+    stack = np.asarray(cache.alloc.free_stack)
+    assert stack[:top].tolist() == sorted(set(range(1, pages)) - set(cached), reverse=True)
+    assert not stack[top:].any()
     assert not np.asarray(cache.page_table).any()
     assert not np.asarray(cache.lengths).any()
     assert not np.asarray(cache.layout).any()
+
+
+def assert_pool_clean(llm_or_engine) -> None:
+    """After every request finished: every page is free or held by the prefix cache, and the
+    scheduler's host mirror of the refcounts equals the device's."""
+    engine = getattr(llm_or_engine, "engine", llm_or_engine)
+    sched = engine.scheduler
+    assert not (sched.running or sched.waiting or sched.to_release), "requests are still live"
+    cached = sched.radix.pages() if sched.radix is not None else []
+    assert_cache_empty(engine.cache, cached)
+    np.testing.assert_array_equal(np.asarray(engine.cache.alloc.refcount),
+                                  sched.ledger.refcount)
+    assert sched.ledger.free == int(engine.cache.alloc.top)
+    assert sorted(sched.free_rows) == list(range(sched.max_rows))

@@ -45,15 +45,16 @@ def test_step_compiles_once_per_batch_bucket():
 
     step = jax.jit(traced_step, static_argnums=0, donate_argnames="cache")
     rng = np.random.default_rng()
-    cache = llm.cache
+    e = llm.engine
+    cache = e.cache
     for i in range(50):
         b = 4 if i % 2 else 8
         rows = jnp.asarray(rng.permutation(8)[:b], jnp.int32)
         greedy = SamplingArrays(jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b),
                                 jnp.zeros(b, jnp.uint32))
-        _, _, cache, ok = step(llm.graphdef, llm.params, cache, rows,
-                               jnp.asarray(rng.integers(0, 200, b), jnp.int32),
-                               jnp.asarray(rng.random(b) < 0.7), greedy)
+        _, _, cache, ok, _ = step(e.graphdef, e.params, cache, rows,
+                                  jnp.asarray(rng.integers(0, 200, b), jnp.int32),
+                                  jnp.asarray(rng.random(b) < 0.7), greedy)
         assert bool(jnp.all(ok))
     assert sorted(traces) == [(4,), (8,)]
 
@@ -117,8 +118,8 @@ def test_bad_engine_arguments(kwargs, message):
 
 @pytest.mark.parametrize("prompt, params, message", [
     ([1] * 120, SamplingParams(max_tokens=10), "120 tokens .* 130 exceeds the context length"),
-    ([], SamplingParams(), "prompt 0 is empty"),
-    ("", SamplingParams(), "prompt 0 is empty"),
+    ([], SamplingParams(), "prompt 0: the prompt is empty"),
+    ("", SamplingParams(), "prompt 0: the prompt is empty"),
     ([1, 99999], SamplingParams(), "token ids outside"),
 ])
 def test_bad_requests(llm, prompt, params, message):
@@ -140,5 +141,5 @@ def test_bad_sampling_params(kwargs, message):
 
 def test_request_larger_than_the_pool():
     llm = LLM("tiny-random", page_size=4, max_model_len=128, max_total_tokens=32)
-    with pytest.raises(ValueError, match="may need 12 pages of 4 tokens but the pool has 8"):
+    with pytest.raises(ValueError, match=r"may hold 48 tokens \(12 pages of 4\) but the KV pool has 8 pages"):
         llm.generate([[1] * 40], SamplingParams(max_tokens=9))

@@ -15,7 +15,7 @@ PARAMS = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
 
 
 def generate(llm, layout, static_max_tokens=16):
-    llm.policy = kvcache.LayoutPolicy(layout, static_max_tokens)
+    llm.engine.scheduler.policy = kvcache.LayoutPolicy(layout, static_max_tokens)
     outs = llm.generate(PROMPTS, PARAMS)
     assert_pool_clean(llm)
     assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in PARAMS]
@@ -77,7 +77,7 @@ def test_tpu_kernel_in_interpret_mode_generates_the_same_tokens(reference):
     tokens, _ = reference
     llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=2, steps_per_loop=2,
               attention_impl="tpu-interpret")
-    llm.policy = kvcache.LayoutPolicy("hybrid", static_max_tokens=8)
+    llm.engine.scheduler.policy = kvcache.LayoutPolicy("hybrid", static_max_tokens=8)
     outs = llm.generate([PROMPTS[1], PROMPTS[3]],
                         SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == [tokens[1][:3], tokens[3][:3]]

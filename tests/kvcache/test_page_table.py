@@ -1,15 +1,14 @@
-"""kvcache.page_table against a Python model of the rows: admit, grow, ensure_next_slot and
+"""kvcache.page_table against a Python model of the rows: admit, grow, ensure_slots and
 release in random order, with padding entries mixed in; the whole cache is checked after every
 step. Shapes are fixed so each jitted function compiles once for the module."""
 
 import dataclasses
 import math
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import assert_pool_clean
+from helpers import assert_cache_empty
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -26,7 +25,8 @@ B = 3         # entries per batched call
 
 _admit = jax.jit(kvcache.admit_rows, static_argnums=4)
 _grow = jax.jit(kvcache.grow_rows, static_argnums=3)
-_ensure = jax.jit(kvcache.ensure_next_slot)
+_ensure = jax.jit(lambda cache, rows, active: kvcache.ensure_slots(
+    cache, rows, active.astype(jnp.int32), 1))
 _release = jax.jit(kvcache.release_rows)
 _slots = jax.jit(kvcache.slot_addresses, static_argnums=2)
 _write = jax.jit(kvcache.write_kv, static_argnums=1)
@@ -140,7 +140,7 @@ class PageTableMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.rows)
     @rule(data=st.data())
     def step(self, data):
-        """One decode step: ensure_next_slot, then each served active row stores one token."""
+        """One decode step: ensure_slots, then each served active row stores one token."""
         movable = [r for r in sorted(self.rows) if self.rows[r]["length"] < M * G]
         live = self._live_entries(data, movable, "step")
         active_of = {r: data.draw(st.booleans(), label=f"row {r} active") for r in live}
@@ -155,7 +155,7 @@ class PageTableMachine(RuleBasedStateMachine):
         # A new page exactly when the next position lies past the row's pages.
         need_of = {r: int(active_of[r] and self.rows[r]["length"] >= G * len(self.rows[r]["pages"]))
                    for r in live}
-        ok = self._apply_growth(data, build, by_slot, need_of, _ensure, "ensure_next_slot")
+        ok = self._apply_growth(data, build, by_slot, need_of, _ensure, "ensure_slots")
         moved = [r for b, r in by_slot.items() if active_of[r] and ok[b]]
         for r in moved:
             self.rows[r]["length"] += 1
@@ -237,7 +237,7 @@ class PageTableMachine(RuleBasedStateMachine):
         for name, (out, ok) in {
             "admit_rows": _admit(self.cache, rows, none, junk, M),
             "grow_rows": _grow(self.cache, rows, jnp.zeros(B, jnp.int32), M),
-            "ensure_next_slot": _ensure(self.cache, rows, off),
+            "ensure_slots": _ensure(self.cache, rows, off),
         }.items():
             assert np.asarray(ok).all(), name
             assert_trees_equal(out, self.cache, f"{name} with padding only")
@@ -252,7 +252,7 @@ class PageTableMachine(RuleBasedStateMachine):
             self.cache = _release(self.cache, i32(rows), jnp.asarray(mask))
         self.rows.clear()
         if not self.outside:
-            assert_pool_clean(types.SimpleNamespace(cache=self.cache))
+            assert_cache_empty(self.cache)
 
     # -- invariants -------------------------------------------------------------------------
     @invariant()
@@ -320,7 +320,7 @@ def test_static_row_never_allocates_during_decode(prompt, max_new, row):
         before = cache
         cache, ok = _ensure(cache, i32([row, 0, 0]), jnp.asarray([True, False, False]))
         assert np.asarray(ok).all(), f"static row asked for a page at length {length}"
-        assert_trees_equal(cache, before, f"ensure_next_slot at length {length}")
+        assert_trees_equal(cache, before, f"ensure_slots at length {length}")
         cache = set_lengths(cache, [row], [length + 1])
 
 
@@ -360,7 +360,7 @@ def test_exhausted_admission_is_reported_and_changes_nothing():
     cache, ok = _ensure(set_lengths(before, [2], [3 * G]), i32([2, 0, 1]),
                         jnp.asarray([True, True, False]))
     np.testing.assert_array_equal(np.asarray(ok), [False, True, True])
-    assert_trees_equal(cache, set_lengths(before, [2], [3 * G]), "failed ensure_next_slot")
+    assert_trees_equal(cache, set_lengths(before, [2], [3 * G]), "failed ensure_slots")
 
 
 def test_growing_past_the_table_width_fails_or_leaks_nothing():
@@ -371,7 +371,7 @@ def test_growing_past_the_table_width_fails_or_leaks_nothing():
     if not bool(ok[0]):
         assert_trees_equal(cache, before, "refused growth")
     cache = _release(cache, i32([0, 1, 2]), jnp.asarray([True, True, False]))
-    assert_pool_clean(types.SimpleNamespace(cache=cache))
+    assert_cache_empty(cache)
 
 
 # -- slot addresses and K/V writes ----------------------------------------------------------

@@ -207,7 +207,7 @@ def test_usage_of_one_static_and_one_paged_row():
                                    jnp.array([static_pages, paged_pages]), 5)
     assert bool(ok.all())
     cache = dataclasses.replace(cache, lengths=jnp.array([12, 0, 7], jnp.int32))
-    cache, ok = kvcache.ensure_next_slot(cache, jnp.array([0, 2]), jnp.array([True, True]))
+    cache, ok = kvcache.ensure_slots(cache, jnp.array([0, 2]), jnp.array([1, 1]), 1)
     assert bool(ok.all())
     cache = dataclasses.replace(cache, lengths=jnp.array([13, 0, 7], jnp.int32))
 

@@ -1,14 +1,18 @@
 """Our Llama-family model against HF transformers goldens (tests/fixtures/make_fixtures.py)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import FIXTURES, assert_pool_clean
 
 import kvcache
 from engine import LLM, SamplingParams
-from engine.step import PrefillBatch, SamplingArrays, decode_step, prefill
+from engine.step import SamplingArrays, decode_step
+from models import Group
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 
@@ -28,23 +32,27 @@ def family(request):
 def test_logits_match_hf(family):
     """float32 logits within 1e-4 relative of HF for the prompt and 16 greedy decode steps."""
     _, llm, golden = family
-    prompt = golden["prompt_ids"]
+    e = llm.engine
+    prompt = jnp.asarray(golden["prompt_ids"])
+    t = len(prompt)
     greedy = SamplingArrays(jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1),
                             jnp.zeros(1, jnp.uint32))
-    batch = PrefillBatch(rows=jnp.array([1]), tokens=jnp.asarray(prompt[None]),
-                         prompt_lens=jnp.array([len(prompt)]),
-                         layout=jnp.array([kvcache.LAYOUT_PAGED]),
-                         reserve=jnp.array([-(-len(prompt) // 4)]), sampling=greedy)
-    pre = jax.jit(prefill, static_argnums=0, static_argnames=("max_pages", "all_logits"))
-    step = jax.jit(decode_step, static_argnums=0)
-    token, logits, cache, ok = pre(llm.graphdef, llm.params, llm.cache, batch,
-                                   max_pages=llm.pages_per_row, all_logits=True)
+    rows = jnp.array([1])
+    cache, ok = kvcache.admit_rows(e.cache, rows, jnp.array([kvcache.LAYOUT_PAGED]),
+                                   jnp.array([-(-t // 4)]), e.pages_per_row)
     assert bool(ok[0])
-    assert rel_err(logits[0], golden["prompt_logits"]) <= 1e-4
+    model = nnx.merge(e.graphdef, e.params)
+    group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]))
+    [hidden], k, v = model((group,), cache.k, cache.v)
+    logits = model.logits(hidden[0])                                       # [T,V]
+    assert rel_err(logits, golden["prompt_logits"]) <= 1e-4
+    cache = dataclasses.replace(cache, k=k, v=v, lengths=cache.lengths.at[1].set(t))
+    token = jnp.argmax(logits[-1:], axis=-1).astype(jnp.int32)
+    step = jax.jit(decode_step, static_argnums=0)
     generated = [int(token[0])]
     for i in range(16):
-        token, logits, cache, ok = step(llm.graphdef, llm.params, cache, jnp.array([1]),
-                                        token, jnp.array([True]), greedy)
+        token, logits, cache, ok, _ = step(e.graphdef, e.params, cache, rows, token,
+                                           jnp.array([True]), greedy)
         assert bool(ok[0])
         assert rel_err(logits[0], golden["decode_logits"][i]) <= 1e-4, f"decode step {i}"
         generated.append(int(token[0]))
@@ -55,7 +63,7 @@ def test_logits_match_hf(family):
 @pytest.mark.parametrize("layout", ["static", "paged", "hybrid"])
 def test_greedy_tokens_match_hf(family, layout):
     _, llm, golden = family
-    llm.policy = kvcache.LayoutPolicy(layout, static_max_tokens=20)
+    llm.engine.scheduler.policy = kvcache.LayoutPolicy(layout, static_max_tokens=20)
     out = llm.generate([golden["prompt_ids"].tolist()],
                        SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))[0]
     expected = golden["decode_tokens"].tolist() + [int(np.argmax(golden["decode_logits"][15]))]

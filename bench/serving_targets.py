@@ -1,0 +1,133 @@
+"""The serving targets of issue 4, in one run on the GPU machine: starts serve.py with and
+without the radix cache and drives it with bench/serving.py.
+
+    python bench/serving_targets.py [--model llama-3.2-1b-random] [--quick]
+
+1. shared-prefix workload: output tokens/s with the radix cache vs --disable-radix-cache, and
+   the hit rate against the optimum;
+2. no shared prefix (random prompts): the cost of the cache in output tokens/s;
+3. decode with 64 running requests: host time per model step not hidden behind the device.
+Each workload runs twice on a server: a warm-up pass with another seed (steps compile lazily,
+once per bucket), then the measured pass. Writes bench/results/serving-targets.json.
+"""
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import serving  # noqa: E402  (bench/serving.py)
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, flags: list[str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(self.port),
+                                      "--log-level", "warning", *flags], cwd=ROOT,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"serve.py exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("serve.py did not start in 600 s")
+            time.sleep(1)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def bench(url: str, dataset_args: list[str], seed: int) -> dict:
+    args = serving.parse_args(["--base-url", url, "--disable-tqdm", "--seed", str(seed),
+                               "--warmup-requests", "1", "--output-file", "/dev/null",
+                               *dataset_args])
+    return asyncio.run(serving.run_benchmark(args))
+
+
+def measure(url: str, dataset_args: list[str]) -> dict:
+    bench(url, dataset_args, seed=1)            # warm-up: compiles this workload's buckets
+    report = bench(url, dataset_args, seed=0)
+    serving.print_report(report)
+    return report
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama-3.2-1b-random")
+    p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids below this")
+    p.add_argument("--quick", action="store_true", help="small workloads, to try the script")
+    p.add_argument("--output-file", default=str(ROOT / "bench/results/serving-targets.json"))
+    a = p.parse_args(argv)
+    scale = 4 if a.quick else 1
+    vocab = ["--vocab-size", str(a.vocab_size)]
+    shared = ["--dataset", "generated-shared-prefix", "--gsp-num-groups", str(16 // scale),
+              "--gsp-prompts-per-group", "16", "--gsp-system-prompt-len", "2048",
+              "--gsp-question-len", "64", "--gsp-output-len", "64", "--max-concurrency", "64",
+              *vocab]
+    plain = ["--dataset", "random", "--num-prompts", str(256 // scale), "--random-input-len",
+             "512", "--random-output-len", "128", "--max-concurrency", "64", *vocab]
+    decode = ["--dataset", "random", "--num-prompts", "64", "--random-input-len", "128",
+              "--random-output-len", str(512 // scale), "--max-concurrency", "64", *vocab]
+    flags = ["--model", a.model, "--max-running-requests", "64", "--context-length", "2048",
+             "--chunked-prefill-size", "4096", "--mem-fraction-static", "0.85"]
+    logs = Path("/tmp")
+    results = {}
+    for name, extra in [("radix", []), ("no_radix", ["--disable-radix-cache"])]:
+        server = Server(flags + extra, logs / f"serve-{name}.log")
+        try:
+            print(f"\n=== {name}: shared prefix")
+            results[f"{name}/shared_prefix"] = measure(server.url, shared)
+            print(f"\n=== {name}: random prompts")
+            results[f"{name}/random"] = measure(server.url, plain)
+            if name == "radix":
+                print(f"\n=== {name}: decode, 64 running")
+                results[f"{name}/decode64"] = measure(server.url, decode)
+        finally:
+            server.close()
+
+    def tput(key):
+        return results[key]["metrics"]["output_throughput"]
+    d = results["radix/decode64"]["metrics"]
+    s = results["radix/shared_prefix"]["metrics"]
+    summary = {
+        "shared_prefix_speedup": tput("radix/shared_prefix") / tput("no_radix/shared_prefix"),
+        "shared_prefix_hit_vs_optimum": s["hit_rate_vs_optimum"],
+        "random_cache_cost": 1 - tput("radix/random") / tput("no_radix/random"),
+        "decode64_host_fraction": d["server_host_fraction"],
+        "decode64_host_ms_per_step": d["server_host_ms_per_step"],
+        "decode64_ms_per_step": d["server_ms_per_step"],
+    }
+    print("\n" + json.dumps(summary, indent=1))
+    print(f"targets: speedup >= 3: {summary['shared_prefix_speedup']:.2f}; hit/optimum >= 0.95: "
+          f"{summary['shared_prefix_hit_vs_optimum']:.3f}; cache cost <= 1%: "
+          f"{summary['random_cache_cost']:.2%}; host <= 5% of the step at 64 running: "
+          f"{summary['decode64_host_fraction']:.1%}")
+    out = {"model": a.model, "flags": flags, "quick": a.quick, "summary": summary,
+           "runs": results}
+    Path(a.output_file).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""The engine: a model, a KV pool, a scheduler, and the jitted calls that carry out its plans.
+
+`Engine.step()` plans one launch on the host, runs it on the device and returns the requests
+that advanced. It is not thread-safe: one thread drives it (engine.async_engine for the
+server, a plain loop for `LLM.generate`).
+"""
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kernels
+import kvcache
+from engine import envs
+from engine.sampling import SamplingParams
+from engine.scheduler import Plan, Request, Scheduler
+from engine.step import DecodeState, Feed, SamplingArrays, admit, decode_loop, forward
+from models import load_model
+
+log = logging.getLogger("hybridkv")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def resolve_dtype(dtype: str):
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {['auto', *DTYPES]}")
+    return DTYPES[dtype]
+
+
+def bucket(n: int, lo: int, hi: int) -> int:
+    """Smallest power of two >= max(n, lo), capped at hi: shapes compile once per bucket."""
+    return min(max(lo, 1 << max(n - 1, 0).bit_length()), hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes an engine. Defaults serve the embedded model on any backend."""
+    model: str = "tiny-random"
+    dtype: str = "auto"
+    layout: str = "hybrid"
+    static_max_tokens: int = 2048
+    page_size: int = 16
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.9
+    context_length: int | None = None
+    max_running_requests: int = 32
+    chunked_prefill_size: int = 512
+    max_prefill_rows: int = 4
+    decode_steps: int = 4
+    disable_radix_cache: bool = False
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_running_requests", "chunked_prefill_size", "max_prefill_rows",
+                     "decode_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got "
+                             f"{self.mem_fraction_static}")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = c = config
+        self.policy = kvcache.LayoutPolicy(c.layout, c.static_max_tokens)
+        self.attn_impl = kernels.resolve_impl(c.attention_impl or envs.ATTENTION)
+        dtype = resolve_dtype(c.dtype)
+        module, self.tokenizer = load_model(c.model, dtype)
+        self.model_config = cfg = module.cfg
+        self.graphdef, self.params = nnx.split(module)
+        self.context_length = c.context_length or cfg.max_position_embeddings
+        if self.context_length > cfg.max_position_embeddings:
+            raise ValueError(f"context_length={self.context_length} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        self.pages_per_row = math.ceil(self.context_length / c.page_size)
+        self.spec = kvcache.size_pool(
+            num_layers=cfg.num_layers, page_size=c.page_size, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, dtype=jnp.dtype(dtype).name,
+            weight_bytes=kvcache.nbytes(self.params), device=jax.devices()[0],
+            mem_fraction_static=c.mem_fraction_static, max_total_tokens=c.max_total_tokens,
+            default_tokens=c.max_running_requests * self.context_length)
+        self.cache = kvcache.init_cache(self.spec, c.max_running_requests, self.pages_per_row)
+        self.scheduler = Scheduler(
+            num_pages=self.spec.num_pages, page_size=c.page_size,
+            max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
+            chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
+            decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache)
+        self._admit = jax.jit(admit, donate_argnames="cache", static_argnames="max_need")
+        self._forward = jax.jit(forward, static_argnums=0, donate_argnames="cache",
+                                static_argnames="attn_impl")
+        self._loop = jax.jit(decode_loop, static_argnums=0, donate_argnames="cache",
+                             static_argnames=("num_steps", "attn_impl"))
+        self._release = jax.jit(kvcache.release_rows, donate_argnums=0)
+        self._drop = jax.jit(kvcache.drop_pages, donate_argnums=0)
+        self._shapes: set[tuple] = set()
+        self.requests: dict[str, Request] = {}
+        # Wall time of steps, the part spent waiting for the device, device steps run: the
+        # rest of the wall time is host work not hidden behind the device.
+        self.timing = {"step_seconds": 0.0, "device_wait_seconds": 0.0, "device_steps": 0}
+
+    # -- requests ---------------------------------------------------------------------------
+    def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
+        """Validates a prompt (text or token ids) against the model, the context and the pool;
+        raises ValueError naming what is wrong."""
+        if len(prompt) == 0:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("this checkpoint has no tokenizer.json: pass token ids",
+                                     "prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}",
+                                 "prompt")
+        total = len(ids) + params.max_tokens
+        if len(ids) >= self.context_length:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context length is "
+                                 f"{self.context_length} (prompt + max_tokens)", "prompt")
+        if total > self.context_length:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens and max_tokens is "
+                                 f"{params.max_tokens}: {total} exceeds the context length "
+                                 f"{self.context_length}", "max_tokens")
+        eos = () if params.ignore_eos else self.model_config.eos_token_ids
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        req = Request(rid, ids, params, seed, params.stop_token_ids + eos)
+        worst = self.scheduler.worst_pages(req)
+        if worst > self.scheduler.capacity:
+            g = self.config.page_size
+            raise InvalidRequest(
+                f"the request may hold {total - 1} tokens ({worst} pages of {g}) but the KV "
+                f"pool has {self.scheduler.capacity} pages ({self.scheduler.capacity * g} "
+                "tokens); raise --max-total-tokens or --mem-fraction-static, or lower "
+                "max_tokens", "max_tokens")
+        return req
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """What a request without max_tokens may produce: up to the context and the pool."""
+        room = min(self.context_length, self.scheduler.capacity * self.config.page_size + 1)
+        return max(room - prompt_len, 1)
+
+    def add(self, req: Request) -> None:
+        if req.rid in self.requests:
+            raise ValueError(f"request id {req.rid!r} is already in use")
+        self.requests[req.rid] = req
+        self.scheduler.add(req)
+
+    def abort(self, rid: str) -> None:
+        """Ends a request; a running one gives its row and pages back at once."""
+        req = self.requests.pop(rid, None)
+        if req is not None:
+            self.scheduler.abort(req)
+            self._apply_releases(self.scheduler.release_pending())
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one launch -------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Plans and runs one launch; returns the requests that advanced (new tokens or
+        finished). Finished requests leave `requests` and give their rows back at once."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        self._apply_releases(plan)
+        admitted = [self._admit_rows(plan)] if plan.admit else []
+        if not plan.runs:
+            self._finish_admissions(plan, admitted)
+            return []
+        if plan.chunks:
+            advanced = self._run_mixed(plan, admitted)
+        else:
+            advanced = self._run_decode(plan)
+        for req in advanced:
+            if req.finish_reason is not None:
+                self.scheduler.finished(req)
+                self.requests.pop(req.rid, None)
+        self._apply_releases(self.scheduler.release_pending())
+        self.timing["step_seconds"] += time.perf_counter() - start
+        self.timing["device_steps"] += plan.steps
+        return advanced
+
+    def _wait(self, tree):
+        """Blocks until tree is computed, counting the wait as device time."""
+        start = time.perf_counter()
+        tree = jax.block_until_ready(tree)
+        self.timing["device_wait_seconds"] += time.perf_counter() - start
+        return tree
+
+    def _apply_releases(self, plan: Plan) -> None:
+        if plan.release:
+            b = bucket(len(plan.release), 1, self.config.max_running_requests)
+            m = self.pages_per_row
+            rows = np.zeros(b, np.int32)
+            keep = np.zeros((b, m), bool)
+            for i, rel in enumerate(plan.release):
+                rows[i] = rel.row
+                keep[i, :len(rel.keep)] = rel.keep
+            mask = np.arange(b) < len(plan.release)
+            self.cache = self._release(self.cache, jnp.asarray(rows), jnp.asarray(mask),
+                                       jnp.asarray(keep))
+        if plan.evict:
+            n = bucket(len(plan.evict), 16, 1 << 30)
+            pages = np.zeros(n, np.int32)
+            pages[:len(plan.evict)] = plan.evict
+            self.cache = self._drop(self.cache, jnp.asarray(pages),
+                                    jnp.asarray(np.arange(n) < len(plan.evict)))
+
+    def _admit_rows(self, plan: Plan):
+        b = bucket(len(plan.admit), 1, self.config.max_running_requests)
+        m = self.pages_per_row
+        rows, layout, reserve, prefix_len = (np.zeros(b, np.int32) for _ in range(4))
+        prefix = np.zeros((b, m), np.int32)
+        for i, (req, hit, n) in enumerate(plan.admit):
+            rows[i], layout[i], reserve[i] = req.row, kvcache.LAYOUT_CODES[req.layout], n
+            prefix[i, :len(hit)] = hit
+            prefix_len[i] = req.computed
+        max_need = bucket(int(reserve.max()), 1, m)
+        self.cache, ok, pages = self._admit(self.cache, *map(jnp.asarray, (
+            rows, layout, reserve, prefix, prefix_len)), max_need=max_need)
+        return ok, pages
+
+    def _finish_admissions(self, plan: Plan, admitted) -> None:
+        if not admitted:
+            return
+        ok, pages = (np.asarray(x) for x in admitted[0])
+        if not ok[:len(plan.admit)].all():
+            raise RuntimeError("the pool refused pages that the scheduler had counted as free")
+        for (req, _, n), row in zip(plan.admit, pages.tolist()):
+            self.scheduler.admitted(req, row, n)
+
+    def _sampling(self, reqs: list[Request], width: int) -> SamplingArrays:
+        pad = width - len(reqs)
+        p = [r.params for r in reqs]
+        return SamplingArrays(
+            temperature=jnp.asarray([x.temperature for x in p] + [0.0] * pad, jnp.float32),
+            top_k=jnp.asarray([x.top_k for x in p] + [0] * pad, jnp.int32),
+            top_p=jnp.asarray([x.top_p for x in p] + [1.0] * pad, jnp.float32),
+            seed=jnp.asarray([r.seed for r in reqs] + [0] * pad, jnp.uint32))
+
+    def _log_shape(self, kind: str, *shape) -> None:
+        key = (kind, *shape)
+        if key not in self._shapes:
+            self._shapes.add(key)
+            log.info("compiling %s for shape %s (lazily, once per bucket)", kind, shape)
+
+    def _run_mixed(self, plan: Plan, admitted) -> list[Request]:
+        """One step: every decode row feeds one token, every chunk its prompt tokens."""
+        c = self.config
+        feeds, groups = [], []
+        if plan.decode:
+            b = bucket(len(plan.decode), 1, c.max_running_requests)
+            tokens = np.zeros((b, 1), np.int32)
+            for i, r in enumerate(plan.decode):
+                tokens[i, 0] = r.tokens[-1]
+            groups.append([(r, 1) for r in plan.decode])
+            feeds.append(self._feed(groups[-1], tokens, b))
+        b = bucket(len(plan.chunks), 1, c.max_prefill_rows)
+        t = bucket(max(n for _, n in plan.chunks), 16, bucket(c.chunked_prefill_size, 16,
+                                                               1 << 30))
+        tokens = np.zeros((b, t), np.int32)
+        for i, (r, n) in enumerate(plan.chunks):
+            tokens[i, :n] = r.tokens[r.computed:r.computed + n]
+        groups.append(plan.chunks)
+        feeds.append(self._feed(plan.chunks, tokens, b))
+        self._log_shape("step", *(f.tokens.shape for f in feeds))
+        results, self.cache = self._forward(self.graphdef, self.params, self.cache, tuple(feeds),
+                                            attn_impl=self.attn_impl)
+        results = self._wait(results)
+        self._finish_admissions(plan, admitted)
+        advanced = []
+        for group, (nxt, _, new, ok) in zip(groups, results):
+            nxt, new, ok = (np.asarray(x) for x in (nxt, new, ok))
+            for i, (r, n) in enumerate(group):
+                if not ok[i]:
+                    raise RuntimeError("the pool ran out of pages the scheduler had counted")
+                self.scheduler.grew(r, new[i].tolist())
+                r.computed += n
+                if r.computed == len(r.tokens):
+                    r.emit(int(nxt[i]))
+                    advanced.append(r)
+        return advanced
+
+    def _feed(self, group, tokens, b) -> Feed:
+        reqs = [r for r, _ in group]
+        pad = b - len(group)
+        return Feed(rows=jnp.asarray([r.row for r in reqs] + [0] * pad, jnp.int32),
+                    tokens=jnp.asarray(tokens),
+                    num=jnp.asarray([n for _, n in group] + [0] * pad, jnp.int32),
+                    sampling=self._sampling(reqs, b))
+
+    def _run_decode(self, plan: Plan) -> list[Request]:
+        """plan.steps decode steps in one on-device loop."""
+        reqs = plan.decode
+        b = bucket(len(reqs), 1, self.config.max_running_requests)
+        e = bucket(max(len(r.stop_ids) for r in reqs), 4, 1 << 16)
+        stop = np.full((b, e), -1, np.int32)
+        for i, r in enumerate(reqs):
+            stop[i, :len(r.stop_ids)] = r.stop_ids
+        pad = b - len(reqs)
+        state = DecodeState(
+            rows=jnp.asarray([r.row for r in reqs] + [0] * pad, jnp.int32),
+            tokens=jnp.asarray([r.tokens[-1] for r in reqs] + [0] * pad, jnp.int32),
+            active=jnp.asarray([True] * len(reqs) + [False] * pad),
+            remaining=jnp.asarray([r.params.max_tokens - len(r.output) for r in reqs]
+                                  + [0] * pad, jnp.int32),
+            stop_ids=jnp.asarray(stop), sampling=self._sampling(reqs, b))
+        self._log_shape("decode loop", b, plan.steps)
+        out, pages, self.cache, _, stalled = self._loop(
+            self.graphdef, self.params, self.cache, state, num_steps=plan.steps,
+            attn_impl=self.attn_impl)
+        out, pages, stalled = (np.asarray(x) for x in self._wait((out, pages, stalled)))
+        if stalled[:len(reqs)].any():
+            raise RuntimeError("the pool ran out of pages the scheduler had counted")
+        for i, r in enumerate(reqs):
+            self.scheduler.grew(r, pages[i].tolist())
+            for token in out[i]:
+                if token >= 0:
+                    r.computed += 1
+                    r.emit(int(token))
+        return reqs
+
+    # -- maintenance ------------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        """Empties the prefix cache; refuses (False) while requests are queued or running."""
+        if self.scheduler.has_work():
+            return False
+        self._apply_releases(self.scheduler.flush())
+        return True
+
+    def stats(self) -> dict:
+        return self.scheduler.stats() | self.timing

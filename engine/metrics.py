@@ -1,0 +1,74 @@
+"""Prometheus metrics of one server, in its own registry (several servers may share a process).
+
+Pool and queue figures are read from a snapshot the engine thread takes after every step, so a
+scrape never touches the engine while it runs.
+"""
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+                   5.12, 10.24, 20.48)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self._stats: dict = {}
+        self.ttft = Histogram("hybridkv_time_to_first_token_seconds",
+                              "Time from arrival to the first output token",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("hybridkv_inter_token_latency_seconds",
+                             "Time between output tokens of a request (a launch that produces "
+                             "several tokens counts each at the launch's time divided by them)",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.step_time = Histogram("hybridkv_engine_launch_seconds",
+                                   "Wall time of one engine step (plan, launch, results)",
+                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(self)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def step(self, seconds: float) -> None:
+        self.step_time.observe(seconds)
+
+    def tokens(self, req, gap: float, count: int, first: bool) -> None:
+        if first:
+            self.ttft.observe(gap)
+            count -= 1
+        for _ in range(count):
+            self.itl.observe(gap / max(count, 1))
+
+    def snapshot(self, engine) -> None:
+        self._stats = engine.stats()
+
+    # -- scrape -----------------------------------------------------------------------------
+    def collect(self):
+        s = self._stats
+        if not s:
+            return
+        used = s["pages_total"] - s["pages_free"]
+        gauges = {
+            "pages_used": ("KV pages held by requests or the prefix cache", used),
+            "pages_free": ("KV pages free", s["pages_free"]),
+            "pages_cached": ("KV pages held by the prefix cache", s["pages_cached"]),
+            "kv_usage_ratio": ("Fraction of the KV pool held", used / s["pages_total"]),
+            "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / prompt tokens",
+                                      s["hit_tokens"] / max(s["prompt_tokens"], 1)),
+            "running_requests": ("Requests holding a cache row", s["running"]),
+            "queued_requests": ("Requests waiting for admission", s["waiting"]),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(f"hybridkv_{name}", doc, value=value)
+        counters = {
+            "preemptions": ("Requests preempted to free pages", s["preemptions"]),
+            "prompt_tokens": ("Prompt tokens admitted (first admissions)", s["prompt_tokens"]),
+            "prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
+                                        s["hit_tokens"]),
+            "engine_step_seconds": ("Wall time of engine steps", s["step_seconds"]),
+            "engine_device_wait_seconds": ("Part of it spent waiting for the device",
+                                           s["device_wait_seconds"]),
+            "device_steps": ("Model steps run on the device (a launch may run several)",
+                             s["device_steps"]),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"hybridkv_{name}", doc, value=value)

@@ -1,0 +1,328 @@
+"""Host-side scheduling: which requests run in the next launch, with exact page accounting.
+
+The device allocates pages inside the step; the host never asks it how many are free. Page
+demand is a function of sequence lengths, so the scheduler keeps a mirror of every page's
+holders (`Ledger`) and plans each launch so that the pool covers it:
+
+    release finished / aborted / preempted rows  ->  evict prefix-cache leaves  ->
+    admit waiting requests (prefix hit, static reservation)  ->  run (chunks + decode rows)
+
+A request's tokens are its prompt followed by its output; `computed` of them are in the cache.
+Each launch feeds a row some of tokens[computed:]: a decode row its one last token, a prefill
+row a chunk. When a feed reaches the end of the tokens, the token sampled after it is kept.
+Preemption frees a paged request's row (its full pages go to the prefix cache) and puts it back
+at the head of the queue; on resume it prefills prompt + output again, mostly from the cache.
+"""
+
+import collections
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from engine.sampling import SamplingParams
+from kvcache.allocator import TRASH_PAGE
+from kvcache.policy import LayoutPolicy
+from kvcache.radix import RadixCache
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Request:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: tuple[int, ...]
+    output: list[int] = dataclasses.field(default_factory=list)
+    layout: str | None = None        # chosen at the first admission
+    row: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)  # mirror of the row's page table
+    computed: int = 0                # tokens whose K/V are in the cache
+    cached_tokens: int = 0           # prefix-cache hit at the first admission
+    node: object = None              # locked prefix-cache node while running
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    preemptions: int = 0
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    admitted_once: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def max_len(self) -> int:
+        return len(self.prompt) + self.params.max_tokens
+
+    def emit(self, token: int) -> None:
+        self.output.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+
+class Ledger:
+    """Host mirror of the device refcounts: holders per page (rows and the prefix cache)."""
+
+    def __init__(self, num_pages: int):
+        self.refcount = np.zeros(num_pages, np.int32)
+        self.refcount[TRASH_PAGE] = 1
+        self.free = num_pages - 1
+
+    def take(self, pages) -> None:
+        """Fresh pages the device allocator handed out."""
+        pages = np.asarray(pages, np.int64)
+        if np.any(self.refcount[pages] != 0) or len(set(pages.tolist())) != len(pages):
+            raise RuntimeError(f"the device handed out pages that are not free: {pages}")
+        self.refcount[pages] = 1
+        self.free -= len(pages)
+
+    def share(self, pages) -> None:
+        np.add.at(self.refcount, np.asarray(pages, np.int64), 1)
+
+    def drop(self, pages) -> None:
+        pages = np.asarray(pages, np.int64)
+        np.add.at(self.refcount, pages, -1)
+        if np.any(self.refcount[pages] < 0):
+            raise RuntimeError("a page was released more often than it was held")
+        self.free += int(np.sum(self.refcount[np.unique(pages)] == 0))
+
+
+@dataclasses.dataclass
+class Release:
+    row: int
+    keep: list[bool]          # per page of req.pages: the prefix cache takes over its reference
+
+
+@dataclasses.dataclass
+class Plan:
+    """One launch. The engine runs, in order: releases, evictions, admissions, then the step."""
+    release: list[Release] = dataclasses.field(default_factory=list)
+    evict: list[int] = dataclasses.field(default_factory=list)
+    admit: list[tuple[Request, list[int], int]] = dataclasses.field(default_factory=list)
+    chunks: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (req, tokens)
+    decode: list[Request] = dataclasses.field(default_factory=list)
+    steps: int = 1            # decode steps on the device (1 when chunks run)
+
+    @property
+    def runs(self) -> bool:
+        return bool(self.chunks or self.decode)
+
+
+class Scheduler:
+    def __init__(self, *, num_pages: int, page_size: int, max_rows: int, row_width: int,
+                 policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
+                 decode_steps: int, radix_cache: bool):
+        self.g, self.policy = page_size, policy
+        self.row_width, self.max_rows = row_width, max_rows
+        self.chunk_size, self.max_prefill_rows = chunk_size, max_prefill_rows
+        self.decode_steps = decode_steps
+        self.capacity = num_pages - 1
+        self.ledger = Ledger(num_pages)
+        self.radix = RadixCache(page_size) if radix_cache else None
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []   # in admission order: the last is preempted first
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.to_release: list[Request] = []
+        self.preemptions = 0
+        self._committed = 0               # pages promised to the launch being planned
+        self.prompt_tokens = 0            # tokens looked up in the prefix cache, first admissions
+        self.hit_tokens = 0               # of which found there
+
+    # -- queue ------------------------------------------------------------------------------
+    def worst_pages(self, req: Request) -> int:
+        """Pages the request can ever hold: its last sampled token is never stored."""
+        return math.ceil((req.max_len - 1) / self.g)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        if req.finish_reason is not None:
+            return
+        req.finish_reason = "abort"
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.running:
+            self.running.remove(req)
+            self.to_release.append(req)
+
+    def finished(self, req: Request) -> None:
+        self.running.remove(req)
+        self.to_release.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.to_release)
+
+    # -- pages ------------------------------------------------------------------------------
+    def _need(self, req: Request, tokens: int) -> int:
+        """Pages req must take to store `tokens` more (0 for static rows: reserved)."""
+        if req.layout == "static":
+            return 0
+        return max(0, math.ceil((req.computed + tokens) / self.g) - len(req.pages))
+
+    def _evictable(self) -> int:
+        return self.radix.evictable_pages() if self.radix else 0
+
+    def _release(self, req: Request, plan: Plan) -> None:
+        keep = [False] * len(req.pages)
+        if self.radix is not None:
+            if req.node is not None:
+                self.radix.unlock(req.node)
+            full = req.computed // self.g
+            adopted = set(self.radix.insert(req.tokens[:full * self.g], req.pages[:full]))
+            keep = [p in adopted for p in req.pages]
+        self.ledger.drop([p for p, k in zip(req.pages, keep) if not k])
+        plan.release.append(Release(req.row, keep))
+        self.free_rows.append(req.row)
+        req.row, req.pages, req.computed, req.node = -1, [], 0, None
+
+    def _make_room(self, pages: int, plan: Plan) -> bool:
+        """Commits `pages` more of the pool to this launch, evicting prefix-cache leaves as
+        needed; False (and nothing committed) if the pool cannot cover them."""
+        want = self._committed + pages
+        if want > self.ledger.free + self._evictable():
+            return False
+        if want > self.ledger.free:
+            freed = self.radix.evict(want - self.ledger.free)
+            self.ledger.drop(freed)
+            plan.evict += freed
+        self._committed = want
+        return True
+
+    def _preempt(self, plan: Plan) -> Request | None:
+        """The newest paged request gives its row back and waits at the head of the queue."""
+        victims = [r for r in self.running if r.layout == "paged"]
+        if not victims:
+            return None
+        req = victims[-1]
+        self.running.remove(req)
+        self._release(req, plan)
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+        return req
+
+    # -- planning ---------------------------------------------------------------------------
+    def release_pending(self, plan: Plan | None = None) -> Plan:
+        """Releases the rows of finished and aborted requests (into plan, or a new one)."""
+        plan = plan or Plan()
+        for req in self.to_release:
+            self._release(req, plan)
+        self.to_release = []
+        return plan
+
+    def schedule(self) -> Plan:
+        plan = self.release_pending()
+        while True:
+            self._committed = 0
+            self._plan_run(plan)
+            if plan.runs or not self.running:
+                return plan
+            # Every running row waits for pages that only a preemption can free.
+            if self._preempt(plan) is None:
+                raise RuntimeError("static rows hold more pages than they reserved")
+
+    def _plan_run(self, plan: Plan) -> None:
+        prefilling = [r for r in self.running if len(r.tokens) - r.computed > 1]
+        decoding = [r for r in self.running if len(r.tokens) - r.computed == 1]
+        plan.steps = 1 if prefilling else self.decode_steps
+        # Decode rows first: the oldest requests keep running, the newest paged one yields.
+        while not self._make_room(sum(self._need(r, plan.steps) for r in decoding), plan):
+            if plan.steps > 1:
+                plan.steps = 1
+                continue
+            victim = self._preempt(plan)
+            if victim is None:
+                raise RuntimeError("static rows hold more pages than they reserved")
+            for group in (decoding, prefilling):
+                if victim in group:
+                    group.remove(victim)
+        plan.decode = decoding
+        budget, rows = self.chunk_size, self.max_prefill_rows
+        for req in prefilling:
+            n = min(len(req.tokens) - req.computed, budget)
+            if rows == 0 or budget == 0 or not self._make_room(self._need(req, n), plan):
+                return      # the queue waits behind a prefill that could not go on
+            plan.chunks.append((req, n))
+            budget, rows = budget - n, rows - 1
+        while self.waiting and self.free_rows and budget > 0 and rows > 0:
+            n = self._admit(self.waiting[0], budget, plan)
+            if n is None:
+                break
+            self.waiting.popleft()
+            budget, rows = budget - n, rows - 1
+        if plan.chunks:
+            plan.steps = 1
+
+    def _admit(self, req: Request, budget: int, plan: Plan) -> int | None:
+        """Admits req if the pool covers its reservation (static) or its whole remaining prompt
+        (paged), evicting prefix-cache leaves as needed. Returns the tokens of its first chunk,
+        or None."""
+        tokens = req.tokens
+        hit, node = [], None
+        if self.radix is not None:
+            hit, _ = self.radix.match(tokens)
+            hit = hit[:(len(tokens) - 1) // self.g]        # keep one token to feed
+            if hit:
+                node = self._lock_prefix(tokens, len(hit))
+        layout = req.layout or self.policy.choose(req.max_len)
+        if layout == "static":
+            reserve = need = self.worst_pages(req) - len(hit)
+        else:
+            reserve, need = 0, max(0, math.ceil(len(tokens) / self.g) - len(hit))
+        if not self._make_room(need, plan):
+            if node is not None:
+                self.radix.unlock(node)
+            return None
+        req.layout, req.row, req.node = layout, self.free_rows.pop(), node
+        req.pages, req.computed = list(hit), len(hit) * self.g
+        if not req.admitted_once:
+            req.admitted_once, req.cached_tokens = True, req.computed
+            self.prompt_tokens += len(req.prompt)
+            self.hit_tokens += req.computed
+        self.ledger.share(hit)
+        plan.admit.append((req, list(hit), reserve))
+        self.running.append(req)
+        n = min(len(tokens) - req.computed, budget)
+        plan.chunks.append((req, n))
+        return n
+
+    def _lock_prefix(self, tokens: list[int], pages: int):
+        """Locks the node covering exactly the first `pages` matched pages."""
+        _, node = self.radix.match(tokens[:pages * self.g])
+        self.radix.lock(node)
+        return node
+
+    # -- results ----------------------------------------------------------------------------
+    def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:
+        """The admit call's page-table row: the hit pages, then `reserve` fresh ones."""
+        fresh = row_pages[len(req.pages):len(req.pages) + reserve]
+        self.ledger.take(fresh)
+        req.pages += fresh
+
+    def grew(self, req: Request, pages: list[int]) -> None:
+        pages = [p for p in pages if p != TRASH_PAGE]
+        self.ledger.take(pages)
+        req.pages += pages
+
+    def flush(self) -> Plan:
+        """Drops every prefix-cache page. Only while nothing runs (the caller checks)."""
+        plan = Plan()
+        if self.radix is not None:
+            plan.evict = self.radix.reset()
+            self.ledger.drop(plan.evict)
+        return plan
+
+    def stats(self) -> dict:
+        return {
+            "pages_total": self.capacity,
+            "pages_free": self.ledger.free,
+            "pages_cached": self.radix.cached_pages() if self.radix else 0,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "preemptions": self.preemptions,
+            "prompt_tokens": self.prompt_tokens,
+            "hit_tokens": self.hit_tokens,
+        }

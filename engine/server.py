@@ -1,0 +1,331 @@
+"""The HTTP API: OpenAI-compatible completions and chat (streamed as SSE or not), SGLang's
+native /generate, /v1/models, /health, /metrics (Prometheus) and /flush_cache.
+
+Every bad request gets a JSON error in OpenAI's shape, {"error": {"message", "type", "param",
+"code"}}, with status 400 and the offending field in `param`; the engine keeps serving. A
+client that disconnects aborts its requests, which frees their rows and pages at the next step.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import AsyncEngine
+from engine.engine import InvalidRequest
+from engine.protocol import ChatRequest, CompletionRequest, GenerateRequest
+from engine.sampling import SamplingParams
+
+
+def error(status: int, message: str, param: str | None = None,
+          kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status}}, status_code=status)
+
+
+class TextStream:
+    """Detokenizes a growing list of output tokens; holds back a trailing partial character and
+    cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer, stop_ids, stops: list[str]):
+        self.tokenizer, self.stop_ids, self.stops = tokenizer, set(stop_ids), stops
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, tokens, final: bool) -> str:
+        """New text after tokens; `final` flushes a trailing partial character too."""
+        self.tokens += [t for t in tokens if t not in self.stop_ids]
+        if self.tokenizer is None or self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.tokens)
+        for s in self.stops:
+            cut = text.find(s)
+            if cut >= 0:
+                text, self.stopped = text[:cut], True
+        if not (self.stopped or final) and text.endswith("\ufffd"):
+            text = text[:len(text.rstrip("\ufffd"))]
+        new, self.sent = text[self.sent:], max(self.sent, len(text))
+        return new
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+    core = engine.engine
+    app = FastAPI(title="hybridkv", version="0.1")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error(400, f"the body is not valid JSON: {first.get('msg')}", None)
+        param = ".".join(loc) or None
+        return error(400, f"{param or 'body'}: {first.get('msg')}", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        # FastAPI's own 400 when a body cannot be read at all (e.g. it is not UTF-8).
+        suffix = ": the body must be UTF-8 encoded JSON" if exc.status_code == 400 else ""
+        return error(exc.status_code, f"{exc.detail}{suffix}", None)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def sampling(body, max_tokens: int, n_index: int) -> SamplingParams:
+        seed = None if body.seed is None else (body.seed + n_index) % 2**32
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, top_k=body.top_k, seed=seed,
+                              stop_token_ids=tuple(body.stop_token_ids),
+                              ignore_eos=body.ignore_eos)
+
+    def check_model(name: str):
+        if name != model_name:
+            return error(400, f"model {name!r} is not served here; this server serves "
+                              f"{model_name!r}", "model")
+        return None
+
+    def make_requests(prompts, body, max_tokens_of) -> list:
+        return [core.make_request(f"req-{uuid.uuid4().hex}", prompt,
+                                  sampling(body, max_tokens_of(prompt), j))
+                for prompt in prompts for j in range(body.n)]
+
+    async def updates(reqs, stops):
+        """Yields (index, new text, new token ids, finish reason) as any request advances; a
+        stop string ends its request early (finish reason "stop")."""
+        streams = [TextStream(core.tokenizer, r.stop_ids, stops) for r in reqs]
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, req):
+            try:
+                async for update in engine.generate(req):
+                    await merged.put((i, update))
+                    if streams[i].stopped:
+                        return
+            except Exception as e:   # noqa: BLE001 - re-raised by the consumer
+                await merged.put((i, e))
+            finally:
+                await merged.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(reqs)]
+        try:
+            live = len(reqs)
+            while live:
+                i, update = await merged.get()
+                if update is None:
+                    live -= 1
+                    continue
+                if isinstance(update, Exception):
+                    raise update
+                if streams[i].stopped:
+                    continue
+                reason = update.finish_reason
+                text = streams[i].push(update.tokens, final=reason is not None)
+                if streams[i].stopped:
+                    engine.abort(reqs[i].rid)
+                    reason = "stop"
+                if text or update.tokens or reason:
+                    yield i, text, list(update.tokens), reason
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def collect(reqs, http: Request, stops):
+        """Non-streamed: every request's text and finish reason, or None if the client went
+        away first (its requests are then aborted)."""
+        texts, reasons = [""] * len(reqs), [None] * len(reqs)
+
+        async def run():
+            async for i, text, _, reason in updates(reqs, stops):
+                texts[i] += text
+                reasons[i] = reason or reasons[i]
+
+        work = asyncio.ensure_future(run())
+        watch = asyncio.ensure_future(_wait_disconnect(http))
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return None
+        watch.cancel()
+        work.result()
+        return texts, reasons
+
+    def usage(reqs) -> dict:
+        prompt = sum(len(r.prompt) for r in reqs)
+        completion = sum(len(r.output) for r in reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in reqs)}}
+
+    async def sse_stream(reqs, stops, chunk_of, include_usage: bool):
+        async for i, text, tokens, reason in updates(reqs, stops):
+            yield sse(chunk_of(i, text, tokens, reason))
+        if include_usage:
+            yield sse(chunk_of(None, "", [], None) | {"choices": [], "usage": usage(reqs)})
+        yield "data: [DONE]\n\n"
+
+    def include_usage(body) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
+
+    def engine_down():
+        return None if engine.alive else error(503, "the engine has stopped", None,
+                                               "server_error")
+
+    # -- OpenAI ------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        try:
+            reqs = make_requests(body.prompt, body, lambda _: body.max_tokens)
+        except InvalidRequest as e:
+            return error(400, str(e), e.param)
+        if (bad := engine_down()) is not None:
+            return bad
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(i, text, tokens, reason):
+            choices = [] if i is None else [{"index": i, "text": text, "token_ids": tokens,
+                                             "logprobs": None, "finish_reason": reason}]
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": model_name, "choices": choices}
+
+        if body.stream:
+            return StreamingResponse(sse_stream(reqs, body.stop, chunk, include_usage(body)),
+                                     media_type="text/event-stream")
+        result = await collect(reqs, http, body.stop)
+        if result is None:
+            return Response(status_code=499)
+        texts, reasons = result
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "text": t, "token_ids": r.output, "logprobs": None,
+                             "finish_reason": reason}
+                            for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons))],
+                "usage": usage(reqs)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: Request):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        if core.tokenizer is None:
+            return error(400, "this model has no tokenizer, so no chat template", "messages")
+        try:
+            text = core.tokenizer.apply_chat_template(
+                [m.model_dump() for m in body.messages])
+            ids = core.tokenizer.encode(text, add_special_tokens=False)
+        except Exception as e:   # noqa: BLE001 - a template error is the client's input
+            return error(400, f"the chat template failed on these messages: {e}", "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        try:
+            reqs = make_requests([ids], body,
+                                 lambda p: max_tokens or core.default_max_tokens(len(p)))
+        except InvalidRequest as e:
+            return error(400, str(e), e.param)
+        if (bad := engine_down()) is not None:
+            return bad
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        opened = set()
+
+        def chunk(i, text, tokens, reason):
+            if i is None:
+                return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": model_name}
+            delta = {"content": text}
+            if i not in opened:
+                opened.add(i)
+                delta["role"] = "assistant"
+            return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": model_name,
+                    "choices": [{"index": i, "delta": delta, "token_ids": tokens,
+                                 "logprobs": None, "finish_reason": reason}]}
+
+        if body.stream:
+            return StreamingResponse(sse_stream(reqs, body.stop, chunk, include_usage(body)),
+                                     media_type="text/event-stream")
+        result = await collect(reqs, http, body.stop)
+        if result is None:
+            return Response(status_code=499)
+        texts, reasons = result
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                             "logprobs": None, "finish_reason": reason}
+                            for i, (t, reason) in enumerate(zip(texts, reasons))],
+                "usage": usage(reqs)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": 0, "owned_by": "hybridkv",
+            "max_model_len": core.context_length}]}
+
+    # -- native ------------------------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, http: Request):
+        if (body.text is None) == (body.input_ids is None):
+            return error(400, "give exactly one of text and input_ids", "text")
+        sp = body.sampling_params
+        stops = sp.stop
+        params = SamplingParams(max_tokens=sp.max_new_tokens, temperature=sp.temperature,
+                                top_p=sp.top_p, top_k=sp.top_k, seed=sp.seed,
+                                stop_token_ids=tuple(sp.stop_token_ids),
+                                ignore_eos=sp.ignore_eos)
+        prompt = body.text if body.text is not None else body.input_ids
+        try:
+            req = core.make_request(f"gen-{uuid.uuid4().hex}", prompt, params)
+        except InvalidRequest as e:
+            param = {"prompt": "text" if body.text is not None else "input_ids",
+                     "max_tokens": "sampling_params.max_new_tokens"}[e.param]
+            return error(400, str(e), param)
+        if (bad := engine_down()) is not None:
+            return bad
+
+        def result(text, reason):
+            return {"text": text, "output_ids": list(req.output), "meta_info": {
+                "id": req.rid, "prompt_tokens": len(req.prompt),
+                "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens,
+                "layout": req.layout, "finish_reason": reason}}
+
+        if body.stream:
+            async def events():
+                text = ""
+                async for _, new, _, reason in updates([req], stops):
+                    text += new
+                    yield sse(result(text, reason))
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        out = await collect([req], http, stops)
+        if out is None:
+            return Response(status_code=499)
+        return result(out[0][0], out[1][0])
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return error(503, "the engine has stopped", None, "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        if not await engine.call(core.flush_cache):
+            return error(409, "requests are queued or running; flush the cache when idle", None,
+                         "conflict")
+        return {"flushed": True}
+
+    return app
+
+
+async def _wait_disconnect(http: Request) -> None:
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.25)

@@ -1,0 +1,118 @@
+"""Continuous batching through Engine.step: chunked prefill, the prefix cache and preemption
+give the same greedy tokens as an unpressured run, and the host's page ledger equals the
+device's refcounts after every step."""
+
+import numpy as np
+import pytest
+from helpers import assert_pool_clean
+
+from engine import Engine, EngineConfig, SamplingParams
+
+BASE = dict(model="tiny-random", dtype="float32", page_size=4, context_length=128,
+            max_running_requests=8)
+SHARED = list(range(40, 72))                     # 32 tokens = 8 pages shared by every prompt
+PROMPTS = [SHARED + [i, i + 1, i + 2][:1 + i % 3] for i in range(3, 12)] + [[7, 8], [9] * 13]
+MAX_TOKENS = [3, 17, 9, 12, 1, 25, 6, 14, 30, 5, 20]
+
+
+def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_every=0):
+    """Feeds the prompts (all at once, or one more every `arrive_every` steps), steps to the end
+    checking the ledger after every step; returns (outputs, engine, requests)."""
+    engine = Engine(config)
+    reqs = [engine.make_request(f"r{i}", p, SamplingParams(max_tokens=m, temperature=0,
+                                                            ignore_eos=True))
+            for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    pending, steps = list(reqs), 0
+    while pending or engine.has_work():
+        if pending and (arrive_every == 0 or steps % arrive_every == 0):
+            for req in pending[:len(pending) if arrive_every == 0 else 1]:
+                engine.add(req)
+                pending.remove(req)
+        engine.step()
+        steps += 1
+        sched = engine.scheduler
+        np.testing.assert_array_equal(np.asarray(engine.cache.alloc.refcount),
+                                      sched.ledger.refcount, err_msg=f"step {steps}")
+        assert sched.ledger.free == int(engine.cache.alloc.top), f"step {steps}"
+        for r in sched.running:
+            row = np.asarray(engine.cache.page_table[r.row])
+            assert row[:len(r.pages)].tolist() == r.pages and not row[len(r.pages):].any()
+    assert_pool_clean(engine)
+    assert all(len(r.output) == m for r, m in zip(reqs, max_tokens))
+    return [r.output for r in reqs], engine, reqs
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """No prefix cache, a pool big enough for everyone, whole prompts in one chunk."""
+    outputs, _, _ = run(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256))
+    return outputs
+
+
+@pytest.mark.parametrize("layout", ["static", "paged", "hybrid"])
+def test_prefix_cache_and_chunks_give_the_same_tokens(reference, layout):
+    """Chunks of 8 tokens, arrivals spread over steps, shared prefixes served from the cache."""
+    outputs, engine, _ = run(EngineConfig(**BASE, layout=layout, static_max_tokens=48,
+                                          chunked_prefill_size=8, max_prefill_rows=2),
+                             arrive_every=3)
+    assert outputs == reference
+    stats = engine.stats()
+    assert stats["hit_tokens"] >= 32 * 5, stats   # most later prompts reuse the shared pages
+    assert stats["pages_cached"] > 0
+
+
+def test_preemption_loses_nothing(reference):
+    """A pool of 24 pages for 11 paged requests that need up to 14 pages each, at once: the
+    newest paged requests are preempted and resumed, and the tokens do not change."""
+    outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
+                                          chunked_prefill_size=16, decode_steps=3))
+    assert outputs == reference
+    assert engine.stats()["preemptions"] > 0
+
+
+def test_preemption_without_a_prefix_cache(reference):
+    outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
+                                          disable_radix_cache=True, decode_steps=2))
+    assert outputs == reference
+    assert engine.stats()["preemptions"] > 0
+
+
+def test_static_requests_are_never_preempted(reference):
+    """Hybrid with a tight pool: static requests keep their rows from admission to the end."""
+    outputs, engine, reqs = run(EngineConfig(**BASE, layout="hybrid", static_max_tokens=48,
+                                             max_total_tokens=112, chunked_prefill_size=16))
+    assert outputs == reference
+    assert engine.stats()["preemptions"] > 0
+    static = [r for r in reqs if r.layout == "static"]
+    assert static and all(r.preemptions == 0 for r in static)
+    assert any(r.preemptions for r in reqs if r.layout == "paged")
+
+
+def test_abort_frees_the_row_and_pages():
+    engine = Engine(EngineConfig(**BASE, layout="paged"))
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    a = engine.make_request("a", SHARED, params)
+    b = engine.make_request("b", [5, 6, 7], params)
+    engine.add(a)
+    engine.add(b)
+    for _ in range(3):
+        engine.step()
+    engine.abort("a")
+    engine.abort("b")
+    engine.step()
+    assert a.finish_reason == b.finish_reason == "abort"
+    assert_pool_clean(engine)
+    assert engine.flush_cache()
+    assert engine.stats()["pages_free"] == engine.stats()["pages_total"]
+
+
+def test_flush_cache_refuses_while_requests_run():
+    engine = Engine(EngineConfig(**BASE))
+    engine.add(engine.make_request("a", SHARED, SamplingParams(max_tokens=8, temperature=0)))
+    engine.step()
+    assert not engine.flush_cache()
+    while engine.has_work():
+        engine.step()
+    assert engine.flush_cache()
+    assert_pool_clean(engine)
+    assert engine.scheduler.radix.cached_pages() == 0
