@@ -7,8 +7,8 @@ without the radix cache and drives it with bench/serving.py.
    the hit rate against the optimum;
 2. no shared prefix (random prompts): the cost of the cache in output tokens/s;
 3. decode with 64 running requests: host time per model step not hidden behind the device.
-Each workload runs twice on a server: a warm-up pass with another seed (steps compile lazily,
-once per bucket), then the measured pass. Writes bench/results/serving-targets.json.
+Each workload runs twice on a server: a warm-up pass (steps compile lazily, once per bucket),
+then, with the prefix cache emptied, the measured pass. Writes bench/results/serving-targets.json.
 """
 
 import argparse
@@ -66,9 +66,15 @@ def bench(url: str, dataset_args: list[str], seed: int) -> dict:
     return asyncio.run(serving.run_benchmark(args))
 
 
-def measure(url: str, dataset_args: list[str]) -> dict:
-    bench(url, dataset_args, seed=1)            # warm-up: compiles this workload's buckets
-    report = bench(url, dataset_args, seed=0)
+def measure(url: str, dataset_args: list[str], seed: int) -> dict:
+    """The workload twice: a warm-up pass that compiles the shapes it needs (steps compile
+    lazily, once per bucket), then, after emptying the prefix cache, the measured pass. Each
+    workload has its own seed, so no workload's prompts share a prefix with another's."""
+    start = time.monotonic()
+    bench(url, dataset_args, seed=seed)
+    print(f"warm-up pass: {time.monotonic() - start:.0f} s", flush=True)
+    httpx.post(f"{url}/flush_cache", timeout=60).raise_for_status()
+    report = bench(url, dataset_args, seed=seed)
     serving.print_report(report)
     return report
 
@@ -77,33 +83,34 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.2-1b-random")
     p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids below this")
+    p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--quick", action="store_true", help="small workloads, to try the script")
     p.add_argument("--output-file", default=str(ROOT / "bench/results/serving-targets.json"))
     a = p.parse_args(argv)
     scale = 4 if a.quick else 1
     vocab = ["--vocab-size", str(a.vocab_size)]
     shared = ["--dataset", "generated-shared-prefix", "--gsp-num-groups", str(16 // scale),
-              "--gsp-prompts-per-group", "16", "--gsp-system-prompt-len", "2048",
+              "--gsp-prompts-per-group", "16", "--gsp-system-prompt-len", str(2048 // scale),
               "--gsp-question-len", "64", "--gsp-output-len", "64", "--max-concurrency", "64",
               *vocab]
     plain = ["--dataset", "random", "--num-prompts", str(256 // scale), "--random-input-len",
              "512", "--random-output-len", "128", "--max-concurrency", "64", *vocab]
     decode = ["--dataset", "random", "--num-prompts", "64", "--random-input-len", "128",
               "--random-output-len", str(512 // scale), "--max-concurrency", "64", *vocab]
-    flags = ["--model", a.model, "--max-running-requests", "64", "--context-length", "2048",
+    flags = ["--model", a.model, "--max-running-requests", "64", "--context-length", str(a.context_length),
              "--chunked-prefill-size", "4096", "--mem-fraction-static", "0.85"]
     logs = Path("/tmp")
     results = {}
     for name, extra in [("radix", []), ("no_radix", ["--disable-radix-cache"])]:
         server = Server(flags + extra, logs / f"serve-{name}.log")
         try:
-            print(f"\n=== {name}: shared prefix")
-            results[f"{name}/shared_prefix"] = measure(server.url, shared)
-            print(f"\n=== {name}: random prompts")
-            results[f"{name}/random"] = measure(server.url, plain)
+            workloads = [("shared_prefix", shared, 10), ("random", plain, 20)]
             if name == "radix":
-                print(f"\n=== {name}: decode, 64 running")
-                results[f"{name}/decode64"] = measure(server.url, decode)
+                workloads.append(("decode64", decode, 30))
+            for workload, dataset, seed in workloads:
+                print(f"\n=== {name}: {workload}", flush=True)
+                results[f"{name}/{workload}"] = measure(server.url, dataset, seed)
+                Path(a.output_file).write_text(json.dumps({"partial": True, "runs": results}))
         finally:
             server.close()
 

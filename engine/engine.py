@@ -111,10 +111,11 @@ class Engine:
                              static_argnames=("num_steps", "attn_impl"))
         self._release = jax.jit(kvcache.release_rows, donate_argnums=0)
         self._drop = jax.jit(kvcache.drop_pages, donate_argnums=0)
+        self._share = jax.jit(kvcache.share_pages, donate_argnums=0)
         self._shapes: set[tuple] = set()
         self.requests: dict[str, Request] = {}
-        # Wall time of steps, the part spent waiting for the device, device steps run: the
-        # rest of the wall time is host work not hidden behind the device.
+        # Wall time of steps, the part spent in the model's launches (call + wait), model steps
+        # run: the rest of the wall time is host work the device waits for.
         self.timing = {"step_seconds": 0.0, "device_wait_seconds": 0.0, "device_steps": 0}
 
     # -- requests ---------------------------------------------------------------------------
@@ -201,12 +202,13 @@ class Engine:
         self.timing["device_steps"] += plan.steps
         return advanced
 
-    def _wait(self, tree):
-        """Blocks until tree is computed, counting the wait as device time."""
+    def _launch(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), waited for. The call and the wait count as device time: a GPU
+        runs a while loop with a host-side check per iteration, inside the call."""
         start = time.perf_counter()
-        tree = jax.block_until_ready(tree)
+        out = jax.block_until_ready(fn(*args, **kwargs))
         self.timing["device_wait_seconds"] += time.perf_counter() - start
-        return tree
+        return out
 
     def _apply_releases(self, plan: Plan) -> None:
         if plan.release:
@@ -220,12 +222,7 @@ class Engine:
             mask = np.arange(b) < len(plan.release)
             self.cache = self._release(self.cache, jnp.asarray(rows), jnp.asarray(mask),
                                        jnp.asarray(keep))
-        if plan.evict:
-            n = bucket(len(plan.evict), 16, 1 << 30)
-            pages = np.zeros(n, np.int32)
-            pages[:len(plan.evict)] = plan.evict
-            self.cache = self._drop(self.cache, jnp.asarray(pages),
-                                    jnp.asarray(np.arange(n) < len(plan.evict)))
+        self._pages_op(self._drop, plan.evict)
 
     def _admit_rows(self, plan: Plan):
         b = bucket(len(plan.admit), 1, self.config.max_running_requests)
@@ -285,11 +282,10 @@ class Engine:
         groups.append(plan.chunks)
         feeds.append(self._feed(plan.chunks, tokens, b))
         self._log_shape("step", *(f.tokens.shape for f in feeds))
-        results, self.cache = self._forward(self.graphdef, self.params, self.cache, tuple(feeds),
-                                            attn_impl=self.attn_impl)
-        results = self._wait(results)
+        results, self.cache = self._launch(self._forward, self.graphdef, self.params, self.cache,
+                                           tuple(feeds), attn_impl=self.attn_impl)
         self._finish_admissions(plan, admitted)
-        advanced = []
+        advanced, adopted = [], []
         for group, (nxt, _, new, ok) in zip(groups, results):
             nxt, new, ok = (np.asarray(x) for x in (nxt, new, ok))
             for i, (r, n) in enumerate(group):
@@ -298,9 +294,20 @@ class Engine:
                 self.scheduler.grew(r, new[i].tolist())
                 r.computed += n
                 if r.computed == len(r.tokens):
+                    if n > 1 or len(r.output) == 0:     # a prefill just ended
+                        adopted += self.scheduler.prefilled(r)
                     r.emit(int(nxt[i]))
                     advanced.append(r)
+        self._pages_op(self._share, adopted)
         return advanced
+
+    def _pages_op(self, op, pages: list[int]) -> None:
+        """op(cache, pages, mask) over a bucketed page list (share or drop references)."""
+        if pages:
+            n = bucket(len(pages), 16, 1 << 30)
+            padded = np.zeros(n, np.int32)
+            padded[:len(pages)] = pages
+            self.cache = op(self.cache, jnp.asarray(padded), jnp.asarray(np.arange(n) < len(pages)))
 
     def _feed(self, group, tokens, b) -> Feed:
         reqs = [r for r, _ in group]
@@ -327,10 +334,10 @@ class Engine:
                                   + [0] * pad, jnp.int32),
             stop_ids=jnp.asarray(stop), sampling=self._sampling(reqs, b))
         self._log_shape("decode loop", b, plan.steps)
-        out, pages, self.cache, _, stalled = self._loop(
-            self.graphdef, self.params, self.cache, state, num_steps=plan.steps,
+        out, pages, self.cache, _, stalled = self._launch(
+            self._loop, self.graphdef, self.params, self.cache, state, num_steps=plan.steps,
             attn_impl=self.attn_impl)
-        out, pages, stalled = (np.asarray(x) for x in self._wait((out, pages, stalled)))
+        out, pages, stalled = (np.asarray(x) for x in (out, pages, stalled))
         if stalled[:len(reqs)].any():
             raise RuntimeError("the pool ran out of pages the scheduler had counted")
         for i, r in enumerate(reqs):

@@ -65,7 +65,7 @@ class Metrics:
             "prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
                                         s["hit_tokens"]),
             "engine_step_seconds": ("Wall time of engine steps", s["step_seconds"]),
-            "engine_device_wait_seconds": ("Part of it spent waiting for the device",
+            "engine_device_wait_seconds": ("Part of it in model launches (call + wait)",
                                            s["device_wait_seconds"]),
             "device_steps": ("Model steps run on the device (a launch may run several)",
                              s["device_steps"]),

@@ -36,19 +36,26 @@ class SamplingParams:
 def sample(logits, temperature, top_k, top_p, seed, position):
     """logits [B,V] float32; temperature, top_p [B] float32; top_k [B] int32 (<= 0: off);
     seed [B] uint32; position [B] int32 (index of the token being drawn, so a request draws
-    the same tokens whatever batch it runs in) -> tokens [B] int32."""
+    the same tokens whatever batch it runs in) -> tokens [B] int32.
+
+    The vocabulary is sorted only when some sampled row filters by top-k or top-p."""
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    ranked = -jnp.sort(-scaled, axis=-1)                                   # [B,V] descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)           # [B,1]
-    ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
-    probs = jax.nn.softmax(ranked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                            # mass ranked above
-    kept = jnp.sum((before < top_p[:, None]) & (ranked > -jnp.inf), axis=-1)
-    floor = jnp.take_along_axis(ranked, jnp.maximum(kept - 1, 0)[:, None], axis=-1)
-    masked = jnp.where(scaled >= jnp.maximum(kth, floor), scaled, -jnp.inf)
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
+
+    def filtered(scaled):
+        ranked = -jnp.sort(-scaled, axis=-1)                               # [B,V] descending
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)       # [B,1]
+        ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs                        # mass ranked above
+        kept = jnp.sum((before < top_p[:, None]) & (ranked > -jnp.inf), axis=-1)
+        floor = jnp.take_along_axis(ranked, jnp.maximum(kept - 1, 0)[:, None], axis=-1)
+        return jnp.where(scaled >= jnp.maximum(kth, floor), scaled, -jnp.inf)
+
+    filtering = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
+    masked = jax.lax.cond(filtering, filtered, lambda x: x, scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)

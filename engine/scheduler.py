@@ -302,6 +302,20 @@ class Scheduler:
         self.ledger.take(fresh)
         req.pages += fresh
 
+    def prefilled(self, req: Request) -> list[int]:
+        """req stored its whole prompt: its full pages join the prefix cache now, so requests
+        admitted while it decodes share them. Returns the pages the cache took a reference to
+        (the caller adds it on the device); req keeps its own until it is released."""
+        if self.radix is None:
+            return []
+        full = req.computed // self.g
+        adopted = self.radix.insert(req.tokens[:full * self.g], req.pages[:full])
+        self.ledger.share(adopted)
+        if req.node is not None:
+            self.radix.unlock(req.node)
+        req.node = self._lock_prefix(req.tokens, full) if full else None
+        return adopted
+
     def grew(self, req: Request, pages: list[int]) -> None:
         pages = [p for p in pages if p != TRASH_PAGE]
         self.ledger.take(pages)

@@ -14,6 +14,7 @@ from kvcache.page_table import (
     grow_rows,
     init_cache,
     release_rows,
+    share_pages,
     slot_addresses,
     write_kv,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "grow_rows",
     "init_cache",
     "release_rows",
+    "share_pages",
     "slot_addresses",
     "write_kv",
     "LAYOUTS",

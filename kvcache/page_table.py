@@ -137,6 +137,11 @@ def release_rows(cache: KVCache, rows, mask, keep=None) -> KVCache:
     )
 
 
+def share_pages(cache: KVCache, pages, mask) -> KVCache:
+    """One more holder for pages[i] with mask[i] (pages [E]): the prefix cache adopting."""
+    return dataclasses.replace(cache, alloc=allocator.incref(cache.alloc, pages, mask))
+
+
 def drop_pages(cache: KVCache, pages, mask) -> KVCache:
     """One holder fewer for pages[i] with mask[i] (pages [E]): the prefix cache evicting."""
     return dataclasses.replace(cache, alloc=allocator.decref(cache.alloc, pages, mask))

@@ -146,7 +146,7 @@ class RadixCache:
         cache ran out of evictable pages (then `evictable_pages()` is 0).
         """
         seq = itertools.count()  # tie-break, so the heap never compares nodes
-        heap = [(-n.last_access, next(seq), n) for n in self._leaves if n.lock_count == 0]
+        heap = [(n.last_access, next(seq), n) for n in self._leaves if n.lock_count == 0]
         heapq.heapify(heap)
         freed: list[int] = []
         while heap and len(freed) < num_pages:
