@@ -4,7 +4,8 @@ The examples pin the contract at small sizes: whole-page matching, ownership on 
 locks, LRU order, reset. A hypothesis state machine then drives random inserts (token sequences
 grown from earlier ones, so prefixes are shared and diverge mid-page), matches, locks, unlocks,
 evictions and resets; after every step the tree is walked and checked against the model (a dict
-from each cached page-aligned prefix to its page id) and against brute-force recounts.
+from each cached page-aligned prefix to its page id, and the step that last used it) and against
+brute-force recounts of pages, evictable pages and lock counts.
 """
 
 import pytest
@@ -97,6 +98,7 @@ def test_lock_prevents_eviction():
     cache.lock(node)
     cache.lock(node)
     assert cache.evictable_pages() == 1                              # only [5 6] -> 21
+    assert cache.evict(0) == []
     assert cache.evict(10) == [21]
     assert cache.evict(10) == [] and sorted(cache.pages()) == [10, 11]
     cache.unlock(node)
