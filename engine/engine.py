@@ -220,8 +220,7 @@ class Engine:
                 rows[i] = rel.row
                 keep[i, :len(rel.keep)] = rel.keep
             mask = np.arange(b) < len(plan.release)
-            self.cache = self._release(self.cache, jnp.asarray(rows), jnp.asarray(mask),
-                                       jnp.asarray(keep))
+            self.cache = self._release(self.cache, rows, mask, keep)
         self._pages_op(self._drop, plan.evict)
 
     def _admit_rows(self, plan: Plan):
@@ -234,8 +233,8 @@ class Engine:
             prefix[i, :len(hit)] = hit
             prefix_len[i] = req.computed
         max_need = bucket(int(reserve.max()), 1, m)
-        self.cache, ok, pages = self._admit(self.cache, *map(jnp.asarray, (
-            rows, layout, reserve, prefix, prefix_len)), max_need=max_need)
+        self.cache, ok, pages = self._admit(self.cache, rows, layout, reserve, prefix, prefix_len,
+                                            max_need=max_need)
         return ok, pages
 
     def _finish_admissions(self, plan: Plan, admitted) -> None:
@@ -251,10 +250,10 @@ class Engine:
         pad = width - len(reqs)
         p = [r.params for r in reqs]
         return SamplingArrays(
-            temperature=jnp.asarray([x.temperature for x in p] + [0.0] * pad, jnp.float32),
-            top_k=jnp.asarray([x.top_k for x in p] + [0] * pad, jnp.int32),
-            top_p=jnp.asarray([x.top_p for x in p] + [1.0] * pad, jnp.float32),
-            seed=jnp.asarray([r.seed for r in reqs] + [0] * pad, jnp.uint32))
+            temperature=np.asarray([x.temperature for x in p] + [0.0] * pad, np.float32),
+            top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
+            top_p=np.asarray([x.top_p for x in p] + [1.0] * pad, np.float32),
+            seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32))
 
     def _log_shape(self, kind: str, *shape) -> None:
         key = (kind, *shape)
@@ -307,14 +306,14 @@ class Engine:
             n = bucket(len(pages), 16, 1 << 30)
             padded = np.zeros(n, np.int32)
             padded[:len(pages)] = pages
-            self.cache = op(self.cache, jnp.asarray(padded), jnp.asarray(np.arange(n) < len(pages)))
+            self.cache = op(self.cache, padded, np.arange(n) < len(pages))
 
     def _feed(self, group, tokens, b) -> Feed:
         reqs = [r for r, _ in group]
         pad = b - len(group)
-        return Feed(rows=jnp.asarray([r.row for r in reqs] + [0] * pad, jnp.int32),
-                    tokens=jnp.asarray(tokens),
-                    num=jnp.asarray([n for _, n in group] + [0] * pad, jnp.int32),
+        return Feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
+                    tokens=tokens,
+                    num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
                     sampling=self._sampling(reqs, b))
 
     def _run_decode(self, plan: Plan) -> list[Request]:
@@ -327,12 +326,12 @@ class Engine:
             stop[i, :len(r.stop_ids)] = r.stop_ids
         pad = b - len(reqs)
         state = DecodeState(
-            rows=jnp.asarray([r.row for r in reqs] + [0] * pad, jnp.int32),
-            tokens=jnp.asarray([r.tokens[-1] for r in reqs] + [0] * pad, jnp.int32),
-            active=jnp.asarray([True] * len(reqs) + [False] * pad),
-            remaining=jnp.asarray([r.params.max_tokens - len(r.output) for r in reqs]
-                                  + [0] * pad, jnp.int32),
-            stop_ids=jnp.asarray(stop), sampling=self._sampling(reqs, b))
+            rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
+            tokens=np.asarray([r.tokens[-1] for r in reqs] + [0] * pad, np.int32),
+            active=np.asarray([True] * len(reqs) + [False] * pad),
+            remaining=np.asarray([r.params.max_tokens - len(r.output) for r in reqs]
+                                 + [0] * pad, np.int32),
+            stop_ids=stop, sampling=self._sampling(reqs, b))
         self._log_shape("decode loop", b, plan.steps)
         out, pages, self.cache, _, stalled = self._launch(
             self._loop, self.graphdef, self.params, self.cache, state, num_steps=plan.steps,
