@@ -133,7 +133,7 @@ class AsyncEngine:
             loop, q, seen = stream            # seen: [time of the last update, tokens sent]
             new = tuple(req.output[seen[1]:])
             if new:
-                self.metrics.tokens(req, now - seen[0], len(new), first=seen[1] == 0)
+                self.metrics.tokens(now - seen[0], len(new), first=seen[1] == 0)
             seen[0], seen[1] = now, len(req.output)
             if req.finish_reason is not None:
                 del self._streams[req.rid]

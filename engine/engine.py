@@ -185,10 +185,9 @@ class Engine:
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         self._apply_releases(plan)
-        admitted = [self._admit_rows(plan)] if plan.admit else []
-        if not plan.runs:
-            self._finish_admissions(plan, admitted)
+        if not plan.runs:          # every admission comes with a chunk: nothing was admitted
             return []
+        admitted = self._admit_rows(plan) if plan.admit else None
         if plan.chunks:
             advanced = self._run_mixed(plan, admitted)
         else:
@@ -238,9 +237,10 @@ class Engine:
         return ok, pages
 
     def _finish_admissions(self, plan: Plan, admitted) -> None:
-        if not admitted:
+        """Hands the admit call's results (ok, page rows) to the scheduler, if it ran."""
+        if admitted is None:
             return
-        ok, pages = (np.asarray(x) for x in admitted[0])
+        ok, pages = (np.asarray(x) for x in admitted)
         if not ok[:len(plan.admit)].all():
             raise RuntimeError("the pool refused pages that the scheduler had counted as free")
         for (req, _, n), row in zip(plan.admit, pages.tolist()):

@@ -31,7 +31,7 @@ class Metrics:
     def step(self, seconds: float) -> None:
         self.step_time.observe(seconds)
 
-    def tokens(self, req, gap: float, count: int, first: bool) -> None:
+    def tokens(self, gap: float, count: int, first: bool) -> None:
         if first:
             self.ttft.observe(gap)
             count -= 1

@@ -263,10 +263,14 @@ class Scheduler:
         tokens = req.tokens
         hit, node = [], None
         if self.radix is not None:
-            hit, _ = self.radix.match(tokens)
-            hit = hit[:(len(tokens) - 1) // self.g]        # keep one token to feed
+            hit, node = self.radix.match(tokens)
+            keep = (len(tokens) - 1) // self.g             # keep one token to feed
+            if len(hit) > keep:
+                hit, node = self.radix.match(tokens[:keep * self.g])
             if hit:
-                node = self._lock_prefix(tokens, len(hit))
+                self.radix.lock(node)
+            else:
+                node = None
         layout = req.layout or self.policy.choose(req.max_len)
         if layout == "static":
             reserve = need = self.worst_pages(req) - len(hit)
@@ -289,12 +293,6 @@ class Scheduler:
         plan.chunks.append((req, n))
         return n
 
-    def _lock_prefix(self, tokens: list[int], pages: int):
-        """Locks the node covering exactly the first `pages` matched pages."""
-        _, node = self.radix.match(tokens[:pages * self.g])
-        self.radix.lock(node)
-        return node
-
     # -- results ----------------------------------------------------------------------------
     def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:
         """The admit call's page-table row: the hit pages, then `reserve` fresh ones."""
@@ -313,7 +311,10 @@ class Scheduler:
         self.ledger.share(adopted)
         if req.node is not None:
             self.radix.unlock(req.node)
-        req.node = self._lock_prefix(req.tokens, full) if full else None
+        req.node = None
+        if full:
+            _, req.node = self.radix.match(req.tokens[:full * self.g])
+            self.radix.lock(req.node)
         return adopted
 
     def grew(self, req: Request, pages: list[int]) -> None:

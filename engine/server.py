@@ -175,6 +175,15 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     def include_usage(body) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
 
+    async def respond(body, reqs, http: Request, chunk_of, whole):
+        """SSE chunks when body.stream, else whole(texts, reasons) once every request ended
+        (499 if the client left first)."""
+        if body.stream:
+            return StreamingResponse(sse_stream(reqs, body.stop, chunk_of, include_usage(body)),
+                                     media_type="text/event-stream")
+        result = await collect(reqs, http, body.stop)
+        return Response(status_code=499) if result is None else whole(*result)
+
     def engine_down():
         return None if engine.alive else error(503, "the engine has stopped", None,
                                                "server_error")
@@ -198,18 +207,15 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return {"id": rid, "object": "text_completion", "created": created,
                     "model": model_name, "choices": choices}
 
-        if body.stream:
-            return StreamingResponse(sse_stream(reqs, body.stop, chunk, include_usage(body)),
-                                     media_type="text/event-stream")
-        result = await collect(reqs, http, body.stop)
-        if result is None:
-            return Response(status_code=499)
-        texts, reasons = result
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": t, "token_ids": r.output, "logprobs": None,
-                             "finish_reason": reason}
-                            for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons))],
-                "usage": usage(reqs)}
+        def whole(texts, reasons):
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": model_name,
+                    "choices": [{"index": i, "text": t, "token_ids": r.output, "logprobs": None,
+                                 "finish_reason": reason}
+                                for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons))],
+                    "usage": usage(reqs)}
+
+        return await respond(body, reqs, http, chunk, whole)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
@@ -247,18 +253,15 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                     "choices": [{"index": i, "delta": delta, "token_ids": tokens,
                                  "logprobs": None, "finish_reason": reason}]}
 
-        if body.stream:
-            return StreamingResponse(sse_stream(reqs, body.stop, chunk, include_usage(body)),
-                                     media_type="text/event-stream")
-        result = await collect(reqs, http, body.stop)
-        if result is None:
-            return Response(status_code=499)
-        texts, reasons = result
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                             "logprobs": None, "finish_reason": reason}
-                            for i, (t, reason) in enumerate(zip(texts, reasons))],
-                "usage": usage(reqs)}
+        def whole(texts, reasons):
+            return {"id": rid, "object": "chat.completion", "created": created,
+                    "model": model_name,
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                                 "logprobs": None, "finish_reason": reason}
+                                for i, (t, reason) in enumerate(zip(texts, reasons))],
+                    "usage": usage(reqs)}
+
+        return await respond(body, reqs, http, chunk, whole)
 
     @app.get("/v1/models")
     async def models():
