@@ -356,4 +356,4 @@ class Engine:
         return True
 
     def stats(self) -> dict:
-        return self.scheduler.stats() | self.timing
+        return self.scheduler.stats() | self.timing | {"compiled_shapes": len(self._shapes)}

@@ -56,6 +56,8 @@ class Metrics:
                                       s["hit_tokens"] / max(s["prompt_tokens"], 1)),
             "running_requests": ("Requests holding a cache row", s["running"]),
             "queued_requests": ("Requests waiting for admission", s["waiting"]),
+            "compiled_step_shapes": ("Step shapes compiled so far (lazily, once per bucket)",
+                                     s["compiled_shapes"]),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"hybridkv_{name}", doc, value=value)
