@@ -6,6 +6,7 @@ server, a plain loop for `LLM.generate`).
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import secrets
@@ -105,10 +106,11 @@ class Engine:
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
             decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache)
         self._admit = jax.jit(admit, donate_argnames="cache", static_argnames="max_need")
-        self._forward = jax.jit(forward, static_argnums=0, donate_argnames="cache",
-                                static_argnames="attn_impl")
-        self._loop = jax.jit(decode_loop, static_argnums=0, donate_argnames="cache",
-                             static_argnames=("num_steps", "attn_impl"))
+        # The graphdef is bound, not passed: a static argument is hashed on every call.
+        self._forward = jax.jit(functools.partial(forward, self.graphdef),
+                                donate_argnames="cache", static_argnames="attn_impl")
+        self._loop = jax.jit(functools.partial(decode_loop, self.graphdef),
+                             donate_argnames="cache", static_argnames=("num_steps", "attn_impl"))
         self._release = jax.jit(kvcache.release_rows, donate_argnums=0)
         self._drop = jax.jit(kvcache.drop_pages, donate_argnums=0)
         self._share = jax.jit(kvcache.share_pages, donate_argnums=0)
@@ -281,7 +283,7 @@ class Engine:
         groups.append(plan.chunks)
         feeds.append(self._feed(plan.chunks, tokens, b))
         self._log_shape("step", *(f.tokens.shape for f in feeds))
-        results, self.cache = self._launch(self._forward, self.graphdef, self.params, self.cache,
+        results, self.cache = self._launch(self._forward, self.params, self.cache,
                                            tuple(feeds), attn_impl=self.attn_impl)
         self._finish_admissions(plan, admitted)
         advanced, adopted = [], []
@@ -334,7 +336,7 @@ class Engine:
             stop_ids=stop, sampling=self._sampling(reqs, b))
         self._log_shape("decode loop", b, plan.steps)
         out, pages, self.cache, _, stalled = self._launch(
-            self._loop, self.graphdef, self.params, self.cache, state, num_steps=plan.steps,
+            self._loop, self.params, self.cache, state, num_steps=plan.steps,
             attn_impl=self.attn_impl)
         out, pages, stalled = (np.asarray(x) for x in (out, pages, stalled))
         if stalled[:len(reqs)].any():

@@ -227,7 +227,10 @@ class Scheduler:
     def _plan_run(self, plan: Plan) -> None:
         prefilling = [r for r in self.running if len(r.tokens) - r.computed > 1]
         decoding = [r for r in self.running if len(r.tokens) - r.computed == 1]
-        plan.steps = 1 if prefilling else self.decode_steps
+        # The loop runs all its steps (no early exit), so it takes no more than the longest
+        # budget left needs, rounded up to a power of two to bound the compiled shapes.
+        most = max((r.params.max_tokens - len(r.output) for r in decoding), default=1)
+        plan.steps = 1 if prefilling else min(self.decode_steps, 1 << (most - 1).bit_length())
         # Decode rows first: the oldest requests keep running, the newest paged one yields.
         while not self._make_room(sum(self._need(r, plan.steps) for r in decoding), plan):
             if plan.steps > 1:

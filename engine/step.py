@@ -114,8 +114,12 @@ def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
 
 def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
                 num_steps: int, attn_impl: str = "auto"):
-    """Up to num_steps decode steps on the device (lax.while_loop), each row stopping at a
-    stop token or when its `remaining` budget is spent; ends early once no row is active.
+    """num_steps decode steps on the device, each row stopping at a stop token or when its
+    `remaining` budget is spent (later steps leave it alone).
+
+    The trip count is fixed (a fori_loop, no early exit): a GPU then runs the loop without a
+    device-to-host copy of its condition per step, and the call returns as soon as the steps
+    are queued, so the host can queue the next launch behind it.
 
     Returns (out [B,num_steps] int32 with -1 where a row produced nothing, pages [B,num_steps]
     int32 the page each step took or the trash page, cache', state', stalled [B] bool: rows that
@@ -123,12 +127,8 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     """
     b = state.rows.shape[0]
 
-    def cond(carry):
-        i, _, st, _, _, stalled = carry
-        return (i < num_steps) & jnp.any(st.active & ~stalled)
-
-    def body(carry):
-        i, cache, st, out, pages, stalled = carry
+    def body(i, carry):
+        cache, st, out, pages, stalled = carry
         live = st.active & ~stalled
         nxt, _, cache, ok, new = decode_step(graphdef, params, cache, st.rows, st.tokens, live,
                                              st.sampling, attn_impl=attn_impl)
@@ -139,10 +139,10 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
         stop = jnp.any(nxt[:, None] == st.stop_ids, axis=-1) | (remaining <= 0)
         st = dataclasses.replace(st, tokens=jnp.where(emitted, nxt, st.tokens),
                                  active=st.active & ~(emitted & stop), remaining=remaining)
-        return i + 1, cache, st, out, pages, stalled | (live & ~ok)
+        return cache, st, out, pages, stalled | (live & ~ok)
 
     out = jnp.full((b, num_steps), -1, jnp.int32)
     pages = jnp.zeros((b, num_steps), jnp.int32)
-    init = (jnp.int32(0), cache, state, out, pages, jnp.zeros(b, bool))
-    _, cache, state, out, pages, stalled = jax.lax.while_loop(cond, body, init)
+    init = (cache, state, out, pages, jnp.zeros(b, bool))
+    cache, state, out, pages, stalled = jax.lax.fori_loop(0, num_steps, body, init)
     return out, pages, cache, state, stalled

@@ -14,8 +14,8 @@ def usage(cache: KVCache) -> dict:
     tokens, waste_tokens (reserved but empty slots) and waste_bytes; plus pool totals.
     """
     g = cache.page_size
-    _, num_pages, _, k_heads, head_dim = cache.k.shape
-    bytes_per_token = 2 * cache.k.shape[0] * k_heads * head_dim * cache.k.dtype.itemsize
+    num_pages, _, k_heads, head_dim = cache.k[0].shape
+    bytes_per_token = 2 * len(cache.k) * k_heads * head_dim * cache.k[0].dtype.itemsize
     table = np.asarray(cache.page_table)
     lengths = np.asarray(cache.lengths)
     layout = np.asarray(cache.layout)

@@ -23,8 +23,8 @@ LAYOUT_CODES = {"static": LAYOUT_STATIC, "paged": LAYOUT_PAGED}
                    meta_fields=[])
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array           # [L,P,G,K,H]
-    v: jax.Array           # [L,P,G,K,H]
+    k: tuple[jax.Array, ...]   # L x [P,G,K,H]
+    v: tuple[jax.Array, ...]   # L x [P,G,K,H]
     page_table: jax.Array  # [R,M] int32, 0 (trash) past a row's last page
     lengths: jax.Array     # [R] int32, tokens stored per row
     layout: jax.Array      # [R] int32, LAYOUT_NONE for a free row
@@ -32,14 +32,18 @@ class KVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
 
 
 def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int) -> KVCache:
-    kv = spec.kv_struct
+    kv = spec.layer_struct
     return KVCache(
-        k=jnp.zeros(kv.shape, kv.dtype),
-        v=jnp.zeros(kv.shape, kv.dtype),
+        k=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
+        v=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
         page_table=jnp.zeros((max_rows, max_pages_per_row), jnp.int32),
         lengths=jnp.zeros(max_rows, jnp.int32),
         layout=jnp.zeros(max_rows, jnp.int32),
@@ -156,6 +160,6 @@ def slot_addresses(row_pages, positions, page_size: int):
     return page, jnp.maximum(positions, 0) % page_size
 
 
-def write_kv(pages, layer: int, page, slot, new):
-    """pages [L,P,G,K,H]; page, slot [B,T]; new [B,T,K,H] -> pages with new stored."""
-    return pages.at[layer, page, slot].set(new.astype(pages.dtype))
+def write_kv(pages, page, slot, new):
+    """pages [P,G,K,H] (one layer); page, slot [...]; new [...,K,H] -> pages with new stored."""
+    return pages.at[page, slot].set(new.astype(pages.dtype))

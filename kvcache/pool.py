@@ -30,10 +30,11 @@ class PoolSpec:
                              f"got {self.num_pages}")
 
     @property
-    def kv_struct(self) -> jax.ShapeDtypeStruct:
-        """K (and, alike, V) of every layer: [L,P,G,K,H]."""
-        shape = (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads,
-                 self.head_dim)
+    def layer_struct(self) -> jax.ShapeDtypeStruct:
+        """K (and, alike, V) of one layer: [P,G,K,H]. The cache holds one array per layer, so
+        a kernel reads a layer's pages in place (a slice of an [L,P,G,K,H] array would be
+        copied into a buffer of its own before every custom call)."""
+        shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
         return jax.ShapeDtypeStruct(shape, jnp.dtype(self.dtype))
 
     @property

@@ -59,7 +59,7 @@ def rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = _linear(d, n * h, cfg.qkv_bias, dtype, rngs)
         self.k_proj = _linear(d, k * h, cfg.qkv_bias, dtype, rngs)
@@ -68,7 +68,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-        self.layer, self.cfg = layer, cfg
+        self.cfg = cfg
 
     def __call__(self, x, cos, sin, kv, ctx):
         """x [S,D]: the tokens of every group, flattened. Attention runs group by group."""
@@ -80,15 +80,15 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        k_pages = write_kv(kv[0], self.layer, ctx["page"], ctx["slot"], k)
-        v_pages = write_kv(kv[1], self.layer, ctx["page"], ctx["slot"], v)
+        k_pages = write_kv(kv[0], ctx["page"], ctx["slot"], k)
+        v_pages = write_kv(kv[1], ctx["page"], ctx["slot"], v)
         outs, start = [], 0
         for g in ctx["groups"]:
             b, t = g.tokens.shape
             qg = q[start:start + b * t].reshape(b, t, cfg.num_heads, cfg.head_dim)
             start += b * t
             out = kernels.paged_attention(
-                qg, k_pages[self.layer], v_pages[self.layer], g.page_table, g.positions,
+                qg, k_pages, v_pages, g.page_table, g.positions,
                 g.kv_lens, impl=ctx["attn_impl"], sliding_window=cfg.sliding_window)
             outs.append(out.reshape(b * t, -1))
         return self.o_proj(jnp.concatenate(outs)), (k_pages, v_pages)
@@ -106,9 +106,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, layer, dtype, rngs)
+        self.self_attn = Attention(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
@@ -122,8 +122,8 @@ class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs)
-                                for i in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs)
+                                for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
@@ -133,10 +133,10 @@ class Llama(nnx.Module):
         """Runs every Group of rows in one pass (the dense layers see all their tokens at once;
         attention runs per group, so decode rows and prefill chunks keep their own shapes).
 
-        Writes every non-padding token's K/V into k_pages / v_pages [L,P,G,K,H] and returns
-        (hidden per group [B,T,D] after the final norm, k_pages', v_pages').
+        Writes every non-padding token's K/V into k_pages / v_pages (one [P,G,K,H] array per
+        layer) and returns (hidden per group [B,T,D] after the final norm, k_pages', v_pages').
         """
-        page, slot = zip(*(slot_addresses(g.page_table, g.positions, k_pages.shape[2])
+        page, slot = zip(*(slot_addresses(g.page_table, g.positions, k_pages[0].shape[1])
                            for g in groups))
         ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
                "slot": jnp.concatenate([s.ravel() for s in slot]),
@@ -146,16 +146,18 @@ class Llama(nnx.Module):
         angles = jnp.maximum(positions, 0).astype(jnp.float32)[:, None] * inv_freq
         cos, sin = jnp.cos(angles), jnp.sin(angles)                           # [S,H/2]
         x = self.embed_tokens(jnp.concatenate([g.tokens.ravel() for g in groups]))  # [S,D]
-        kv = (k_pages, v_pages)
-        for layer in self.layers:
-            x, kv = layer(x, cos, sin, kv, ctx)
+        k_out, v_out = [], []
+        for layer, k, v in zip(self.layers, k_pages, v_pages):
+            x, (k, v) = layer(x, cos, sin, (k, v), ctx)
+            k_out.append(k)
+            v_out.append(v)
         x = self.norm(x)
         hidden, start = [], 0
         for g in groups:
             b, t = g.tokens.shape
             hidden.append(x[start:start + b * t].reshape(b, t, -1))
             start += b * t
-        return hidden, kv[0], kv[1]
+        return hidden, tuple(k_out), tuple(v_out)
 
     def logits(self, hidden):
         """hidden [...,D] -> float32 logits [...,V]."""

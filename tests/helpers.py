@@ -10,7 +10,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 def assert_cache_empty(cache, cached=()) -> None:
     """No row is taken and every page is free, but the trash page and `cached` (held once, by
     the prefix cache)."""
-    pages = cache.k.shape[1]
+    pages = cache.num_pages
     refcount = np.asarray(cache.alloc.refcount)
     want = np.zeros(pages, np.int32)
     want[0] = 1

@@ -29,7 +29,7 @@ _ensure = jax.jit(lambda cache, rows, active: kvcache.ensure_slots(
     cache, rows, active.astype(jnp.int32), 1))
 _release = jax.jit(kvcache.release_rows)
 _slots = jax.jit(kvcache.slot_addresses, static_argnums=2)
-_write = jax.jit(kvcache.write_kv, static_argnums=1)
+_write = jax.jit(kvcache.write_kv)
 _take = jax.jit(allocator.alloc, static_argnums=2)
 _give = jax.jit(allocator.decref)
 
@@ -384,7 +384,7 @@ T = 5
 def test_write_kv_stores_each_token_at_its_page_and_slot(data):
     """Positions scattered over randomly placed pages: every live token lands where the page
     table says, a dense read-back of the row returns it, padding touches only the trash page,
-    and nothing else (other layers, other slots) changes."""
+    and nothing else (other pages, other slots) changes."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     ids = rng.permutation(np.arange(1, P))
     table = np.zeros((B, M), np.int32)
@@ -402,7 +402,6 @@ def test_write_kv_stores_each_token_at_its_page_and_slot(data):
                         label=f"row {b} positions")
         slots = data.draw(st.permutations(range(T)), label=f"row {b} order")[:len(pos)]
         positions[b, slots] = pos
-    layer = data.draw(st.integers(0, SPEC.num_layers - 1), label="layer")
 
     page, slot = (np.asarray(x) for x in _slots(i32(table), i32(positions), G))
     live = positions >= 0
@@ -411,13 +410,13 @@ def test_write_kv_stores_each_token_at_its_page_and_slot(data):
     np.testing.assert_array_equal(slot[live], positions[live] % G)
     assert (page[~live] == TRASH_PAGE).all()
 
-    pages = rng.standard_normal(SPEC.kv_struct.shape).astype(np.float32)
+    pages = rng.standard_normal(SPEC.layer_struct.shape).astype(np.float32)
     new = rng.standard_normal((B, T, SPEC.num_kv_heads, SPEC.head_dim)).astype(np.float32)
-    out = np.asarray(_write(jnp.asarray(pages), layer, i32(page), i32(slot), jnp.asarray(new)))
-    dense = out[layer][table].reshape(B, M * G, SPEC.num_kv_heads, SPEC.head_dim)
+    out = np.asarray(_write(jnp.asarray(pages), i32(page), i32(slot), jnp.asarray(new)))
+    dense = out[table].reshape(B, M * G, SPEC.num_kv_heads, SPEC.head_dim)
     for b, t in zip(*np.nonzero(live)):
         np.testing.assert_array_equal(dense[b, positions[b, t]], new[b, t])
-    touched = np.zeros(out.shape[:3], bool)
-    touched[layer, page[live], slot[live]] = True
-    touched[layer, TRASH_PAGE] = True   # padding tokens write there
+    touched = np.zeros(out.shape[:2], bool)
+    touched[page[live], slot[live]] = True
+    touched[TRASH_PAGE] = True   # padding tokens write there
     np.testing.assert_array_equal(out[~touched], pages[~touched])

@@ -94,14 +94,15 @@ def test_pool_needs_a_page_beside_the_trash_page():
 
 def test_pool_description():
     s = spec()
-    kv = s.kv_struct
-    assert kv.shape == (3, 10, 16, 2, 8) and kv.dtype == jnp.bfloat16
+    kv = s.layer_struct
+    assert kv.shape == (10, 16, 2, 8) and kv.dtype == jnp.bfloat16
     assert s.bytes_per_token == 2 * 3 * 2 * 8 * 2          # K and V, L, K heads, H, bf16
     assert s.bytes_per_page == s.bytes_per_token * 16
-    assert s.total_bytes == 2 * math.prod(kv.shape) * 2    # K and V arrays, 2 bytes each
+    assert s.total_bytes == 3 * 2 * math.prod(kv.shape) * 2    # L x (K, V), 2 bytes each
     assert s.capacity_tokens == 9 * 16
     cache = kvcache.init_cache(dataclasses.replace(s, dtype="float32"), 2, 3)
-    assert cache.k.shape == kv.shape and cache.k.dtype == jnp.float32
+    assert len(cache.k) == len(cache.v) == 3
+    assert all(x.shape == kv.shape and x.dtype == jnp.float32 for x in cache.k + cache.v)
     assert kvcache.nbytes((cache.k, cache.v)) == dataclasses.replace(s, dtype="float32").total_bytes
 
 
