@@ -35,12 +35,12 @@ PROMPT_MEDIAN, PROMPT_SIGMA = 200, 1.0
 OUTPUT_MEDIAN, OUTPUT_SIGMA = 150, 0.8
 HIT_COUNTER = "hybridkv_prefix_cache_hit_tokens_total"
 PROMPT_COUNTER = "hybridkv_prompt_tokens_total"
-# Engine timing counters (optional): wall time of engine steps, the part spent waiting for
-# the device, and model steps run; the rest of the wall time is host work the device waits on.
+# Engine timing counters (optional): wall time the engine was busy, the device's time in model
+# launches, and model steps run; busy minus device time is host work the device waited on.
 STEP_COUNTER = "hybridkv_engine_step_seconds_total"
-WAIT_COUNTER = "hybridkv_engine_device_wait_seconds_total"
+BUSY_COUNTER = "hybridkv_engine_device_busy_seconds_total"
 DEVICE_STEPS_COUNTER = "hybridkv_device_steps_total"
-COUNTERS = (HIT_COUNTER, PROMPT_COUNTER, STEP_COUNTER, WAIT_COUNTER, DEVICE_STEPS_COUNTER)
+COUNTERS = (HIT_COUNTER, PROMPT_COUNTER, STEP_COUNTER, BUSY_COUNTER, DEVICE_STEPS_COUNTER)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -237,10 +237,10 @@ def compute_metrics(results: list[Result], requests: list[Request], duration: fl
         def delta(name):
             return after[name] - before[name] if name in after and name in before else None
         server_hit_rate = ratio(delta(HIT_COUNTER), delta(PROMPT_COUNTER))
-        wall, wait, steps = delta(STEP_COUNTER), delta(WAIT_COUNTER), delta(DEVICE_STEPS_COUNTER)
+        wall, busy, steps = delta(STEP_COUNTER), delta(BUSY_COUNTER), delta(DEVICE_STEPS_COUNTER)
         if wall and steps:
-            host_fraction = (wall - wait) / wall
-            host_ms, step_ms = (wall - wait) / steps * 1e3, wall / steps * 1e3
+            host_fraction = (wall - busy) / wall
+            host_ms, step_ms = (wall - busy) / steps * 1e3, wall / steps * 1e3
     return {
         "completed": len(done), "failed": len(results) - len(done),
         "errors": list(dict.fromkeys(r.error for r in results if not r.ok))[:5],  # distinct

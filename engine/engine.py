@@ -3,8 +3,17 @@
 `Engine.step()` plans one launch on the host, runs it on the device and returns the requests
 that advanced. It is not thread-safe: one thread drives it (engine.async_engine for the
 server, a plain loop for `LLM.generate`).
+
+Host work overlaps the device in steady decoding. A model launch runs on a device thread (on a
+GPU the call itself lasts as long as the loop). A decode launch is left in flight when `step`
+returns; the next `step`, if the batch can simply go on (nothing waiting, nothing to release,
+pages for two more launches), queues the next launch on the device state the first one leaves
+and only then reads the first one's tokens and does the host's bookkeeping. Anything else
+(admissions, prefill chunks, releases, preemption, aborts) waits for the launch in flight.
+Finished requests keep their rows, inactive, until the chain of launches ends.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -28,6 +37,14 @@ from models import load_model
 log = logging.getLogger("hybridkv")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class _Flight:
+    """A decode launch queued on the device thread whose tokens the host has not read yet."""
+    future: concurrent.futures.Future   # -> decode_loop's (out, pages, cache, state, stalled)
+    reqs: list[Request]                 # its rows, in order
+    steps: int
 
 
 class InvalidRequest(ValueError):
@@ -116,9 +133,17 @@ class Engine:
         self._share = jax.jit(kvcache.share_pages, donate_argnums=0)
         self._shapes: set[tuple] = set()
         self.requests: dict[str, Request] = {}
-        # Wall time of steps, the part spent in the model's launches (call + wait), model steps
-        # run: the rest of the wall time is host work the device waits for.
-        self.timing = {"step_seconds": 0.0, "device_wait_seconds": 0.0, "device_steps": 0}
+        self._device = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-device")
+        self._flight: _Flight | None = None
+        self._held: list[Request] = []      # finished while a chain runs; rows not released yet
+        self._ready: list[Request] = []     # advanced while draining, for the next step
+        self._last_end: float | None = None
+        # Wall time the engine was busy (steps, and gaps between steps while a launch ran), the
+        # device's time in model launches (call + wait, on the device thread), model steps run,
+        # and launches queued behind another. Busy minus device time is host work the device
+        # waited for.
+        self.timing = {"step_seconds": 0.0, "device_busy_seconds": 0.0, "device_steps": 0,
+                       "chained_launches": 0}
 
     # -- requests ---------------------------------------------------------------------------
     def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
@@ -174,42 +199,79 @@ class Engine:
         """Ends a request; a running one gives its row and pages back at once."""
         req = self.requests.pop(rid, None)
         if req is not None:
+            self.sync()
             self.scheduler.abort(req)
             self._apply_releases(self.scheduler.release_pending())
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return bool(self.scheduler.has_work() or self._flight or self._ready)
+
+    def sync(self) -> None:
+        """Waits for the launch in flight and does its bookkeeping (the requests it advanced
+        come out of the next `step`): afterwards `cache` and the scheduler agree."""
+        if self._flight is not None:
+            self._ready += self._land(chain=False)
+
+    def close(self) -> None:
+        self.sync()
+        self._device.shutdown()
 
     # -- one launch -------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Plans and runs one launch; returns the requests that advanced (new tokens or
-        finished). Finished requests leave `requests` and give their rows back at once."""
+        finished). Finished requests leave `requests`; their rows go back once no launch that
+        holds them is in flight. A decode launch may still run when step returns."""
         start = time.perf_counter()
+        if self._flight is not None and self._last_end is not None:
+            self.timing["step_seconds"] += start - self._last_end   # the device kept working
+        advanced, self._ready = self._ready, []
+        if self._flight is not None:
+            advanced += self._land(chain=True)
+        else:
+            advanced += self._plan_and_run()
+        end = time.perf_counter()
+        self.timing["step_seconds"] += end - start
+        self._last_end = end
+        return advanced
+
+    def _plan_and_run(self) -> list[Request]:
         plan = self.scheduler.schedule()
         self._apply_releases(plan)
         if not plan.runs:          # every admission comes with a chunk: nothing was admitted
             return []
         admitted = self._admit_rows(plan) if plan.admit else None
-        if plan.chunks:
-            advanced = self._run_mixed(plan, admitted)
-        else:
-            advanced = self._run_decode(plan)
-        for req in advanced:
-            if req.finish_reason is not None:
-                self.scheduler.finished(req)
-                self.requests.pop(req.rid, None)
-        self._apply_releases(self.scheduler.release_pending())
-        self.timing["step_seconds"] += time.perf_counter() - start
+        if not plan.chunks:
+            self._start_decode(plan)
+            return []
+        advanced = self._run_mixed(plan, admitted)
         self.timing["device_steps"] += plan.steps
+        self._finish([r for r in advanced if r.finish_reason is not None])
         return advanced
 
+    def _finish(self, done: list[Request]) -> None:
+        """Finished requests leave; their rows go back now, or when the chain ends."""
+        for req in done:
+            self.requests.pop(req.rid, None)
+        if self._flight is not None:
+            self._held += done
+            return
+        for req in self._held + done:
+            self.scheduler.finished(req)
+        self._held = []
+        self._apply_releases(self.scheduler.release_pending())
+
+    def _on_device(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        """fn(*args, **kwargs) on the device thread, waited for there; the call and the wait
+        count as device time (a GPU runs the decode loop inside the call)."""
+        def run():
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args, **kwargs))
+            self.timing["device_busy_seconds"] += time.perf_counter() - start
+            return out
+        return self._device.submit(run)
+
     def _launch(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs), waited for. The call and the wait count as device time: a GPU
-        runs a while loop with a host-side check per iteration, inside the call."""
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        self.timing["device_wait_seconds"] += time.perf_counter() - start
-        return out
+        return self._on_device(fn, *args, **kwargs).result()
 
     def _apply_releases(self, plan: Plan) -> None:
         if plan.release:
@@ -318,8 +380,9 @@ class Engine:
                     num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
                     sampling=self._sampling(reqs, b))
 
-    def _run_decode(self, plan: Plan) -> list[Request]:
-        """plan.steps decode steps in one on-device loop."""
+    def _start_decode(self, plan: Plan) -> None:
+        """Queues plan.steps decode steps in one on-device loop; their tokens are read by the
+        next step."""
         reqs = plan.decode
         b = bucket(len(reqs), 1, self.config.max_running_requests)
         e = bucket(max(len(r.stop_ids) for r in reqs), 4, 1 << 16)
@@ -335,24 +398,50 @@ class Engine:
                                  + [0] * pad, np.int32),
             stop_ids=stop, sampling=self._sampling(reqs, b))
         self._log_shape("decode loop", b, plan.steps)
-        out, pages, self.cache, _, stalled = self._launch(
-            self._loop, self.params, self.cache, state, num_steps=plan.steps,
-            attn_impl=self.attn_impl)
+        future = self._on_device(self._loop, self.params, self.cache, state,
+                                 num_steps=plan.steps, attn_impl=self.attn_impl)
+        self.cache = None          # donated: the launch's result holds the cache now
+        self._flight = _Flight(future, list(reqs), plan.steps)
+
+    def _land(self, chain: bool) -> list[Request]:
+        """Reads the launch in flight; first, when chain is set and the batch can go on, queues
+        the next launch behind it on the state it leaves. Returns the requests it advanced."""
+        flight = self._flight
+        steps = self.scheduler.next_decode_steps(flight.reqs, flight.steps) if chain else 0
+        if steps:
+            self._log_shape("decode loop", len(flight.reqs), steps)
+
+            def follow():
+                _, _, cache, state, _ = flight.future.result()
+                return self._loop(self.params, cache, state, num_steps=steps,
+                                  attn_impl=self.attn_impl)
+            self._flight = _Flight(self._on_device(follow), flight.reqs, steps)
+            self.timing["chained_launches"] += 1
+        else:
+            self._flight = None
+        out, pages, cache, _, stalled = flight.future.result()
+        if self._flight is None:
+            self.cache = cache
+        self.timing["device_steps"] += flight.steps
         out, pages, stalled = (np.asarray(x) for x in (out, pages, stalled))
-        if stalled[:len(reqs)].any():
+        if stalled[:len(flight.reqs)].any():
             raise RuntimeError("the pool ran out of pages the scheduler had counted")
-        for i, r in enumerate(reqs):
+        advanced = []
+        for i, r in enumerate(flight.reqs):
             self.scheduler.grew(r, pages[i].tolist())
-            for token in out[i]:
-                if token >= 0:
-                    r.computed += 1
-                    r.emit(int(token))
-        return reqs
+            emitted = [int(t) for t in out[i] if t >= 0]
+            for token in emitted:
+                r.computed += 1
+                r.emit(token)
+            if emitted:
+                advanced.append(r)
+        self._finish([r for r in advanced if r.finish_reason is not None])
+        return advanced
 
     # -- maintenance ------------------------------------------------------------------------
     def flush_cache(self) -> bool:
         """Empties the prefix cache; refuses (False) while requests are queued or running."""
-        if self.scheduler.has_work():
+        if self.has_work():
             return False
         self._apply_releases(self.scheduler.flush())
         return True

@@ -98,4 +98,5 @@ class LLM:
 
     def usage(self) -> dict:
         """The KV pool's accounting (see kvcache.usage)."""
+        self.engine.sync()
         return kvcache.usage(self.engine.cache)

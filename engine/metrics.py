@@ -66,11 +66,15 @@ class Metrics:
             "prompt_tokens": ("Prompt tokens admitted (first admissions)", s["prompt_tokens"]),
             "prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
                                         s["hit_tokens"]),
-            "engine_step_seconds": ("Wall time of engine steps", s["step_seconds"]),
-            "engine_device_wait_seconds": ("Part of it in model launches (call + wait)",
-                                           s["device_wait_seconds"]),
+            "engine_step_seconds": ("Wall time the engine was busy (steps, and gaps between "
+                                    "steps while a launch ran)", s["step_seconds"]),
+            "engine_device_busy_seconds": ("Device time in model launches (call + wait); the "
+                                           "rest of the busy time is host work the device "
+                                           "waited for", s["device_busy_seconds"]),
             "device_steps": ("Model steps run on the device (a launch may run several)",
                              s["device_steps"]),
+            "chained_launches": ("Decode launches queued behind the one in flight, before the "
+                                 "host read its tokens", s["chained_launches"]),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"hybridkv_{name}", doc, value=value)

@@ -296,6 +296,21 @@ class Scheduler:
         plan.chunks.append((req, n))
         return n
 
+    def next_decode_steps(self, reqs: list[Request], in_flight: int) -> int:
+        """Steps for a decode launch queued right behind one of `in_flight` steps over the same
+        rows, before the host has read that one's tokens; 0 when the batch must not simply go
+        on: a request waits for admission, a row waits for release, no row has tokens left
+        after the launch in flight, or the free pages might not cover both launches."""
+        if self.waiting or self.to_release:
+            return 0
+        live = [r for r in reqs if r.finish_reason is None]
+        most = max((r.params.max_tokens - len(r.output) for r in live), default=0) - in_flight
+        if most <= 0:
+            return 0
+        steps = min(self.decode_steps, 1 << (most - 1).bit_length())
+        need = sum(self._need(r, in_flight + steps) for r in live)
+        return steps if need <= self.ledger.free else 0
+
     # -- results ----------------------------------------------------------------------------
     def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:
         """The admit call's page-table row: the hit pages, then `reserve` fresh ones."""

@@ -30,6 +30,7 @@ def assert_pool_clean(llm_or_engine) -> None:
     """After every request finished: every page is free or held by the prefix cache, and the
     scheduler's host mirror of the refcounts equals the device's."""
     engine = getattr(llm_or_engine, "engine", llm_or_engine)
+    assert not engine.has_work(), "a launch is still in flight"
     sched = engine.scheduler
     assert not (sched.running or sched.waiting or sched.to_release), "requests are still live"
     cached = sched.radix.pages() if sched.radix is not None else []

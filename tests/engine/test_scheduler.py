@@ -15,9 +15,12 @@ PROMPTS = [SHARED + [i, i + 1, i + 2][:1 + i % 3] for i in range(3, 12)] + [[7, 
 MAX_TOKENS = [3, 17, 9, 12, 1, 25, 6, 14, 30, 5, 20]
 
 
-def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_every=0):
+def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_every=0,
+        sync=True):
     """Feeds the prompts (all at once, or one more every `arrive_every` steps), steps to the end
-    checking the ledger after every step; returns (outputs, engine, requests)."""
+    checking the ledger after every step (after waiting for the launch in flight; with sync
+    False, only at the end, so that decode launches chain); returns (outputs, engine,
+    requests)."""
     engine = Engine(config)
     reqs = [engine.make_request(f"r{i}", p, SamplingParams(max_tokens=m, temperature=0,
                                                             ignore_eos=True))
@@ -30,6 +33,9 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
                 pending.remove(req)
         engine.step()
         steps += 1
+        if not sync:
+            continue
+        engine.sync()
         sched = engine.scheduler
         np.testing.assert_array_equal(np.asarray(engine.cache.alloc.refcount),
                                       sched.ledger.refcount, err_msg=f"step {steps}")
@@ -87,6 +93,42 @@ def test_static_requests_are_never_preempted(reference):
     static = [r for r in reqs if r.layout == "static"]
     assert static and all(r.preemptions == 0 for r in static)
     assert any(r.preemptions for r in reqs if r.layout == "paged")
+
+
+@pytest.mark.parametrize("layout", ["static", "hybrid"])
+def test_chained_decode_launches_give_the_same_tokens(reference, layout):
+    """No sync between steps: decode launches queue behind the one in flight (the host reads a
+    launch's tokens while the next runs), finished rows wait for the chain to end."""
+    outputs, engine, _ = run(EngineConfig(**BASE, layout=layout, static_max_tokens=48,
+                                          chunked_prefill_size=64, decode_steps=4), sync=False)
+    assert outputs == reference
+    assert engine.stats()["chained_launches"] > 0
+
+
+def test_chained_launches_under_preemption(reference):
+    outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
+                                          chunked_prefill_size=16, decode_steps=3), sync=False)
+    assert outputs == reference
+    assert engine.stats()["preemptions"] > 0
+
+
+def test_abort_during_a_chain_of_launches():
+    engine = Engine(EngineConfig(**BASE, layout="paged", decode_steps=2))
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    reqs = [engine.make_request(f"r{i}", [5 + i] * 7, params) for i in range(3)]
+    for r in reqs:
+        engine.add(r)
+    for _ in range(40):
+        engine.step()
+        if engine.stats()["chained_launches"] >= 2:
+            break
+    assert engine.stats()["chained_launches"] >= 2
+    engine.abort("r1")
+    while engine.has_work():
+        engine.step()
+    assert reqs[1].finish_reason == "abort" and len(reqs[1].output) < 60
+    assert [len(r.output) for r in (reqs[0], reqs[2])] == [60, 60]
+    assert_pool_clean(engine)
 
 
 def test_abort_frees_the_row_and_pages():
