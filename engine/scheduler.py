@@ -227,10 +227,9 @@ class Scheduler:
     def _plan_run(self, plan: Plan) -> None:
         prefilling = [r for r in self.running if len(r.tokens) - r.computed > 1]
         decoding = [r for r in self.running if len(r.tokens) - r.computed == 1]
-        # The loop runs all its steps (no early exit), so it takes no more than the longest
-        # budget left needs, rounded up to a power of two to bound the compiled shapes.
-        most = max((r.params.max_tokens - len(r.output) for r in decoding), default=1)
-        plan.steps = 1 if prefilling else min(self.decode_steps, 1 << (most - 1).bit_length())
+        # Always decode_steps (rows that finish early idle in the loop): each distinct step
+        # count would be one more compiled shape per batch bucket.
+        plan.steps = 1 if prefilling else self.decode_steps
         # Decode rows first: the oldest requests keep running, the newest paged one yields.
         while not self._make_room(sum(self._need(r, plan.steps) for r in decoding), plan):
             if plan.steps > 1:
@@ -307,9 +306,8 @@ class Scheduler:
         most = max((r.params.max_tokens - len(r.output) for r in live), default=0) - in_flight
         if most <= 0:
             return 0
-        steps = min(self.decode_steps, 1 << (most - 1).bit_length())
-        need = sum(self._need(r, in_flight + steps) for r in live)
-        return steps if need <= self.ledger.free else 0
+        need = sum(self._need(r, in_flight + self.decode_steps) for r in live)
+        return self.decode_steps if need <= self.ledger.free else 0
 
     # -- results ----------------------------------------------------------------------------
     def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:
