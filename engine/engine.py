@@ -44,6 +44,7 @@ class _Flight:
     """A decode launch queued on the device thread whose tokens the host has not read yet."""
     future: concurrent.futures.Future   # -> decode_loop's (out, pages, cache, state, stalled)
     reqs: list[Request]                 # its rows, in order
+    width: int                          # rows of its state (len(reqs) padded to a bucket)
     steps: int
 
 
@@ -211,10 +212,6 @@ class Engine:
         come out of the next `step`): afterwards `cache` and the scheduler agree."""
         if self._flight is not None:
             self._ready += self._land(chain=False)
-
-    def close(self) -> None:
-        self.sync()
-        self._device.shutdown()
 
     # -- one launch -------------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -401,21 +398,21 @@ class Engine:
         future = self._on_device(self._loop, self.params, self.cache, state,
                                  num_steps=plan.steps, attn_impl=self.attn_impl)
         self.cache = None          # donated: the launch's result holds the cache now
-        self._flight = _Flight(future, list(reqs), plan.steps)
+        self._flight = _Flight(future, list(reqs), b, plan.steps)
 
     def _land(self, chain: bool) -> list[Request]:
         """Reads the launch in flight; first, when chain is set and the batch can go on, queues
         the next launch behind it on the state it leaves. Returns the requests it advanced."""
         flight = self._flight
-        steps = self.scheduler.next_decode_steps(flight.reqs, flight.steps) if chain else 0
-        if steps:
-            self._log_shape("decode loop", len(flight.reqs), steps)
+        if chain and self.scheduler.can_continue(flight.reqs, flight.steps):
+            steps = self.config.decode_steps
+            self._log_shape("decode loop", flight.width, steps)
 
             def follow():
                 _, _, cache, state, _ = flight.future.result()
                 return self._loop(self.params, cache, state, num_steps=steps,
                                   attn_impl=self.attn_impl)
-            self._flight = _Flight(self._on_device(follow), flight.reqs, steps)
+            self._flight = _Flight(self._on_device(follow), flight.reqs, flight.width, steps)
             self.timing["chained_launches"] += 1
         else:
             self._flight = None

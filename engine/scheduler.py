@@ -295,19 +295,17 @@ class Scheduler:
         plan.chunks.append((req, n))
         return n
 
-    def next_decode_steps(self, reqs: list[Request], in_flight: int) -> int:
-        """Steps for a decode launch queued right behind one of `in_flight` steps over the same
-        rows, before the host has read that one's tokens; 0 when the batch must not simply go
-        on: a request waits for admission, a row waits for release, no row has tokens left
-        after the launch in flight, or the free pages might not cover both launches."""
+    def can_continue(self, reqs: list[Request], in_flight: int) -> bool:
+        """Whether a launch of decode_steps steps over the same rows may be queued right behind
+        one of `in_flight` steps, before the host has read that one's tokens. Not when a request
+        waits for admission, a row waits for release, no row has tokens left after the launch
+        in flight, or the free pages might not cover both launches."""
         if self.waiting or self.to_release:
-            return 0
+            return False
         live = [r for r in reqs if r.finish_reason is None]
-        most = max((r.params.max_tokens - len(r.output) for r in live), default=0) - in_flight
-        if most <= 0:
-            return 0
+        most = max((r.params.max_tokens - len(r.output) for r in live), default=0)
         need = sum(self._need(r, in_flight + self.decode_steps) for r in live)
-        return self.decode_steps if need <= self.ledger.free else 0
+        return most > in_flight and need <= self.ledger.free
 
     # -- results ----------------------------------------------------------------------------
     def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:

@@ -117,9 +117,9 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     """num_steps decode steps on the device, each row stopping at a stop token or when its
     `remaining` budget is spent (later steps leave it alone).
 
-    The trip count is fixed (a fori_loop, no early exit): a GPU then runs the loop without a
-    device-to-host copy of its condition per step, and the call returns as soon as the steps
-    are queued, so the host can queue the next launch behind it.
+    The trip count is fixed (a fori_loop, no early exit), so XLA knows it and need not read a
+    condition back each step (measured 0-8% faster than a while_loop on the H100). On a GPU
+    the call still returns only when the loop is done.
 
     Returns (out [B,num_steps] int32 with -1 where a row produced nothing, pages [B,num_steps]
     int32 the page each step took or the trash page, cache', state', stalled [B] bool: rows that
