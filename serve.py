@@ -10,6 +10,7 @@ Every flag is parsed here, before JAX starts its backend.
 import argparse
 import json
 import logging
+import os
 import sys
 
 from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
@@ -31,8 +32,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hybrid: requests of at most this many tokens (prompt + max tokens) "
                         "reserve all their pages at admission; longer ones are paged")
     m.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of 2)")
-    m.add_argument("--kv-pool", default="static", choices=["static"],
-                   help="pool sizing: static = allocated at start-up (elastic: issue 5)")
+    m.add_argument("--kv-pool", default="static", choices=["static", "elastic"],
+                   help="static: the whole pool is allocated at start-up; elastic: the pool "
+                        "starts at --kv-pool-min-tokens, grows by --kv-pool-growth times up to "
+                        "the static size when admissions need pages, and shrinks once it has "
+                        "been oversized for --kv-shrink-after seconds")
+    m.add_argument("--kv-pool-min-tokens", type=int, default=2048,
+                   help="elastic: the pool's smallest (and start-up) size")
+    m.add_argument("--kv-pool-growth", type=int, default=2,
+                   help="elastic: each pool size is this many times the last (fewer sizes, "
+                        "fewer compiled step shapes)")
+    m.add_argument("--kv-shrink-after", type=float, default=5.0,
+                   help="elastic: seconds a smaller pool must have sufficed before shrinking")
     m.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV pool size in tokens (default: from --mem-fraction-static)")
     m.add_argument("--mem-fraction-static", type=float, default=0.9,
@@ -71,7 +82,10 @@ def engine_config(args):
     return EngineConfig(
         model=args.model, dtype=args.dtype, layout=args.layout,
         static_max_tokens=args.static_max_tokens, page_size=args.page_size,
-        max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
+        kv_pool=args.kv_pool, kv_pool_min_tokens=args.kv_pool_min_tokens,
+        kv_pool_growth=args.kv_pool_growth,
+        kv_shrink_after=args.kv_shrink_after, max_total_tokens=args.max_total_tokens,
+        mem_fraction_static=args.mem_fraction_static,
         context_length=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         decode_steps=args.num_continuous_decode_steps,
@@ -107,11 +121,12 @@ def serve(args) -> int:
     from engine.server import build_app
 
     engine = AsyncEngine(Engine(engine_config(args)), Metrics())
-    spec = engine.engine.spec
+    spec, pages = engine.engine.spec, engine.engine.cache.num_pages
     logging.getLogger("hybridkv").info(
-        "KV pool: %d pages of %d tokens (%d tokens, %.1f MiB); steps compile lazily, once per "
-        "batch bucket", spec.num_pages - 1, spec.page_size, spec.capacity_tokens,
-        spec.total_bytes / 2**20)
+        "KV pool (%s): %d pages of %d tokens (%.1f MiB), at most %d pages (%d tokens, %.1f MiB); "
+        "steps compile lazily, once per batch bucket and pool size", args.kv_pool, pages - 1,
+        spec.page_size, pages * spec.bytes_per_page / 2**20, spec.num_pages - 1,
+        spec.capacity_tokens, spec.total_bytes / 2**20)
     engine.start()
     app = build_app(engine, args.served_model_name or args.model)
     try:
@@ -123,6 +138,11 @@ def serve(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.kv_pool == "elastic":
+        # Before JAX starts its backend: XLA's default allocator reserves most of the GPU and
+        # never gives memory back; cuda_async returns freed memory at the next stream sync.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

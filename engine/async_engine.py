@@ -80,7 +80,12 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
-                self._drain(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    self._drain(block=False)
+                else:   # sleep until work arrives or an elastic pool's shrink is due
+                    wait = self.engine.maintain()
+                    self.metrics.snapshot(self.engine)
+                    self._drain(block=True, timeout=wait)
                 if self.engine.has_work():
                     start = time.perf_counter()
                     advanced = self.engine.step()
@@ -94,10 +99,10 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, e)
             self._streams.clear()
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float | None = None) -> None:
         while True:
             try:
-                item = self._inbox.get(block=block)
+                item = self._inbox.get(block=block, timeout=timeout)
             except queue.Empty:
                 return
             block = False

@@ -37,6 +37,7 @@ from models import load_model
 log = logging.getLogger("hybridkv")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+KV_POOLS = ("static", "elastic")
 
 
 @dataclasses.dataclass
@@ -77,6 +78,10 @@ class EngineConfig:
     layout: str = "hybrid"
     static_max_tokens: int = 2048
     page_size: int = 16
+    kv_pool: str = "static"
+    kv_pool_min_tokens: int = 2048
+    kv_pool_growth: int = 2
+    kv_shrink_after: float = 5.0
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.9
     context_length: int | None = None
@@ -92,6 +97,12 @@ class EngineConfig:
                      "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_pool not in KV_POOLS:
+            raise ValueError(f"unknown kv_pool {self.kv_pool!r}; choose one of {list(KV_POOLS)}")
+        if self.kv_pool_min_tokens < 1 or self.kv_pool_growth < 2 or self.kv_shrink_after < 0:
+            raise ValueError(
+                "need kv_pool_min_tokens >= 1, kv_pool_growth >= 2 and kv_shrink_after >= 0, got "
+                f"{self.kv_pool_min_tokens}, {self.kv_pool_growth} and {self.kv_shrink_after}")
         if not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got "
                              f"{self.mem_fraction_static}")
@@ -117,9 +128,15 @@ class Engine:
             weight_bytes=kvcache.nbytes(self.params), device=jax.devices()[0],
             mem_fraction_static=c.mem_fraction_static, max_total_tokens=c.max_total_tokens,
             default_tokens=c.max_running_requests * self.context_length)
-        self.cache = kvcache.init_cache(self.spec, c.max_running_requests, self.pages_per_row)
+        # spec is the largest pool; an elastic one starts at the smallest of its sizes.
+        sizes = (self.spec.num_pages,)
+        if c.kv_pool == "elastic":
+            least = min(math.ceil(c.kv_pool_min_tokens / c.page_size) + 1, self.spec.num_pages)
+            sizes = kvcache.pool_sizes(least, self.spec.num_pages, c.kv_pool_growth)
+        self.cache = kvcache.init_cache(dataclasses.replace(self.spec, num_pages=sizes[0]),
+                                        c.max_running_requests, self.pages_per_row)
         self.scheduler = Scheduler(
-            num_pages=self.spec.num_pages, page_size=c.page_size,
+            pool_sizes=sizes, shrink_after=c.kv_shrink_after, page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
             decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache)
@@ -175,19 +192,19 @@ class Engine:
         eos = () if params.ignore_eos else self.model_config.eos_token_ids
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         req = Request(rid, ids, params, seed, params.stop_token_ids + eos)
-        worst = self.scheduler.worst_pages(req)
-        if worst > self.scheduler.capacity:
-            g = self.config.page_size
+        worst, most = self.scheduler.worst_pages(req), self.scheduler.max_capacity
+        if worst > most:
+            g, page = self.config.page_size, self.spec.bytes_per_page
             raise InvalidRequest(
-                f"the request may hold {total - 1} tokens ({worst} pages of {g}) but the KV "
-                f"pool has {self.scheduler.capacity} pages ({self.scheduler.capacity * g} "
-                "tokens); raise --max-total-tokens or --mem-fraction-static, or lower "
-                "max_tokens", "max_tokens")
+                f"the request may hold {total - 1} tokens ({worst} pages of {g}, "
+                f"{worst * page:,} bytes of KV) but the KV pool holds at most {most} pages "
+                f"({most * g} tokens, {most * page:,} bytes); raise --max-total-tokens or "
+                "--mem-fraction-static, or lower max_tokens", "max_tokens")
         return req
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """What a request without max_tokens may produce: up to the context and the pool."""
-        room = min(self.context_length, self.scheduler.capacity * self.config.page_size + 1)
+        room = min(self.context_length, self.scheduler.max_capacity * self.config.page_size + 1)
         return max(room - prompt_len, 1)
 
     def add(self, req: Request) -> None:
@@ -232,7 +249,10 @@ class Engine:
         return advanced
 
     def _plan_and_run(self) -> list[Request]:
+        self.maintain()
         plan = self.scheduler.schedule()
+        if plan.grow_to is not None:
+            self._resize(plan.grow_to)
         self._apply_releases(plan)
         if not plan.runs:          # every admission comes with a chunk: nothing was admitted
             return []
@@ -436,6 +456,32 @@ class Engine:
         return advanced
 
     # -- maintenance ------------------------------------------------------------------------
+    def maintain(self) -> float | None:
+        """Shrinks an elastic pool that has been oversized long enough (see Scheduler); only
+        between launches. Returns the seconds until a shrink may be due (for an idle caller to
+        sleep on), or None when none is pending."""
+        if self._flight is not None:
+            return None
+        target, wait = self.scheduler.shrink_due(time.monotonic())
+        if target is None:
+            return wait
+        self._apply_releases(self.scheduler.release_pending())
+        evicted, src, dst = self.scheduler.shrink(target)
+        self._pages_op(self._drop, evicted)
+        self._resize(target, src, dst)
+        return None
+
+    def _resize(self, num_pages: int, src=(), dst=()) -> None:
+        """The pool at num_pages pages, held pages src -> dst moved first (kvcache.elastic)."""
+        n = bucket(len(src), 16, 1 << 30)
+        moves = np.zeros((2, n), np.int32)
+        moves[:, :len(src)] = src, dst
+        log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
+                 self.cache.num_pages, num_pages, len(src))
+        cache, self.cache = self.cache, None
+        self.cache = self._launch(kvcache.elastic.resize, cache, num_pages, moves[0], moves[1],
+                                  np.arange(n) < len(src))
+
     def flush_cache(self) -> bool:
         """Empties the prefix cache; refuses (False) while requests are queued or running."""
         if self.has_work():

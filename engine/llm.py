@@ -23,7 +23,11 @@ class LLM:
     model: a preset name ('tiny-random') or a HF checkpoint directory. layout: 'static',
     'paged' or 'hybrid' (static when prompt + max_tokens <= static_max_tokens). The pool holds
     max_total_tokens tokens, or what mem_fraction_static of the device leaves after the weights,
-    never more than max_num_seqs full contexts. attention_impl: see kernels.IMPLEMENTATIONS;
+    never more than max_num_seqs full contexts; kv_pool 'elastic' starts it at
+    kv_pool_min_tokens and grows it up to that size on demand, shrinking it once a smaller size
+    has sufficed for kv_shrink_after seconds (on a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false
+    and XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async before JAX starts, so freed memory goes back to
+    the driver; serve.py does). attention_impl: see kernels.IMPLEMENTATIONS;
     None takes the HYBRIDKV_ATTENTION environment variable ('auto' when unset). Requests run
     with continuous batching, chunked prefill and the radix prefix cache, as in the server.
     """
@@ -32,11 +36,13 @@ class LLM:
                  static_max_tokens: int = 2048, dtype: str = "auto", page_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_total_tokens: int | None = None, mem_fraction_static: float = 0.9,
-                 attention_impl: str | None = None, steps_per_loop: int = 4,
-                 chunked_prefill_size: int = 512, enable_prefix_caching: bool = True):
+                 kv_pool: str = "static", kv_pool_min_tokens: int = 2048,
+                 kv_shrink_after: float = 5.0, attention_impl: str | None = None,
+                 steps_per_loop: int = 4, chunked_prefill_size: int = 512, enable_prefix_caching: bool = True):
         self.engine = Engine(EngineConfig(
             model=model, dtype=dtype, layout=layout, static_max_tokens=static_max_tokens,
-            page_size=page_size, max_total_tokens=max_total_tokens,
+            page_size=page_size, max_total_tokens=max_total_tokens, kv_pool=kv_pool,
+            kv_pool_min_tokens=kv_pool_min_tokens, kv_shrink_after=kv_shrink_after,
             mem_fraction_static=mem_fraction_static, context_length=max_model_len,
             max_running_requests=max_num_seqs, chunked_prefill_size=chunked_prefill_size,
             decode_steps=steps_per_loop, disable_radix_cache=not enable_prefix_caching,
@@ -97,6 +103,9 @@ class LLM:
         return self.tokenizer.decode([t for t in r.output if t not in r.stop_ids])
 
     def usage(self) -> dict:
-        """The KV pool's accounting (see kvcache.usage)."""
+        """The KV pool's accounting (see kvcache.usage); its "pool" entry also gives the pool's
+        size, largest free run, and elastic growths, shrinks and pages moved."""
         self.engine.sync()
-        return kvcache.usage(self.engine.cache)
+        report = kvcache.usage(self.engine.cache)
+        report["pool"] |= self.engine.scheduler.pool_report()
+        return report

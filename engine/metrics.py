@@ -50,8 +50,12 @@ class Metrics:
         gauges = {
             "pages_used": ("KV pages held by requests or the prefix cache", used),
             "pages_free": ("KV pages free", s["pages_free"]),
+            "pool_pages": ("KV pages in the pool now (an elastic pool grows and shrinks)",
+                           s["pages_total"]),
+            "pool_max_pages": ("KV pages the pool may grow to", s["pages_max"]),
             "pages_cached": ("KV pages held by the prefix cache", s["pages_cached"]),
-            "kv_usage_ratio": ("Fraction of the KV pool held", used / s["pages_total"]),
+            "kv_usage_ratio": ("Fraction of the KV pool (at its current size) held",
+                               used / s["pages_total"]),
             "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / prompt tokens",
                                       s["hit_tokens"] / max(s["prompt_tokens"], 1)),
             "running_requests": ("Requests holding a cache row", s["running"]),
@@ -73,6 +77,9 @@ class Metrics:
                                            "waited for", s["device_busy_seconds"]),
             "device_steps": ("Model steps run on the device (a launch may run several)",
                              s["device_steps"]),
+            "pool_grows": ("Elastic pool growths", s["pool_grows"]),
+            "pool_shrinks": ("Elastic pool shrinks", s["pool_shrinks"]),
+            "pool_pages_moved": ("Pages moved by elastic pool compaction", s["pages_moved"]),
             "chained_launches": ("Decode launches queued behind the one in flight, before the "
                                  "host read its tokens", s["chained_launches"]),
         }

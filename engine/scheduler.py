@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.sampling import SamplingParams
 from kvcache.allocator import TRASH_PAGE
+from kvcache.elastic import compaction_moves, fragmentation
 from kvcache.policy import LayoutPolicy
 from kvcache.radix import RadixCache
 
@@ -88,6 +89,17 @@ class Ledger:
             raise RuntimeError("a page was released more often than it was held")
         self.free += int(np.sum(self.refcount[np.unique(pages)] == 0))
 
+    def resize(self, num_pages: int, src=(), dst=()) -> None:
+        """The pool's new size, held pages src[i] moved to dst[i] first (kvcache.elastic)."""
+        src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+        self.refcount[dst] = self.refcount[src]
+        self.refcount[src] = 0
+        if np.any(self.refcount[num_pages:] != 0):
+            raise RuntimeError("a shrink would cut off held pages")
+        old = len(self.refcount)
+        self.refcount = np.pad(self.refcount[:num_pages], (0, max(num_pages - old, 0)))
+        self.free += num_pages - old
+
 
 @dataclasses.dataclass
 class Release:
@@ -104,6 +116,7 @@ class Plan:
     chunks: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (req, tokens)
     decode: list[Request] = dataclasses.field(default_factory=list)
     steps: int = 1            # decode steps on the device (1 when chunks run)
+    grow_to: int | None = None  # the pool's new page count, applied before everything else
 
     @property
     def runs(self) -> bool:
@@ -111,15 +124,22 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, *, num_pages: int, page_size: int, max_rows: int, row_width: int,
-                 policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
-                 decode_steps: int, radix_cache: bool):
+    """pool_sizes: the page counts (trash page included) the pool may take, ascending; it
+    starts at the first. One size is a static pool. An elastic pool grows to the next size that
+    covers a launch when free and evictable pages do not, and shrinks to a smaller one when its
+    unevictable pages have fit in half of that size for shrink_after seconds."""
+
+    def __init__(self, *, pool_sizes: tuple[int, ...], page_size: int, max_rows: int,
+                 row_width: int, policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
+                 decode_steps: int, radix_cache: bool, shrink_after: float = 5.0):
         self.g, self.policy = page_size, policy
         self.row_width, self.max_rows = row_width, max_rows
         self.chunk_size, self.max_prefill_rows = chunk_size, max_prefill_rows
         self.decode_steps = decode_steps
-        self.capacity = num_pages - 1
-        self.ledger = Ledger(num_pages)
+        self.pool_sizes, self.shrink_after = tuple(pool_sizes), shrink_after
+        self.ledger = Ledger(self.pool_sizes[0])
+        self.pool = {"grows": 0, "shrinks": 0, "pages_moved": 0}
+        self._oversized_since: float | None = None
         self.radix = RadixCache(page_size) if radix_cache else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []   # in admission order: the last is preempted first
@@ -156,6 +176,20 @@ class Scheduler:
         return bool(self.waiting or self.running or self.to_release)
 
     # -- pages ------------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return len(self.ledger.refcount)
+
+    @property
+    def capacity(self) -> int:
+        """Pages the pool holds now (the trash page excluded)."""
+        return self.num_pages - 1
+
+    @property
+    def max_capacity(self) -> int:
+        """Pages the pool may ever hold."""
+        return self.pool_sizes[-1] - 1
+
     def _need(self, req: Request, tokens: int) -> int:
         """Pages req must take to store `tokens` more (0 for static rows: reserved)."""
         if req.layout == "static":
@@ -182,7 +216,8 @@ class Scheduler:
         """Commits `pages` more of the pool to this launch, evicting prefix-cache leaves as
         needed; False (and nothing committed) if the pool cannot cover them."""
         want = self._committed + pages
-        if want > self.ledger.free + self._evictable():
+        short = want - self.ledger.free - self._evictable()
+        if short > 0 and not self._grow(short, plan):
             return False
         if want > self.ledger.free:
             freed = self.radix.evict(want - self.ledger.free)
@@ -190,6 +225,52 @@ class Scheduler:
             plan.evict += freed
         self._committed = want
         return True
+
+    def _grow(self, pages: int, plan: Plan) -> bool:
+        """Grows the pool by at least `pages` pages, to the smallest size that does."""
+        size = next((s for s in self.pool_sizes if s - self.num_pages >= pages), None)
+        if size is None:
+            return False
+        self.ledger.resize(size)
+        plan.grow_to = size
+        self.pool["grows"] += 1
+        return True
+
+    def shrink_due(self, now: float) -> tuple[int | None, float | None]:
+        """(the size to shrink the pool to now, or None; seconds until a shrink may be due, or
+        None while the pool is not oversized). Oversized: a smaller size holds twice the pages
+        that no eviction can free."""
+        pinned = self.capacity - self.ledger.free - self._evictable()
+        smaller = [s for s in self.pool_sizes if s < self.num_pages and s - 1 >= 2 * pinned]
+        if not smaller:
+            self._oversized_since = None
+            return None, None
+        if self._oversized_since is None:
+            self._oversized_since = now
+        wait = self._oversized_since + self.shrink_after - now
+        return (smaller[0], None) if wait <= 0 else (None, wait)
+
+    def shrink(self, num_pages: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Shrinks the pool to num_pages: evicts prefix-cache leaves (least recently used
+        first) until the held pages fit, then picks moves that compact them below num_pages
+        and rewrites every host copy of a page id. Only between launches, with no release
+        pending. Returns (evicted pages, src, dst) for the device to apply in that order."""
+        if self.to_release:
+            raise RuntimeError("shrink with releases pending")
+        over = self.capacity - self.ledger.free - (num_pages - 1)
+        evicted = self.radix.evict(over) if over > 0 and self.radix else []
+        self.ledger.drop(evicted)
+        src, dst = compaction_moves(self.ledger.refcount, num_pages)
+        remap = dict(zip(src.tolist(), dst.tolist()))
+        for req in self.running:
+            req.pages = [remap.get(p, p) for p in req.pages]
+        if self.radix is not None:
+            self.radix.remap(remap)
+        self.ledger.resize(num_pages, src, dst)
+        self._oversized_since = None
+        self.pool["shrinks"] += 1
+        self.pool["pages_moved"] += len(src)
+        return evicted, src, dst
 
     def _preempt(self, plan: Plan) -> Request | None:
         """The newest paged request gives its row back and waits at the head of the queue."""
@@ -344,10 +425,19 @@ class Scheduler:
             self.ledger.drop(plan.evict)
         return plan
 
+    def pool_report(self) -> dict:
+        """The pool's size and fragmentation: O(pages), for reports, not every step."""
+        return {"pages": self.capacity, "max_pages": self.max_capacity,
+                **fragmentation(self.ledger.refcount), **self.pool}
+
     def stats(self) -> dict:
         return {
             "pages_total": self.capacity,
+            "pages_max": self.max_capacity,
             "pages_free": self.ledger.free,
+            "pool_grows": self.pool["grows"],
+            "pool_shrinks": self.pool["shrinks"],
+            "pages_moved": self.pool["pages_moved"],
             "pages_cached": self.radix.cached_pages() if self.radix else 0,
             "running": len(self.running),
             "waiting": len(self.waiting),

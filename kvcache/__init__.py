@@ -1,7 +1,8 @@
 """KV cache: page pool description, functional allocator, page tables, layout policy."""
 
-from kvcache import allocator
+from kvcache import allocator, elastic
 from kvcache.accounting import usage
+from kvcache.elastic import pool_sizes
 from kvcache.page_table import (
     LAYOUT_CODES,
     LAYOUT_NONE,
@@ -23,6 +24,8 @@ from kvcache.pool import PoolDoesNotFit, PoolSpec, device_memory_bytes, nbytes, 
 
 __all__ = [
     "allocator",
+    "elastic",
+    "pool_sizes",
     "usage",
     "LAYOUT_CODES",
     "LAYOUT_NONE",

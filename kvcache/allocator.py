@@ -76,13 +76,18 @@ def decref(state: AllocState, pages: jax.Array, mask: jax.Array) -> AllocState:
     """One holder fewer for every pages[i] with mask[i]; pages left with none go back on the
     stack, which is rebuilt sorted (lowest id on top). A page already free stays free."""
     sub = (mask & (pages != TRASH_PAGE)).astype(jnp.int32)
-    refcount = jnp.maximum(state.refcount.at[pages].add(-sub), 0)
+    return from_refcount(jnp.maximum(state.refcount.at[pages].add(-sub), 0))
+
+
+def from_refcount(refcount: jax.Array) -> AllocState:
+    """The state whose free pages are those with refcount 0, stacked lowest id on top (also
+    what a pool of another size starts from: see kvcache.elastic)."""
     free = refcount == 0                                           # [P]
     higher_free = jnp.cumsum(free[::-1])[::-1] - free              # [P] free ids above p
-    num_pages = state.free_stack.shape[0]
+    num_pages = refcount.shape[0]
     target = jnp.where(free, higher_free, num_pages)
     ids = jnp.arange(num_pages, dtype=jnp.int32)
-    stack = jnp.zeros_like(state.free_stack).at[target].set(ids, mode="drop")
+    stack = jnp.zeros(num_pages, jnp.int32).at[target].set(ids, mode="drop")
     return AllocState(stack, jnp.sum(free, dtype=jnp.int32), refcount)
 
 

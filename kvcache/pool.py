@@ -56,11 +56,24 @@ class PoolSpec:
 
 
 def device_memory_bytes(device: jax.Device) -> int:
-    """Memory the device can give its arrays: the allocator's limit, or host RAM on a CPU."""
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
+    """Memory the device can give its arrays: the allocator's limit; on a GPU whose allocator
+    has none (cuda_async or platform, which the elastic pool uses), the GPU's total memory from
+    NVML; host RAM on a CPU."""
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    stats = device.memory_stats() or {}
+    unbounded = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") in ("cuda_async", "platform")
+    if stats.get("bytes_limit", 0) > 0 and not unbounded:
         return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.platform == "gpu":
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.local_hardware_id)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        finally:
+            pynvml.nvmlShutdown()
+    raise ValueError(f"{device} reports no memory limit: size the pool with --max-total-tokens")
 
 
 def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,

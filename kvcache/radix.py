@@ -175,6 +175,14 @@ class RadixCache:
         self._cached = self._evictable = 0
         return held
 
+    def remap(self, moved: dict[int, int]) -> None:
+        """Page ids moved by a pool compaction: old id -> new id (others stay)."""
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            node.value = [moved.get(p, p) for p in node.value]
+            stack.extend(node.children.values())
+
     # -- accounting -------------------------------------------------------------------------
     def evictable_pages(self) -> int:
         return self._evictable

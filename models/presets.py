@@ -49,7 +49,8 @@ def tiny_random(dtype=jnp.float32) -> tuple[Llama, Tokenizer]:
     return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tokenizer
 
 
-def shaped_random(hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied):
+def shaped_random(hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied,
+                  max_positions=131072):
     """A preset with a real model's shapes (for benchmarks) and random weights. Token ids past
     the byte tokenizer's 261 decode to nothing."""
     def make(dtype=jnp.bfloat16) -> tuple[Llama, Tokenizer]:
@@ -58,7 +59,7 @@ def shaped_random(hidden, intermediate, layers, heads, kv_heads, head_dim, vocab
             model_type="llama", vocab_size=vocab, hidden_size=hidden,
             intermediate_size=intermediate, num_layers=layers, num_heads=heads,
             num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
-            rope=RopeConfig(500000.0), max_position_embeddings=131072, bos_token_id=256,
+            rope=RopeConfig(500000.0), max_position_embeddings=max_positions, bos_token_id=256,
             eos_token_ids=(tokenizer.eos_token_id,), tie_word_embeddings=tied)
         return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tokenizer
     return make
@@ -67,5 +68,8 @@ def shaped_random(hidden, intermediate, layers, heads, kv_heads, head_dim, vocab
 PRESETS = {
     "tiny-random": tiny_random,
     "llama-3.2-1b-random": shaped_random(2048, 8192, 16, 32, 8, 64, 128256, tied=True),
+    # The 1B shape with 2**20 positions, for one request of a million tokens (issue 5).
+    "llama-3.2-1b-random-1m": shaped_random(2048, 8192, 16, 32, 8, 64, 128256, tied=True,
+                                            max_positions=1 << 20),
     "llama-3-8b-random": shaped_random(4096, 14336, 32, 32, 8, 128, 128256, tied=False),
 }

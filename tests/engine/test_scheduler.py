@@ -159,3 +159,47 @@ def test_flush_cache_refuses_while_requests_run():
     assert engine.flush_cache()
     assert_pool_clean(engine)
     assert engine.scheduler.radix.cached_pages() == 0
+
+
+@pytest.mark.parametrize("layout,radix,arrive_every", [("hybrid", True, 3),
+                                                       ("paged", False, 0)])
+def test_elastic_pool_grows_and_shrinks_without_changing_tokens(reference, layout, radix,
+                                                                 arrive_every):
+    """The pool starts at 5 pages, doubles as admissions need pages (up to 25: past that,
+    preemption) and shrinks, compacting held pages, whenever a smaller size would be at most
+    half full (no delay): under running requests, the tokens do not change and the ledger
+    equals the device after every step."""
+    outputs, engine, _ = run(EngineConfig(
+        **BASE, layout=layout, static_max_tokens=48, max_total_tokens=96, kv_pool="elastic",
+        kv_pool_min_tokens=16, kv_shrink_after=0, chunked_prefill_size=16,
+        disable_radix_cache=not radix), arrive_every=arrive_every)
+    assert outputs == reference
+    pool = engine.scheduler.pool_report()
+    assert engine.scheduler.pool_sizes == (5, 10, 20, 25)
+    assert pool["grows"] > 0 and pool["shrinks"] > 0, pool
+    if arrive_every:               # staggered: later rows hold high ids when early ones leave
+        assert pool["pages_moved"] > 0, pool
+    else:                          # everyone at once: the ceiling is reached, paged rows yield
+        assert engine.stats()["preemptions"] > 0
+
+
+def test_idle_elastic_pool_shrinks_to_its_smallest_size_after_the_delay():
+    engine = Engine(EngineConfig(**BASE, kv_pool="elastic", kv_pool_min_tokens=16,
+                                 kv_shrink_after=30))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for i in range(4):
+        engine.add(engine.make_request(f"r{i}", SHARED + [i], params))
+    while engine.has_work():
+        engine.step()
+    sched = engine.scheduler
+    grown = engine.cache.num_pages
+    assert grown > sched.pool_sizes[0] and sched.radix.cached_pages() > 4
+    start = 1000.0
+    assert sched.shrink_due(start) == (None, 30)              # oversized from now on
+    assert sched.shrink_due(start + 29)[0] is None
+    assert sched.shrink_due(start + 30) == (sched.pool_sizes[0], None)
+    assert engine.maintain() is None                          # long past due on the real clock
+    assert engine.cache.num_pages == sched.pool_sizes[0] == 5
+    assert sched.radix.cached_pages() <= 4                    # the rest was evicted
+    assert_pool_clean(engine)
+    assert sched.shrink_due(start) == (None, None)            # nothing smaller to go to

@@ -135,6 +135,11 @@ def test_device_memory_comes_from_the_allocator_limit():
     assert kvcache.device_memory_bytes(FakeDevice(123_456)) == 123_456
 
 
+def test_a_device_without_a_memory_limit_asks_for_max_total_tokens():
+    with pytest.raises(ValueError, match="--max-total-tokens"):
+        kvcache.device_memory_bytes(FakeDevice(0, platform="tpu"))
+
+
 @pytest.mark.parametrize("tokens", [16, 17, 100, 4096])
 def test_max_total_tokens_sets_the_pages(tokens):
     s = size(max_total_tokens=tokens, device=FakeDevice(10**9))

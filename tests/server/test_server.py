@@ -30,9 +30,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    yield from start_server(tmp_path_factory, FLAGS)
+
+
+def start_server(tmp_path_factory, flags):
+    """serve.py with flags on a free port, once healthy: yields (url, process, log path)."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *FLAGS],
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *flags],
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -290,3 +295,39 @@ def test_server_log_has_no_tracebacks(server):
     url, proc, log = server
     assert proc.poll() is None and httpx.get(f"{url}/health").status_code == 200
     assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def elastic_server(tmp_path_factory):
+    flags = [*FLAGS, "--kv-pool", "elastic", "--kv-pool-min-tokens", "256",
+             "--kv-shrink-after", "0.5"]
+    yield from start_server(tmp_path_factory, flags)
+
+
+def test_elastic_pool_grows_under_load_and_shrinks_when_idle(elastic_server):
+    """64 pages at start-up; 6 concurrent requests make it grow; half a second after the last
+    one ends it is back to 64 pages. A request that can never fit is refused with the numbers."""
+    url, proc, log = elastic_server
+    m = metrics(url)
+    assert m["hybridkv_pool_pages"] == 64 and m["hybridkv_pool_max_pages"] == POOL_TOKENS // 4
+
+    async def burst():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none",
+                                      max_retries=0) as aclient:
+            outs = await asyncio.gather(*[aclient.completions.create(
+                model=MODEL, prompt=[3 + i] * (100 + 9 * i), max_tokens=24, **GREEDY)
+                for i in range(6)])
+        return [len(o.choices[0].token_ids) for o in outs]
+    assert asyncio.run(burst()) == [24] * 6
+    m = wait_idle(url)
+    assert m["hybridkv_pool_grows_total"] > 0
+    deadline = time.monotonic() + 30
+    while metrics(url)["hybridkv_pool_pages"] != 64:
+        assert time.monotonic() < deadline, f"the pool did not shrink: {metrics(url)}"
+        time.sleep(0.2)
+    assert metrics(url)["hybridkv_pool_shrinks_total"] > 0
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [5] * 10,
+                                                    "max_tokens": 1500})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert "bytes" in r.json()["error"]["message"]
+    assert proc.poll() is None and "Traceback" not in log.read_text()

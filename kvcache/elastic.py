@@ -1,0 +1,97 @@
+"""Elastic pool: the page pool changes size between steps, among a fixed set of sizes.
+
+JAX cannot map more memory into an existing array, so a pool of another size is a new array per
+layer and a copy. Growth copies pages [0, P) into the larger pool; page ids do not change.
+Shrinking first compacts: every held page at an id >= P' moves to a free id below P' (the
+allocator hands out the lowest ids first, so the tail is mostly empty already), the page
+tables, the refcounts and the host's copies of page ids are rewritten through the same map, and
+the pool is cut to P'. Sizes come from `pool_sizes` (geometric), so every jitted step compiles
+at most once per size (JAX's persistent compilation cache, JAX_COMPILATION_CACHE_DIR, keeps the
+executables across restarts).
+
+Layers are resized one jitted call at a time and the old layer is deleted right after its call
+is queued, so the peak is the new pool plus one old layer, not old + new.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvcache import allocator
+from kvcache.page_table import KVCache
+
+
+def pool_sizes(min_pages: int, max_pages: int, factor: int = 2) -> tuple[int, ...]:
+    """Page counts (trash page included) the pool may take: min_pages * factor**i, then
+    max_pages itself."""
+    if not 2 <= min_pages <= max_pages:
+        raise ValueError(f"need 2 <= min_pages <= max_pages, got {min_pages} and {max_pages}")
+    sizes, p = [], min_pages
+    while p < max_pages:
+        sizes.append(p)
+        p *= factor
+    return (*sizes, max_pages)
+
+
+def compaction_moves(refcount: np.ndarray, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Moves (src, dst) that bring every held page (refcount > 0) below num_pages, each to the
+    lowest free id there. ValueError if the held pages do not fit."""
+    src = np.flatnonzero(refcount[num_pages:] > 0) + num_pages
+    free = np.flatnonzero(refcount[1:num_pages] == 0) + 1
+    if len(src) > len(free):
+        raise ValueError(f"{len(src)} held pages past page {num_pages} but only {len(free)} free "
+                         "pages below it")
+    return src.astype(np.int32), free[:len(src)].astype(np.int32)
+
+
+def fragmentation(refcount: np.ndarray) -> dict:
+    """Free pages and the largest run of consecutive free ids (the trash page is held)."""
+    free = np.concatenate([[False], refcount == 0, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(free))             # run starts, then ends, alternating
+    runs = edges[1::2] - edges[::2]
+    return {"free_pages": int(free.sum()), "largest_free_run": int(runs.max(initial=0))}
+
+
+@functools.partial(jax.jit, static_argnames="num_pages")
+def _resize_layer(pages, src, dst, mask, *, num_pages: int):
+    """pages [P,G,K,H] -> [num_pages,G,K,H]: pages[src[i]] copied to dst[i] where mask[i], then
+    cut or zero-padded to num_pages."""
+    p = pages.shape[0]
+    moved = pages.at[jnp.where(mask, dst, p)].set(pages[src], mode="drop")
+    if num_pages <= p:
+        return moved[:num_pages]
+    return jnp.pad(moved, ((0, num_pages - p),) + ((0, 0),) * (pages.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames="num_pages")
+def _resize_tables(cache: KVCache, src, dst, mask, *, num_pages: int) -> KVCache:
+    """Page tables and allocator of a pool resized to num_pages with pages src -> dst moved."""
+    p = cache.alloc.refcount.shape[0]
+    remap = jnp.arange(p, dtype=jnp.int32).at[jnp.where(mask, src, p)].set(dst, mode="drop")
+    refcount = cache.alloc.refcount
+    moved = refcount[src]
+    refcount = refcount.at[jnp.where(mask, src, p)].set(0, mode="drop")
+    refcount = refcount.at[jnp.where(mask, dst, p)].set(moved, mode="drop")
+    if num_pages <= p:
+        refcount = refcount[:num_pages]
+    else:
+        refcount = jnp.pad(refcount, (0, num_pages - p))
+    return dataclasses.replace(cache, page_table=remap[cache.page_table],
+                               alloc=allocator.from_refcount(refcount))
+
+
+def resize(cache: KVCache, num_pages: int, src, dst, mask) -> KVCache:
+    """The cache with a pool of num_pages pages, held pages src[i] moved to dst[i] first (where
+    mask[i]; src, dst, mask [E], padded). Every page held after the moves must lie below
+    num_pages (see compaction_moves). Consumes `cache`: its K/V arrays are deleted."""
+    k, v = list(cache.k), list(cache.v)
+    for layers in (k, v):
+        for i, old in enumerate(layers):
+            layers[i] = _resize_layer(old, src, dst, mask, num_pages=num_pages)
+            old.delete()
+    tables = _resize_tables(dataclasses.replace(cache, k=(), v=()), src, dst, mask,
+                            num_pages=num_pages)
+    return dataclasses.replace(tables, k=tuple(k), v=tuple(v))
