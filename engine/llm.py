@@ -24,8 +24,10 @@ class LLM:
     'paged' or 'hybrid' (static when prompt + max_tokens <= static_max_tokens). The pool holds
     max_total_tokens tokens, or what mem_fraction_static of the device leaves after the weights,
     never more than max_num_seqs full contexts. attention_impl: see kernels.IMPLEMENTATIONS;
-    None takes the HYBRIDKV_ATTENTION environment variable ('auto' when unset). Requests run
-    with continuous batching, chunked prefill and the radix prefix cache, as in the server.
+    None takes the HYBRIDKV_ATTENTION environment variable ('auto' when unset).
+    tensor_parallel_size: devices the model and its KV pages are sharded over (attention heads
+    and MLP columns; see engine.parallel). Requests run with continuous batching, chunked
+    prefill and the radix prefix cache, as in the server.
     """
 
     def __init__(self, model: str = "tiny-random", *, layout: str = "hybrid",
@@ -33,14 +35,15 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_total_tokens: int | None = None, mem_fraction_static: float = 0.9,
                  attention_impl: str | None = None, steps_per_loop: int = 4,
-                 chunked_prefill_size: int = 512, enable_prefix_caching: bool = True):
+                 chunked_prefill_size: int = 512, enable_prefix_caching: bool = True,
+                 tensor_parallel_size: int = 1):
         self.engine = Engine(EngineConfig(
             model=model, dtype=dtype, layout=layout, static_max_tokens=static_max_tokens,
             page_size=page_size, max_total_tokens=max_total_tokens,
             mem_fraction_static=mem_fraction_static, context_length=max_model_len,
             max_running_requests=max_num_seqs, chunked_prefill_size=chunked_prefill_size,
             decode_steps=steps_per_loop, disable_radix_cache=not enable_prefix_caching,
-            attention_impl=attention_impl))
+            attention_impl=attention_impl, tensor_parallel_size=tensor_parallel_size))
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
