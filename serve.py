@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--attention-impl", default=None, choices=IMPLEMENTATIONS,
                    help="attention kernels (default: $HYBRIDKV_ATTENTION, else auto: the "
                         "compiled kernel of the GPU/TPU backend, the jnp reference on CPU)")
+    m.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="devices to shard the model and the KV pages over (attention heads and "
+                        "MLP columns; KV heads are repeated when there are fewer than devices)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000)
@@ -89,7 +92,8 @@ def engine_config(args):
         context_length=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         decode_steps=args.num_continuous_decode_steps,
-        disable_radix_cache=args.disable_radix_cache, attention_impl=args.attention_impl)
+        disable_radix_cache=args.disable_radix_cache, attention_impl=args.attention_impl,
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def generate(args) -> int:

@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import kernels
 import kvcache
-from engine import envs
+from engine import envs, parallel
 from engine.sampling import SamplingParams
 from engine.scheduler import Plan, Request, Scheduler
 from engine.step import DecodeState, Feed, SamplingArrays, admit, decode_loop, forward
@@ -91,14 +93,18 @@ class EngineConfig:
     decode_steps: int = 4
     disable_radix_cache: bool = False
     attention_impl: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         for name in ("max_running_requests", "chunked_prefill_size", "max_prefill_rows",
-                     "decode_steps"):
+                     "decode_steps", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_pool not in KV_POOLS:
             raise ValueError(f"unknown kv_pool {self.kv_pool!r}; choose one of {list(KV_POOLS)}")
+        if self.kv_pool == "elastic" and self.tensor_parallel_size > 1:
+            raise ValueError("kv_pool='elastic' (--kv-pool elastic) does not support "
+                             "tensor_parallel_size > 1 yet: use a static pool")
         if self.kv_pool_min_tokens < 1 or self.kv_pool_growth < 2 or self.kv_shrink_after < 0:
             raise ValueError(
                 "need kv_pool_min_tokens >= 1, kv_pool_growth >= 2 and kv_shrink_after >= 0, got "
@@ -115,40 +121,59 @@ class Engine:
         self.attn_impl = kernels.resolve_impl(c.attention_impl or envs.ATTENTION)
         dtype = resolve_dtype(c.dtype)
         module, self.tokenizer = load_model(c.model, dtype)
-        self.model_config = cfg = module.cfg
-        self.graphdef, self.params = nnx.split(module)
+        tp = c.tensor_parallel_size
+        self.mesh = parallel.make_mesh(tp) if tp > 1 else None    # None: one device, no mesh
+        if self.mesh is None:
+            self.graphdef, self.params = nnx.split(module)
+        else:
+            self.graphdef, self.params = parallel.shard_model(module, self.mesh)
+        self.model_config = cfg = module.cfg     # its KV heads repeated if tp > num_kv_heads
         self.context_length = c.context_length or cfg.max_position_embeddings
         if self.context_length > cfg.max_position_embeddings:
             raise ValueError(f"context_length={self.context_length} exceeds the model's "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         self.pages_per_row = math.ceil(self.context_length / c.page_size)
-        self.spec = kvcache.size_pool(
-            num_layers=cfg.num_layers, page_size=c.page_size, num_kv_heads=cfg.num_kv_heads,
+        # Sized on one device, which holds its share of the weights and K/tp heads of each page.
+        device = jax.devices()[0]
+        spec = kvcache.size_pool(
+            num_layers=cfg.num_layers, page_size=c.page_size, num_kv_heads=cfg.num_kv_heads // tp,
             head_dim=cfg.head_dim, dtype=jnp.dtype(dtype).name,
-            weight_bytes=kvcache.nbytes(self.params), device=jax.devices()[0],
+            weight_bytes=parallel.device_bytes(self.params, device), device=device,
             mem_fraction_static=c.mem_fraction_static, max_total_tokens=c.max_total_tokens,
             default_tokens=c.max_running_requests * self.context_length)
+        self.spec = dataclasses.replace(spec, num_kv_heads=cfg.num_kv_heads)
         # spec is the largest pool; an elastic one starts at the smallest of its sizes.
         sizes = (self.spec.num_pages,)
         if c.kv_pool == "elastic":
             least = min(math.ceil(c.kv_pool_min_tokens / c.page_size) + 1, self.spec.num_pages)
             sizes = kvcache.pool_sizes(least, self.spec.num_pages, c.kv_pool_growth)
-        self.cache = kvcache.init_cache(dataclasses.replace(self.spec, num_pages=sizes[0]),
-                                        c.max_running_requests, self.pages_per_row)
+        first = dataclasses.replace(self.spec, num_pages=sizes[0])
+        cs = rep = None     # the cache's and replicated out_shardings; None: XLA's choice
+        if self.mesh is None:
+            self.cache = kvcache.init_cache(first, c.max_running_requests, self.pages_per_row)
+        else:
+            self.cache, cs = parallel.sharded_cache(first, c.max_running_requests,
+                                                    self.pages_per_row, self.mesh)
+            rep = NamedSharding(self.mesh, P())
         self.scheduler = Scheduler(
             pool_sizes=sizes, shrink_after=c.kv_shrink_after, page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
             decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache)
-        self._admit = jax.jit(admit, donate_argnames="cache", static_argnames="max_need")
-        # The graphdef is bound, not passed: a static argument is hashed on every call.
-        self._forward = jax.jit(functools.partial(forward, self.graphdef),
-                                donate_argnames="cache", static_argnames="attn_impl")
-        self._loop = jax.jit(functools.partial(decode_loop, self.graphdef),
-                             donate_argnames="cache", static_argnames=("num_steps", "attn_impl"))
-        self._release = jax.jit(kvcache.release_rows, donate_argnums=0)
-        self._drop = jax.jit(kvcache.drop_pages, donate_argnums=0)
-        self._share = jax.jit(kvcache.share_pages, donate_argnums=0)
+        # On a mesh every call returns the cache in the shardings it came in, so its donated
+        # buffers are reused and no call reshards the pool.
+        self._admit = jax.jit(admit, out_shardings=(cs, rep, rep), donate_argnames="cache",
+                              static_argnames="max_need")
+        # The graphdef and mesh are bound, not passed: a static argument is hashed on every call.
+        self._forward = jax.jit(functools.partial(forward, self.graphdef, mesh=self.mesh),
+                                out_shardings=(rep, cs), donate_argnames="cache",
+                                static_argnames="attn_impl")
+        self._loop = jax.jit(functools.partial(decode_loop, self.graphdef, mesh=self.mesh),
+                             out_shardings=(rep, rep, cs, rep, rep), donate_argnames="cache",
+                             static_argnames=("num_steps", "attn_impl"))
+        self._release = jax.jit(kvcache.release_rows, out_shardings=cs, donate_argnums=0)
+        self._drop = jax.jit(kvcache.drop_pages, out_shardings=cs, donate_argnums=0)
+        self._share = jax.jit(kvcache.share_pages, out_shardings=cs, donate_argnums=0)
         self._shapes: set[tuple] = set()
         self.requests: dict[str, Request] = {}
         self._device = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-device")

@@ -27,9 +27,11 @@ class LLM:
     kv_pool_min_tokens and grows it up to that size on demand, shrinking it once a smaller size
     has sufficed for kv_shrink_after seconds (on a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false
     and XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async before JAX starts, so freed memory goes back to
-    the driver; serve.py does). attention_impl: see kernels.IMPLEMENTATIONS;
-    None takes the HYBRIDKV_ATTENTION environment variable ('auto' when unset). Requests run
-    with continuous batching, chunked prefill and the radix prefix cache, as in the server.
+    the driver; serve.py does). attention_impl: see kernels.IMPLEMENTATIONS; None takes the
+    HYBRIDKV_ATTENTION environment variable ('auto' when unset). tensor_parallel_size: devices
+    the model and its KV pages are sharded over (attention heads and MLP columns; see
+    engine.parallel). Requests run with continuous batching, chunked prefill and the radix
+    prefix cache, as in the server.
     """
 
     def __init__(self, model: str = "tiny-random", *, layout: str = "hybrid",
@@ -38,7 +40,8 @@ class LLM:
                  max_total_tokens: int | None = None, mem_fraction_static: float = 0.9,
                  kv_pool: str = "static", kv_pool_min_tokens: int = 2048,
                  kv_shrink_after: float = 5.0, attention_impl: str | None = None,
-                 steps_per_loop: int = 4, chunked_prefill_size: int = 512, enable_prefix_caching: bool = True):
+                 steps_per_loop: int = 4, chunked_prefill_size: int = 512,
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
         self.engine = Engine(EngineConfig(
             model=model, dtype=dtype, layout=layout, static_max_tokens=static_max_tokens,
             page_size=page_size, max_total_tokens=max_total_tokens, kv_pool=kv_pool,
@@ -46,7 +49,7 @@ class LLM:
             mem_fraction_static=mem_fraction_static, context_length=max_model_len,
             max_running_requests=max_num_seqs, chunked_prefill_size=chunked_prefill_size,
             decode_steps=steps_per_loop, disable_radix_cache=not enable_prefix_caching,
-            attention_impl=attention_impl))
+            attention_impl=attention_impl, tensor_parallel_size=tensor_parallel_size))
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

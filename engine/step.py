@@ -66,11 +66,12 @@ def admit(cache: kvcache.KVCache, rows, layout, reserve, prefix, prefix_len, *, 
 
 
 def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *,
-            attn_impl: str = "auto"):
+            attn_impl: str = "auto", mesh=None):
     """One step over every feed at once. Returns (results, cache'), one result per feed:
     (next [B] sampled after each row's last fed token, logits [B,V] float32 there,
     new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B]). A row
-    with ok False found the pool empty (or its page table full) and did not move."""
+    with ok False found the pool empty (or its page table full) and did not move. mesh: the
+    tensor-parallel mesh the params and pages are sharded over (None: one device)."""
     model = nnx.merge(graphdef, params)
     g = cache.page_size
     groups, starts, grown = [], [], []
@@ -90,7 +91,7 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         fresh = held[:, None] + jnp.arange(width)[None, :] < after[:, None]
         grown.append((jnp.where(fresh, new, kvcache.allocator.TRASH_PAGE), ok, num))
         starts.append(start)
-    hidden, k, v = model(tuple(groups), cache.k, cache.v, attn_impl)
+    hidden, k, v = model(tuple(groups), cache.k, cache.v, attn_impl, mesh)
     lengths = cache.lengths
     results = []
     for f, h, start, (new, ok, num) in zip(feeds, hidden, starts, grown):
@@ -103,17 +104,17 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
 
 
 def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
-                sampling: SamplingArrays, *, attn_impl: str = "auto"):
+                sampling: SamplingArrays, *, attn_impl: str = "auto", mesh=None):
     """Feeds tokens [B] to the active rows. Returns (next [B], logits [B,V], cache', ok [B],
     new_page [B]: the page a row took this step, or the trash page)."""
     feed = Feed(rows, tokens[:, None], active.astype(jnp.int32), sampling)
     [(nxt, logits, new, ok)], cache = forward(graphdef, params, cache, (feed,),
-                                              attn_impl=attn_impl)
+                                              attn_impl=attn_impl, mesh=mesh)
     return nxt, logits, cache, ok, new[:, 0]
 
 
 def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
-                num_steps: int, attn_impl: str = "auto"):
+                num_steps: int, attn_impl: str = "auto", mesh=None):
     """num_steps decode steps on the device, each row stopping at a stop token or when its
     `remaining` budget is spent (later steps leave it alone).
 
@@ -131,7 +132,7 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
         cache, st, out, pages, stalled = carry
         live = st.active & ~stalled
         nxt, _, cache, ok, new = decode_step(graphdef, params, cache, st.rows, st.tokens, live,
-                                             st.sampling, attn_impl=attn_impl)
+                                             st.sampling, attn_impl=attn_impl, mesh=mesh)
         emitted = live & ok
         out = out.at[:, i].set(jnp.where(emitted, nxt, -1))
         pages = pages.at[:, i].set(new)

@@ -11,10 +11,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import kernels
 from kvcache import slot_addresses, write_kv
 from models.config import ModelConfig
+from models.parallel import TP
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -80,18 +82,36 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        k_pages = write_kv(kv[0], ctx["page"], ctx["slot"], k)
-        v_pages = write_kv(kv[1], ctx["page"], ctx["slot"], v)
-        outs, start = [], 0
-        for g in ctx["groups"]:
-            b, t = g.tokens.shape
-            qg = q[start:start + b * t].reshape(b, t, cfg.num_heads, cfg.head_dim)
-            start += b * t
-            out = kernels.paged_attention(
-                qg, k_pages, v_pages, g.page_table, g.positions,
-                g.kv_lens, impl=ctx["attn_impl"], sliding_window=cfg.sliding_window)
-            outs.append(out.reshape(b * t, -1))
-        return self.o_proj(jnp.concatenate(outs)), (k_pages, v_pages)
+        attend = functools.partial(_attend, impl=ctx["attn_impl"],
+                                   sliding_window=cfg.sliding_window)
+        if ctx["mesh"] is not None:
+            # Pallas kernels cannot be partitioned by XLA: each device runs them on its own
+            # query heads and the KV heads they read (the K axis of q, k, v and the pages).
+            # No collective runs inside; check_vma is off because pallas_call outputs carry no
+            # varying-axes type.
+            heads, pages = P(None, TP, None), P(None, None, TP, None)
+            attend = jax.shard_map(attend, mesh=ctx["mesh"],
+                                   in_specs=(heads, heads, heads, pages, pages, P(), P(), P()),
+                                   out_specs=(heads, pages, pages), check_vma=False)
+        out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], ctx["page"], ctx["slot"],
+                                       ctx["groups"])
+        return self.o_proj(out.reshape(s, -1)), (k_pages, v_pages)
+
+
+def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_window):
+    """Writes k, v [S,K,H] into their slots of k_pages, v_pages [P,G,K,H] (page, slot [S]), then
+    attends q [S,N,H] group by group. Returns (out [S,N,H], k_pages', v_pages')."""
+    k_pages = write_kv(k_pages, page, slot, k)
+    v_pages = write_kv(v_pages, page, slot, v)
+    outs, start = [], 0
+    for g in groups:
+        b, t = g.tokens.shape
+        qg = q[start:start + b * t].reshape(b, t, *q.shape[1:])                # [B,T,N,H]
+        start += b * t
+        out = kernels.paged_attention(qg, k_pages, v_pages, g.page_table, g.positions,
+                                      g.kv_lens, impl=impl, sliding_window=sliding_window)
+        outs.append(out.reshape(b * t, *q.shape[1:]))
+    return jnp.concatenate(outs), k_pages, v_pages
 
 
 class MLP(nnx.Module):
@@ -129,9 +149,11 @@ class Llama(nnx.Module):
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
         self.cfg = cfg
 
-    def __call__(self, groups, k_pages, v_pages, attn_impl="auto"):
+    def __call__(self, groups, k_pages, v_pages, attn_impl="auto", mesh=None):
         """Runs every Group of rows in one pass (the dense layers see all their tokens at once;
         attention runs per group, so decode rows and prefill chunks keep their own shapes).
+        With a mesh, the params and pages are sharded over its "tp" axis (see models.parallel)
+        and attention runs per device under shard_map.
 
         Writes every non-padding token's K/V into k_pages / v_pages (one [P,G,K,H] array per
         layer) and returns (hidden per group [B,T,D] after the final norm, k_pages', v_pages').
@@ -140,7 +162,7 @@ class Llama(nnx.Module):
                            for g in groups))
         ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
                "slot": jnp.concatenate([s.ravel() for s in slot]),
-               "groups": groups, "attn_impl": attn_impl}
+               "groups": groups, "attn_impl": attn_impl, "mesh": mesh}
         positions = jnp.concatenate([g.positions.ravel() for g in groups])    # [S]
         inv_freq = jnp.asarray(self.cfg.rope.inv_freq(self.cfg.head_dim))     # [H/2]
         angles = jnp.maximum(positions, 0).astype(jnp.float32)[:, None] * inv_freq

@@ -1,5 +1,13 @@
+import os
+
 import jax
 import pytest
+
+# Eight CPU devices for the tensor-parallel tests. XLA reads the flag when JAX starts its
+# backend, which importing jax does not do; a device count set by the caller is kept.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 
 
 def pytest_collection_modifyitems(config, items):
