@@ -212,7 +212,7 @@ def one_config(args, layout: str, pool: str) -> dict:
                       "pool_pages": s[3]})
     sampler.stop()
     rows = sampler.rows
-    keep = np.linspace(0, len(rows) - 1, min(len(rows), 600)).astype(int)
+    keep = np.linspace(0, len(rows) - 1, min(len(rows), 300)).astype(int)
     peak = device.memory_stats() or {}
     return {"layout": layout, "pool": pool, "device": device.device_kind,
             "weights_bytes": weights, "startup": startup,
@@ -235,6 +235,10 @@ def targets(results: list[dict]) -> dict:
         out[f"{layout}/elastic"] = {
             "startup_live_over_weights": over[0],
             "after_idle_live_over_weights": over[1:],
+            "weights_mib": w / 2**20,
+            "driver_mib_startup_then_after_idle": [
+                r["startup"]["driver_mib"], *(a["driver_mib"] for a in r["after_idle"])],
+            "growth_steps_measured": len(r["bursts"][1]["growth_steps_s"]),
             "growth_p99_minus_median_ms": (
                 1e3 * (np.percentile(r["bursts"][1]["growth_steps_s"], 99)
                        - r["bursts"][1]["step_median_s"])
