@@ -10,10 +10,10 @@ Every flag is parsed here, before JAX starts its backend.
 import argparse
 import json
 import logging
-import os
 import sys
 
 from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
+from kvcache.elastic import use_returning_allocator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -143,10 +143,7 @@ def serve(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kv_pool == "elastic":
-        # Before JAX starts its backend: XLA's default allocator reserves most of the GPU and
-        # never gives memory back; cuda_async returns freed memory at the next stream sync.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
+        use_returning_allocator()      # before JAX starts its backend
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -177,12 +177,11 @@ def idle(engine, seconds: float) -> None:
 
 
 def one_config(args, layout: str, pool: str) -> dict:
+    import kvcache
     if pool == "elastic":
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
+        kvcache.elastic.use_returning_allocator()
     import jax
 
-    import kvcache
     from engine import Engine, EngineConfig
     engine = Engine(EngineConfig(
         model=args.model, layout=layout, static_max_tokens=args.static_max_tokens,

@@ -72,6 +72,16 @@ def bucket(n: int, lo: int, hi: int) -> int:
     return min(max(lo, 1 << max(n - 1, 0).bit_length()), hi)
 
 
+def padded_ids(*ids) -> tuple[np.ndarray, ...]:
+    """Equal-length id lists, each zero-padded to one bucket (calls compile once per bucket),
+    then the mask of the real entries."""
+    k = len(ids[0])
+    n = bucket(k, 16, 1 << 30)
+    out = np.zeros((len(ids), n), np.int32)
+    out[:, :k] = ids
+    return (*out, np.arange(n) < k)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes an engine. Defaults serve the embedded model on any backend."""
@@ -409,10 +419,7 @@ class Engine:
     def _pages_op(self, op, pages: list[int]) -> None:
         """op(cache, pages, mask) over a bucketed page list (share or drop references)."""
         if pages:
-            n = bucket(len(pages), 16, 1 << 30)
-            padded = np.zeros(n, np.int32)
-            padded[:len(pages)] = pages
-            self.cache = op(self.cache, padded, np.arange(n) < len(pages))
+            self.cache = op(self.cache, *padded_ids(pages))
 
     def _feed(self, group, tokens, b) -> Feed:
         reqs = [r for r, _ in group]
@@ -498,14 +505,11 @@ class Engine:
 
     def _resize(self, num_pages: int, src=(), dst=()) -> None:
         """The pool at num_pages pages, held pages src -> dst moved first (kvcache.elastic)."""
-        n = bucket(len(src), 16, 1 << 30)
-        moves = np.zeros((2, n), np.int32)
-        moves[:, :len(src)] = src, dst
         log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
                  self.cache.num_pages, num_pages, len(src))
         cache, self.cache = self.cache, None
-        self.cache = self._launch(kvcache.elastic.resize, cache, num_pages, moves[0], moves[1],
-                                  np.arange(n) < len(src))
+        self.cache = self._launch(kvcache.elastic.resize, cache, num_pages,
+                                  *padded_ids(src, dst))
 
     def flush_cache(self) -> bool:
         """Empties the prefix cache; refuses (False) while requests are queued or running."""

@@ -15,6 +15,7 @@ is queued, so the peak is the new pool plus one old layer, not old + new.
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,15 @@ import numpy as np
 
 from kvcache import allocator
 from kvcache.page_table import KVCache
+
+
+def use_returning_allocator() -> None:
+    """Selects XLA's cuda_async allocator without preallocation, unless the environment already
+    chose one. Call before JAX starts its backend: XLA's default allocator reserves most of the
+    GPU and never gives memory back, while cuda_async returns freed memory at the next stream
+    sync (DESIGN.md's allocator table). No effect off GPUs."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
 
 
 def pool_sizes(min_pages: int, max_pages: int, factor: int = 2) -> tuple[int, ...]:
