@@ -10,7 +10,9 @@ Every flag is parsed here, before JAX starts its backend.
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 
 from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
 from kvcache.elastic import use_returning_allocator
@@ -68,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--skip-warmup", action="store_true",
+                   help="compile each step shape when a batch first needs it (a log line "
+                        "each) instead of all of them at start-up")
+    s.add_argument("--compilation-cache-dir",
+                   default=os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/hybridkv/jax"),
+                   help="JAX's persistent compilation cache, so that a restart loads the "
+                        "compiled steps instead of compiling them again ('' turns it off)")
     g = p.add_argument_group("generate and exit (instead of serving)")
     g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
@@ -124,13 +133,19 @@ def serve(args) -> int:
     from engine.metrics import Metrics
     from engine.server import build_app
 
+    log = logging.getLogger("hybridkv")
     engine = AsyncEngine(Engine(engine_config(args)), Metrics())
     spec, pages = engine.engine.spec, engine.engine.cache.num_pages
-    logging.getLogger("hybridkv").info(
-        "KV pool (%s): %d pages of %d tokens (%.1f MiB), at most %d pages (%d tokens, %.1f MiB); "
-        "steps compile lazily, once per batch bucket and pool size", args.kv_pool, pages - 1,
-        spec.page_size, pages * spec.bytes_per_page / 2**20, spec.num_pages - 1,
-        spec.capacity_tokens, spec.total_bytes / 2**20)
+    log.info("KV pool (%s): %d pages of %d tokens (%.1f MiB), at most %d pages (%d tokens, "
+             "%.1f MiB)", args.kv_pool, pages - 1, spec.page_size,
+             pages * spec.bytes_per_page / 2**20, spec.num_pages - 1, spec.capacity_tokens,
+             spec.total_bytes / 2**20)
+    if args.skip_warmup:
+        log.info("step shapes compile lazily, once per batch bucket and pool size")
+    else:
+        start = time.perf_counter()
+        n = engine.engine.warmup()
+        log.info("warmed up %d step shapes in %.1f s", n, time.perf_counter() - start)
     engine.start()
     app = build_app(engine, args.served_model_name or args.model)
     try:
@@ -144,6 +159,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kv_pool == "elastic":
         use_returning_allocator()      # before JAX starts its backend
+    if args.compilation_cache_dir:
+        import jax
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser(args.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -118,7 +118,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
         sampling=SamplingArrays(temperature=np.zeros(batch, np.float32),
                                 top_k=np.zeros(batch, np.int32),
                                 top_p=np.ones(batch, np.float32),
-                                seed=np.zeros(batch, np.uint32)))
+                                seed=np.zeros(batch, np.uint32), filtering=False))
 
 
 def run_loop(engine, state, launches: int, steps: int):

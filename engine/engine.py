@@ -4,13 +4,15 @@
 that advanced. It is not thread-safe: one thread drives it (engine.async_engine for the
 server, a plain loop for `LLM.generate`).
 
-Host work overlaps the device in steady decoding. A model launch runs on a device thread (on a
-GPU the call itself lasts as long as the loop). A decode launch is left in flight when `step`
-returns; the next `step`, if the batch can simply go on (nothing waiting, nothing to release,
-pages for two more launches), queues the next launch on the device state the first one leaves
-and only then reads the first one's tokens and does the host's bookkeeping. Anything else
-(admissions, prefill chunks, releases, preemption, aborts) waits for the launch in flight.
-Finished requests keep their rows, inactive, until the chain of launches ends.
+Host work overlaps the device in steady decoding. Model launches are dispatched on a device
+thread; a launch has no host sync inside (the sampler's filter choice is static), so the call
+returns once its work is queued and the device runs it after. A decode launch is left in
+flight when `step` returns; the next `step`, if the batch can simply go on (nothing waiting,
+nothing to release, pages for two more launches), queues the next launch behind it on the
+device state it will leave, and only then reads the first one's tokens and does the host's
+bookkeeping, so the device always has the next launch queued. Anything else (admissions,
+prefill chunks, releases, preemption, aborts) waits for the launch in flight. Finished
+requests keep their rows, inactive, until the chain of launches ends.
 """
 
 import concurrent.futures
@@ -18,12 +20,14 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import secrets
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 import kernels
 import kvcache
 from engine import envs, parallel
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, filters
 from engine.scheduler import Plan, Request, Scheduler
 from engine.step import DecodeState, Feed, SamplingArrays, admit, decode_loop, forward
 from models import load_model
@@ -47,8 +51,11 @@ class _Flight:
     """A decode launch queued on the device thread whose tokens the host has not read yet."""
     future: concurrent.futures.Future   # -> decode_loop's (out, pages, cache, state, stalled)
     reqs: list[Request]                 # its rows, in order
-    width: int                          # rows of its state (len(reqs) padded to a bucket)
-    steps: int
+    shape: tuple                        # its compiled shape (Engine._loop_shape)
+
+    @property
+    def steps(self) -> int:
+        return self.shape[-1]
 
 
 class InvalidRequest(ValueError):
@@ -67,9 +74,12 @@ def resolve_dtype(dtype: str):
     return DTYPES[dtype]
 
 
-def bucket(n: int, lo: int, hi: int) -> int:
-    """Smallest power of two >= max(n, lo), capped at hi: shapes compile once per bucket."""
-    return min(max(lo, 1 << max(n - 1, 0).bit_length()), hi)
+def bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
+    """Smallest power of factor >= max(n, lo), capped at hi: shapes compile once per bucket."""
+    b = 1
+    while b < max(n, lo):
+        b *= factor
+    return min(b, hi)
 
 
 def padded_ids(*ids) -> tuple[np.ndarray, ...]:
@@ -187,6 +197,8 @@ class Engine:
         self._shapes: set[tuple] = set()
         self.requests: dict[str, Request] = {}
         self._device = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-device")
+        self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
+        self._device_end = 0.0              # when the last timed launch ended
         self._flight: _Flight | None = None
         self._held: list[Request] = []      # finished while a chain runs; rows not released yet
         self._ready: list[Request] = []     # advanced while draining, for the next step
@@ -313,14 +325,22 @@ class Engine:
         self._apply_releases(self.scheduler.release_pending())
 
     def _on_device(self, fn, *args, **kwargs) -> concurrent.futures.Future:
-        """fn(*args, **kwargs) on the device thread, waited for there; the call and the wait
-        count as device time (a GPU runs the decode loop inside the call)."""
+        """fn(*args, **kwargs), a model launch, dispatched on the device thread; the future
+        holds its outputs once they are queued, not computed. The timer thread waits for each
+        launch's first output (never donated) in turn: a launch keeps the device busy from its
+        dispatch, or the previous launch's end if later, to its own end."""
         def run():
             start = time.perf_counter()
-            out = jax.block_until_ready(fn(*args, **kwargs))
-            self.timing["device_busy_seconds"] += time.perf_counter() - start
+            out = fn(*args, **kwargs)
+            self._timer.submit(self._time_launch, start, out[0])
             return out
         return self._device.submit(run)
+
+    def _time_launch(self, start: float, first) -> None:
+        jax.block_until_ready(first)
+        end = time.perf_counter()
+        self.timing["device_busy_seconds"] += end - max(start, self._device_end)
+        self._device_end = end
 
     def _launch(self, fn, *args, **kwargs):
         return self._on_device(fn, *args, **kwargs).result()
@@ -369,34 +389,100 @@ class Engine:
             temperature=np.asarray([x.temperature for x in p] + [0.0] * pad, np.float32),
             top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
             top_p=np.asarray([x.top_p for x in p] + [1.0] * pad, np.float32),
-            seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32))
+            seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32),
+            filtering=any(filters(x) for x in p))
 
-    def _log_shape(self, kind: str, *shape) -> None:
-        key = (kind, *shape)
-        if key not in self._shapes:
+    @staticmethod
+    def _step_shape(feeds) -> tuple:
+        return ("step", *((*f.tokens.shape, f.sampling.filtering) for f in feeds))
+
+    @staticmethod
+    def _loop_shape(state: DecodeState, steps: int) -> tuple:
+        return ("decode loop", *state.stop_ids.shape, state.sampling.filtering, steps)
+
+    def _log_shape(self, shape: tuple) -> None:
+        if shape not in self._shapes:
+            self._shapes.add(shape)
+            log.info("compiling a %s for shape %s (lazily, once per bucket)", shape[0],
+                     shape[1:])
+
+    # -- compiled shapes --------------------------------------------------------------------
+    # A mixed step compiles once per (decode rows, chunk rows, chunk length) bucket, a decode
+    # loop once per (rows, steps) bucket, per pool size. Decode rows in a mixed step go up in
+    # powers of 4 (they cost one token each, so padding them is cheap), chunk lengths in powers
+    # of 2 from 64: with the defaults 5 x 3 x 4 mixed shapes and 2 x 7 loops, which `warmup`
+    # compiles at start-up.
+    def _mixed_rows(self, n: int) -> int:
+        return bucket(n, 1, self.config.max_running_requests, factor=4) if n else 0
+
+    def _chunk_rows(self, n: int) -> int:
+        return bucket(n, 1, self.config.max_prefill_rows)
+
+    def _chunk_len(self, n: int) -> int:
+        return bucket(n, 64, bucket(self.config.chunked_prefill_size, 16, 1 << 30))
+
+    def _loop_rows(self, n: int) -> int:
+        return bucket(n, 1, self.config.max_running_requests)
+
+    def step_shapes(self) -> tuple[list, list]:
+        """Every (decode rows, chunk rows, chunk length) of a mixed step and every (rows, steps)
+        of a decode loop that the scheduler's plans can take, as padded to their buckets."""
+        c = self.config
+        dec = sorted({self._mixed_rows(n) for n in range(c.max_running_requests + 1)})
+        rows = sorted({self._chunk_rows(n) for n in range(1, c.max_prefill_rows + 1)})
+        lens = sorted({self._chunk_len(n) for n in range(1, c.chunked_prefill_size + 1)})
+        loops = sorted({self._loop_rows(n) for n in range(1, c.max_running_requests + 1)})
+        return ([(d, r, t) for d in dec for r in rows for t in lens],
+                [(b, s) for b in loops for s in sorted({1, c.decode_steps})])
+
+    def warmup(self, progress: bool = True) -> int:
+        """Compiles every model launch of `step_shapes` at the current pool size, each run once
+        on padding rows (which change no state), so that serving does not stop to compile.
+        The shapes compile ahead of time in parallel threads, lowered from the very arguments
+        the runs then pass, so the runs reuse those executables. Still compiled lazily,
+        with a log line: sampling with top-k / top-p, other pool sizes of an elastic pool,
+        requests with many stop ids, and the small page operations. Returns the shape count."""
+        mixed, loops = self.step_shapes()
+        calls = []
+        for d, r, t in mixed:
+            feeds = ((self._feed([], np.zeros((d, 1), np.int32), d),) if d else ()) + (
+                self._feed([], np.zeros((r, t), np.int32), r),)
+            calls.append((self._step_shape(feeds), self._forward, feeds, {}))
+        for b, steps in loops:
+            state = self._decode_state([], b)
+            calls.append((self._loop_shape(state, steps), self._loop, state,
+                          {"num_steps": steps}))
+        def compile_ahead(call):
+            _, fn, arg, kw = call
+            fn.lower(self.params, self.cache, arg, attn_impl=self.attn_impl, **kw).compile()
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            list(tqdm.tqdm(pool.map(compile_ahead, calls), total=len(calls),
+                           desc="compiling step shapes", disable=not progress))
+        for key, fn, arg, kw in tqdm.tqdm(calls, desc="warming step shapes",
+                                          disable=not progress):
+            out = fn(self.params, self.cache, arg, attn_impl=self.attn_impl, **kw)
+            self.cache = out[-1] if fn is self._forward else out[2]
             self._shapes.add(key)
-            log.info("compiling %s for shape %s (lazily, once per bucket)", kind, shape)
+        jax.block_until_ready(self.cache)
+        return len(calls)
 
     def _run_mixed(self, plan: Plan, admitted) -> list[Request]:
         """One step: every decode row feeds one token, every chunk its prompt tokens."""
-        c = self.config
         feeds, groups = [], []
         if plan.decode:
-            b = bucket(len(plan.decode), 1, c.max_running_requests)
+            b = self._mixed_rows(len(plan.decode))
             tokens = np.zeros((b, 1), np.int32)
             for i, r in enumerate(plan.decode):
                 tokens[i, 0] = r.tokens[-1]
             groups.append([(r, 1) for r in plan.decode])
             feeds.append(self._feed(groups[-1], tokens, b))
-        b = bucket(len(plan.chunks), 1, c.max_prefill_rows)
-        t = bucket(max(n for _, n in plan.chunks), 16, bucket(c.chunked_prefill_size, 16,
-                                                               1 << 30))
-        tokens = np.zeros((b, t), np.int32)
+        b = self._chunk_rows(len(plan.chunks))
+        tokens = np.zeros((b, self._chunk_len(max(n for _, n in plan.chunks))), np.int32)
         for i, (r, n) in enumerate(plan.chunks):
             tokens[i, :n] = r.tokens[r.computed:r.computed + n]
         groups.append(plan.chunks)
         feeds.append(self._feed(plan.chunks, tokens, b))
-        self._log_shape("step", *(f.tokens.shape for f in feeds))
+        self._log_shape(self._step_shape(feeds))
         results, self.cache = self._launch(self._forward, self.params, self.cache,
                                            tuple(feeds), attn_impl=self.attn_impl)
         self._finish_admissions(plan, admitted)
@@ -429,28 +515,32 @@ class Engine:
                     num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
                     sampling=self._sampling(reqs, b))
 
-    def _start_decode(self, plan: Plan) -> None:
-        """Queues plan.steps decode steps in one on-device loop; their tokens are read by the
-        next step."""
-        reqs = plan.decode
-        b = bucket(len(reqs), 1, self.config.max_running_requests)
-        e = bucket(max(len(r.stop_ids) for r in reqs), 4, 1 << 16)
+    def _decode_state(self, reqs: list[Request], b: int) -> DecodeState:
+        e = bucket(max((len(r.stop_ids) for r in reqs), default=0), 4, 1 << 16)
         stop = np.full((b, e), -1, np.int32)
         for i, r in enumerate(reqs):
             stop[i, :len(r.stop_ids)] = r.stop_ids
         pad = b - len(reqs)
-        state = DecodeState(
+        return DecodeState(
             rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
             tokens=np.asarray([r.tokens[-1] for r in reqs] + [0] * pad, np.int32),
             active=np.asarray([True] * len(reqs) + [False] * pad),
             remaining=np.asarray([r.params.max_tokens - len(r.output) for r in reqs]
                                  + [0] * pad, np.int32),
             stop_ids=stop, sampling=self._sampling(reqs, b))
-        self._log_shape("decode loop", b, plan.steps)
+
+    def _start_decode(self, plan: Plan) -> None:
+        """Queues plan.steps decode steps in one on-device loop; their tokens are read by the
+        next step."""
+        reqs = plan.decode
+        b = self._loop_rows(len(reqs))
+        state = self._decode_state(reqs, b)
+        shape = self._loop_shape(state, plan.steps)
+        self._log_shape(shape)
         future = self._on_device(self._loop, self.params, self.cache, state,
                                  num_steps=plan.steps, attn_impl=self.attn_impl)
         self.cache = None          # donated: the launch's result holds the cache now
-        self._flight = _Flight(future, list(reqs), b, plan.steps)
+        self._flight = _Flight(future, list(reqs), shape)
 
     def _land(self, chain: bool) -> list[Request]:
         """Reads the launch in flight; first, when chain is set and the batch can go on, queues
@@ -458,13 +548,14 @@ class Engine:
         flight = self._flight
         if chain and self.scheduler.can_continue(flight.reqs, flight.steps):
             steps = self.config.decode_steps
-            self._log_shape("decode loop", flight.width, steps)
+            shape = (*flight.shape[:-1], steps)       # the same state, `steps` steps
+            self._log_shape(shape)
 
             def follow():
                 _, _, cache, state, _ = flight.future.result()
                 return self._loop(self.params, cache, state, num_steps=steps,
                                   attn_impl=self.attn_impl)
-            self._flight = _Flight(self._on_device(follow), flight.reqs, flight.width, steps)
+            self._flight = _Flight(self._on_device(follow), flight.reqs, shape)
             self.timing["chained_launches"] += 1
         else:
             self._flight = None
@@ -508,8 +599,7 @@ class Engine:
         log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
                  self.cache.num_pages, num_pages, len(src))
         cache, self.cache = self.cache, None
-        self.cache = self._launch(kvcache.elastic.resize, cache, num_pages,
-                                  *padded_ids(src, dst))
+        self.cache = kvcache.elastic.resize(cache, num_pages, *padded_ids(src, dst))
 
     def flush_cache(self) -> bool:
         """Empties the prefix cache; refuses (False) while requests are queued or running."""

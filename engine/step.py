@@ -24,13 +24,15 @@ from models import Group
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["temperature", "top_k", "top_p", "seed"], meta_fields=[])
+                   data_fields=["temperature", "top_k", "top_p", "seed"],
+                   meta_fields=["filtering"])
 @dataclasses.dataclass
 class SamplingArrays:
     temperature: jax.Array  # [B] float32
     top_k: jax.Array        # [B] int32, <= 0: off
     top_p: jax.Array        # [B] float32
     seed: jax.Array         # [B] uint32
+    filtering: bool = True  # static: some row may filter by top-k / top-p (engine.sampling)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -98,7 +100,8 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         lengths = lengths.at[jnp.where(num > 0, f.rows, lengths.shape[0])].add(num, mode="drop")
         logits = model.logits(h[jnp.arange(h.shape[0]), jnp.maximum(num - 1, 0)])   # [B,V]
         s = f.sampling
-        nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num)
+        nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num,
+                     filtering=s.filtering)
         results.append((nxt, logits, new, ok))
     return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths)
 

@@ -100,6 +100,14 @@ def test_sampler_filters():
     np.testing.assert_array_equal(tiny_p, argmax)
     assert all(k2[i] in top2[i] for i in range(b))
     assert np.mean([free[i] in top2[i] for i in range(b)]) < 0.9  # hot: the filter mattered
+    # filtering=False skips the sort: right for rows that do not filter, and the filtering
+    # path leaves those rows' draws alone when others in the batch filter.
+    unsorted = sample(logits, ones * 5, zeros, ones, seeds, zeros, filtering=False)
+    np.testing.assert_array_equal(unsorted, free)
+    mixed_k = jnp.where(jnp.arange(b) % 2 == 0, 2, 0)
+    mixed = np.asarray(sample(logits, ones * 5, mixed_k, ones, seeds, zeros))
+    np.testing.assert_array_equal(mixed[1::2], free[1::2])
+    np.testing.assert_array_equal(mixed[::2], k2[::2])
 
 
 @pytest.mark.parametrize("kwargs, message", [

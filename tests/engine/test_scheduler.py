@@ -16,12 +16,15 @@ MAX_TOKENS = [3, 17, 9, 12, 1, 25, 6, 14, 30, 5, 20]
 
 
 def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_every=0,
-        sync=True):
+        sync=True, warm=False):
     """Feeds the prompts (all at once, or one more every `arrive_every` steps), steps to the end
     checking the ledger after every step (after waiting for the launch in flight; with sync
     False, only at the end, so that decode launches chain); returns (outputs, engine,
-    requests)."""
+    requests). warm: Engine.warmup first, and then no model launch may compile."""
     engine = Engine(config)
+    if warm:
+        assert engine.warmup(progress=False) == sum(map(len, engine.step_shapes()))
+        compiled = engine._forward._cache_size(), engine._loop._cache_size()
     reqs = [engine.make_request(f"r{i}", p, SamplingParams(max_tokens=m, temperature=0,
                                                             ignore_eos=True))
             for i, (p, m) in enumerate(zip(prompts, max_tokens))]
@@ -45,6 +48,8 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
             assert row[:len(r.pages)].tolist() == r.pages and not row[len(r.pages):].any()
     assert_pool_clean(engine)
     assert all(len(r.output) == m for r, m in zip(reqs, max_tokens))
+    if warm:
+        assert (engine._forward._cache_size(), engine._loop._cache_size()) == compiled
     return [r.output for r in reqs], engine, reqs
 
 
@@ -103,6 +108,16 @@ def test_chained_decode_launches_give_the_same_tokens(reference, layout):
                                           chunked_prefill_size=64, decode_steps=4), sync=False)
     assert outputs == reference
     assert engine.stats()["chained_launches"] > 0
+
+
+def test_warmup_compiles_every_launch_the_run_needs(reference):
+    """Warmed up, a run that mixes chunks (two rows, lengths 1-16) with decode rows, decode
+    loops of 1 and 3 steps, and preemption compiles no model launch."""
+    outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
+                                          chunked_prefill_size=16, max_prefill_rows=2,
+                                          decode_steps=3), arrive_every=2, sync=False, warm=True)
+    assert outputs == reference
+    assert engine.stats()["preemptions"] > 0
 
 
 def test_chained_launches_under_preemption(reference):

@@ -36,8 +36,10 @@ def server(tmp_path_factory):
 def start_server(tmp_path_factory, flags):
     """serve.py with flags on a free port, once healthy: yields (url, process, log path)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *flags],
+    tmp = tmp_path_factory.mktemp("server")
+    log = tmp / "serve.log"
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port),
+                             "--compilation-cache-dir", str(tmp / "jax-cache"), *flags],
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -290,6 +292,13 @@ def test_soak_no_page_leak_and_flat_memory(server):
         f"nothing: {rss} KiB, shapes {shapes}"
 
 
+def test_server_warmed_up_every_step_shape_at_start(server):
+    """The default start-up compiles the bounded step-shape set behind a progress bar."""
+    text = server[2].read_text()
+    assert re.search(r"compiling step shapes: 100%.* (\d+)/\1 ", text), text[-4000:]
+    assert re.search(r"warming step shapes: 100%.* (\d+)/\1 ", text), text[-4000:]
+
+
 def test_server_log_has_no_tracebacks(server):
     """Everything above, bad input and disconnects included, left no exception in the log."""
     url, proc, log = server
@@ -300,7 +309,7 @@ def test_server_log_has_no_tracebacks(server):
 @pytest.fixture(scope="module")
 def elastic_server(tmp_path_factory):
     flags = [*FLAGS, "--kv-pool", "elastic", "--kv-pool-min-tokens", "256",
-             "--kv-shrink-after", "0.5"]
+             "--kv-shrink-after", "0.5", "--skip-warmup"]
     yield from start_server(tmp_path_factory, flags)
 
 
