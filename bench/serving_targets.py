@@ -7,8 +7,9 @@ without the radix cache and drives it with bench/serving.py.
    the hit rate against the optimum;
 2. no shared prefix (random prompts): the cost of the cache in output tokens/s;
 3. decode with 64 running requests: host time per model step not hidden behind the device.
-Each workload runs twice on a server: a warm-up pass (steps compile lazily, once per bucket),
-then, with the prefix cache emptied, the measured pass. Writes bench/results/serving-targets.json.
+Each workload runs twice on a server: a warm-up pass (the server compiled its step shapes at
+start-up; what compiles lazily, such as the page operations, compiles here), then, with the
+prefix cache emptied, the measured pass. Writes bench/results/serving-targets.json.
 """
 
 import argparse
@@ -67,8 +68,8 @@ def bench(url: str, dataset_args: list[str], seed: int) -> dict:
 
 
 def measure(url: str, dataset_args: list[str], seed: int) -> dict:
-    """The workload twice: a warm-up pass that compiles the shapes it needs (steps compile
-    lazily, once per bucket), then, after emptying the prefix cache, the measured pass. Each
+    """The workload twice: a warm-up pass that compiles what the server's start-up did not,
+    then, after emptying the prefix cache, the measured pass. Each
     workload has its own seed, so no workload's prompts share a prefix with another's."""
     start = time.monotonic()
     bench(url, dataset_args, seed=seed)

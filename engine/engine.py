@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import secrets
 import time
 
@@ -327,19 +326,20 @@ class Engine:
     def _on_device(self, fn, *args, **kwargs) -> concurrent.futures.Future:
         """fn(*args, **kwargs), a model launch, dispatched on the device thread; the future
         holds its outputs once they are queued, not computed. The timer thread waits for each
-        launch's first output (never donated) in turn: a launch keeps the device busy from its
-        dispatch, or the previous launch's end if later, to its own end."""
+        launch's first output (never donated) in turn: a launch keeps the device busy from the
+        end of its dispatch, or the previous launch's end if later, to its own end. The
+        dispatch itself (~2 ms for a 1B model's ~200 arguments on a GPU) counts as host time
+        when the device is idle meanwhile."""
         def run():
-            start = time.perf_counter()
             out = fn(*args, **kwargs)
-            self._timer.submit(self._time_launch, start, out[0])
+            self._timer.submit(self._time_launch, time.perf_counter(), out[0])
             return out
         return self._device.submit(run)
 
-    def _time_launch(self, start: float, first) -> None:
+    def _time_launch(self, queued: float, first) -> None:
         jax.block_until_ready(first)
         end = time.perf_counter()
-        self.timing["device_busy_seconds"] += end - max(start, self._device_end)
+        self.timing["device_busy_seconds"] += end - max(queued, self._device_end)
         self._device_end = end
 
     def _launch(self, fn, *args, **kwargs):
@@ -438,10 +438,12 @@ class Engine:
     def warmup(self, progress: bool = True) -> int:
         """Compiles every model launch of `step_shapes` at the current pool size, each run once
         on padding rows (which change no state), so that serving does not stop to compile.
-        The shapes compile ahead of time in parallel threads, lowered from the very arguments
-        the runs then pass, so the runs reuse those executables. Still compiled lazily,
-        with a log line: sampling with top-k / top-p, other pool sizes of an elastic pool,
-        requests with many stop ids, and the small page operations. Returns the shape count."""
+        One at a time: on the H100, compiling in 8 threads was slower (119 shapes in 268 s,
+        against 74 in 97 s in one) and the server then decoded slower too (16.3k against 26.0k
+        tokens/s at 64 rows), likely because XLA's autotuner timed its kernel candidates on a
+        device shared by the other compiles. Still compiled lazily, with a log line: sampling
+        with top-k / top-p, other pool sizes of an elastic pool, requests with many stop ids,
+        and the small page operations. Returns the shape count."""
         mixed, loops = self.step_shapes()
         calls = []
         for d, r, t in mixed:
@@ -452,13 +454,7 @@ class Engine:
             state = self._decode_state([], b)
             calls.append((self._loop_shape(state, steps), self._loop, state,
                           {"num_steps": steps}))
-        def compile_ahead(call):
-            _, fn, arg, kw = call
-            fn.lower(self.params, self.cache, arg, attn_impl=self.attn_impl, **kw).compile()
-        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            list(tqdm.tqdm(pool.map(compile_ahead, calls), total=len(calls),
-                           desc="compiling step shapes", disable=not progress))
-        for key, fn, arg, kw in tqdm.tqdm(calls, desc="warming step shapes",
+        for key, fn, arg, kw in tqdm.tqdm(calls, desc="compiling step shapes",
                                           disable=not progress):
             out = fn(self.params, self.cache, arg, attn_impl=self.attn_impl, **kw)
             self.cache = out[-1] if fn is self._forward else out[2]

@@ -72,10 +72,10 @@ class Metrics:
                                         s["hit_tokens"]),
             "engine_step_seconds": ("Wall time the engine was busy (steps, and gaps between "
                                     "steps while a launch ran)", s["step_seconds"]),
-            "engine_device_busy_seconds": ("Device time in model launches (each from its "
-                                           "dispatch, or the previous launch's end, to its "
-                                           "end); the rest of the busy time is host work the "
-                                           "device waited for", s["device_busy_seconds"]),
+            "engine_device_busy_seconds": ("Device time in model launches (each from the "
+                                           "end of its dispatch, or the previous launch's "
+                                           "end, to its end); the rest of the busy time is "
+                                           "host work the device waited for", s["device_busy_seconds"]),
             "device_steps": ("Model steps run on the device (a launch may run several)",
                              s["device_steps"]),
             "pool_grows": ("Elastic pool growths", s["pool_grows"]),
