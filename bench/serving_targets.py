@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     decode = ["--dataset", "random", "--num-prompts", "64", "--random-input-len", "128",
               "--random-output-len", str(512 // scale), "--max-concurrency", "64", *vocab]
     flags = ["--model", a.model, "--max-running-requests", "64", "--context-length", str(a.context_length),
-             "--chunked-prefill-size", "4096", "--mem-fraction-static", "0.85"]
+             "--chunked-prefill-size", "512", "--mem-fraction-static", "0.85"]
     logs = Path("/tmp")
     results = {}
     for name, extra in [("radix", []), ("no_radix", ["--disable-radix-cache"])]:
