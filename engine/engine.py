@@ -121,9 +121,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_pool not in KV_POOLS:
             raise ValueError(f"unknown kv_pool {self.kv_pool!r}; choose one of {list(KV_POOLS)}")
-        if self.kv_pool == "elastic" and self.tensor_parallel_size > 1:
-            raise ValueError("kv_pool='elastic' (--kv-pool elastic) does not support "
-                             "tensor_parallel_size > 1 yet: use a static pool")
         if self.kv_pool_min_tokens < 1 or self.kv_pool_growth < 2 or self.kv_shrink_after < 0:
             raise ValueError(
                 "need kv_pool_min_tokens >= 1, kv_pool_growth >= 2 and kv_shrink_after >= 0, got "
@@ -174,6 +171,7 @@ class Engine:
             self.cache, cs = parallel.sharded_cache(first, c.max_running_requests,
                                                     self.pages_per_row, self.mesh)
             rep = NamedSharding(self.mesh, P())
+        self._cache_sharding = cs
         self.scheduler = Scheduler(
             pool_sizes=sizes, shrink_after=c.kv_shrink_after, page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
@@ -595,7 +593,10 @@ class Engine:
         log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
                  self.cache.num_pages, num_pages, len(src))
         cache, self.cache = self.cache, None
-        self.cache = kvcache.elastic.resize(cache, num_pages, *padded_ids(src, dst))
+        cache = kvcache.elastic.resize(cache, num_pages, *padded_ids(src, dst))
+        # On a mesh the page tables and allocator come back as XLA placed them: put them back
+        # where every call expects them (the pages kept their sharding; a no-op for them).
+        self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding)
 
     def flush_cache(self) -> bool:
         """Empties the prefix cache; refuses (False) while requests are queued or running."""

@@ -65,15 +65,17 @@ def fragmentation(refcount: np.ndarray) -> dict:
     return {"free_pages": int(free.sum()), "largest_free_run": int(runs.max(initial=0))}
 
 
-@functools.partial(jax.jit, static_argnames="num_pages")
-def _resize_layer(pages, src, dst, mask, *, num_pages: int):
+@functools.partial(jax.jit, static_argnames=("num_pages", "sharding"))
+def _resize_layer(pages, src, dst, mask, *, num_pages: int, sharding=None):
     """pages [P,G,K,H] -> [num_pages,G,K,H]: pages[src[i]] copied to dst[i] where mask[i], then
-    cut or zero-padded to num_pages."""
+    cut or zero-padded to num_pages, laid out as `sharding` (None: XLA's choice)."""
     p = pages.shape[0]
     moved = pages.at[jnp.where(mask, dst, p)].set(pages[src], mode="drop")
     if num_pages <= p:
-        return moved[:num_pages]
-    return jnp.pad(moved, ((0, num_pages - p),) + ((0, 0),) * (pages.ndim - 1))
+        out = moved[:num_pages]
+    else:
+        out = jnp.pad(moved, ((0, num_pages - p),) + ((0, 0),) * (pages.ndim - 1))
+    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
 @functools.partial(jax.jit, static_argnames="num_pages")
@@ -96,11 +98,14 @@ def _resize_tables(cache: KVCache, src, dst, mask, *, num_pages: int) -> KVCache
 def resize(cache: KVCache, num_pages: int, src, dst, mask) -> KVCache:
     """The cache with a pool of num_pages pages, held pages src[i] moved to dst[i] first (where
     mask[i]; src, dst, mask [E], padded). Every page held after the moves must lie below
-    num_pages (see compaction_moves). Consumes `cache`: its K/V arrays are deleted."""
+    num_pages (see compaction_moves). Each layer keeps its sharding (a tensor-parallel pool
+    stays split along its KV heads, each device resizing its own share). Consumes `cache`: its
+    K/V arrays are deleted."""
     k, v = list(cache.k), list(cache.v)
     for layers in (k, v):
         for i, old in enumerate(layers):
-            layers[i] = _resize_layer(old, src, dst, mask, num_pages=num_pages)
+            layers[i] = _resize_layer(old, src, dst, mask, num_pages=num_pages,
+                                      sharding=old.sharding)
             old.delete()
     tables = _resize_tables(dataclasses.replace(cache, k=(), v=()), src, dst, mask,
                             num_pages=num_pages)

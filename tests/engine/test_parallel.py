@@ -87,6 +87,23 @@ def test_tp_under_preemption(reference):
     assert llm.engine.stats()["preemptions"] > 0
 
 
+def test_tp_with_an_elastic_pool(reference):
+    """An elastic pool of 3 pages grows for the batch and shrinks back once idle (no delay),
+    each device resizing its own share of the KV heads; tokens unchanged, pages still split."""
+    llm = LLM("tiny-random", tensor_parallel_size=2, kv_pool="elastic", kv_pool_min_tokens=8,
+              kv_shrink_after=0, max_total_tokens=96, **KW)
+    assert generate(llm, runs=1) == reference("tiny-random")[:1]
+    llm.engine.maintain()
+    assert_pool_clean(llm)
+    pool = llm.engine.scheduler.pool_report()
+    assert pool["grows"] > 0 and pool["shrinks"] > 0, pool
+    e = llm.engine
+    for pages in (*e.cache.k, *e.cache.v):
+        assert pages.sharding.spec == P(None, None, "tp", None)
+        assert pages.shape[0] == e.cache.num_pages
+    assert e.cache.page_table.sharding.is_fully_replicated
+
+
 def test_tp_runs_pallas_kernels_per_device(reference):
     """The GPU Pallas kernel (interpret mode) under shard_map == the jnp reference at tp=1."""
     llm = LLM("tiny-random", tensor_parallel_size=2, attention_impl="gpu-interpret", **KW)

@@ -218,8 +218,3 @@ def test_idle_elastic_pool_shrinks_to_its_smallest_size_after_the_delay():
     assert sched.radix.cached_pages() <= 4                    # the rest was evicted
     assert_pool_clean(engine)
     assert sched.shrink_due(start) == (None, None)            # nothing smaller to go to
-
-
-def test_elastic_pool_refuses_tensor_parallelism_for_now():
-    with pytest.raises(ValueError, match="does not support tensor_parallel_size > 1"):
-        EngineConfig(**BASE, kv_pool="elastic", tensor_parallel_size=2)
