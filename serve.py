@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fewer compiled step shapes)")
     m.add_argument("--kv-shrink-after", type=float, default=5.0,
                    help="elastic: seconds a smaller pool must have sufficed before shrinking")
+    m.add_argument("--host-kv-size", type=int, default=0,
+                   help="tokens of host memory for the prefix cache's host tier: pages evicted "
+                        "from the KV pool move there and come back on a prefix hit (0: off)")
     m.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV pool size in tokens (default: from --mem-fraction-static)")
     m.add_argument("--mem-fraction-static", type=float, default=0.9,
@@ -102,7 +105,7 @@ def engine_config(args):
         chunked_prefill_size=args.chunked_prefill_size,
         decode_steps=args.num_continuous_decode_steps,
         disable_radix_cache=args.disable_radix_cache, attention_impl=args.attention_impl,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, host_kv_size=args.host_kv_size)
 
 
 def generate(args) -> int:

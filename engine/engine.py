@@ -113,6 +113,7 @@ class EngineConfig:
     disable_radix_cache: bool = False
     attention_impl: str | None = None
     tensor_parallel_size: int = 1
+    host_kv_size: int = 0     # tokens of the prefix cache's host tier (kvcache.offload); 0: off
 
     def __post_init__(self):
         for name in ("max_running_requests", "chunked_prefill_size", "max_prefill_rows",
@@ -121,6 +122,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_pool not in KV_POOLS:
             raise ValueError(f"unknown kv_pool {self.kv_pool!r}; choose one of {list(KV_POOLS)}")
+        if self.host_kv_size and (self.disable_radix_cache or self.tensor_parallel_size > 1):
+            raise ValueError("host_kv_size (--host-kv-size) is a tier of the prefix cache: it "
+                             "needs the radix cache on and does not support "
+                             "tensor_parallel_size > 1 yet")
         if self.kv_pool_min_tokens < 1 or self.kv_pool_growth < 2 or self.kv_shrink_after < 0:
             raise ValueError(
                 "need kv_pool_min_tokens >= 1, kv_pool_growth >= 2 and kv_shrink_after >= 0, got "
@@ -176,7 +181,9 @@ class Engine:
             pool_sizes=sizes, shrink_after=c.kv_shrink_after, page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
-            decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache)
+            decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache,
+            host_pages=kvcache.host_tier_pages(c.host_kv_size, self.spec))
+        self.host = kvcache.HostStore(device, kvcache.host_memory_kind(device))
         # On a mesh every call returns the cache in the shardings it came in, so its donated
         # buffers are reused and no call reshards the pool.
         self._admit = jax.jit(admit, out_shardings=(cs, rep, rep), donate_argnames="cache",
@@ -354,6 +361,7 @@ class Engine:
                 keep[i, :len(rel.keep)] = rel.keep
             mask = np.arange(b) < len(plan.release)
             self.cache = self._release(self.cache, rows, mask, keep)
+        self.cache = self.host.apply(self.cache, plan.host)
         self._pages_op(self._drop, plan.evict)
 
     def _admit_rows(self, plan: Plan):
@@ -584,6 +592,7 @@ class Engine:
             return wait
         self._apply_releases(self.scheduler.release_pending())
         evicted, src, dst = self.scheduler.shrink(target)
+        self.cache = self.host.apply(self.cache, self.scheduler.host_moves())
         self._pages_op(self._drop, evicted)
         self._resize(target, src, dst)
         return None
@@ -606,4 +615,5 @@ class Engine:
         return True
 
     def stats(self) -> dict:
-        return self.scheduler.stats() | self.timing | {"compiled_shapes": len(self._shapes)}
+        return self.scheduler.stats() | self.timing | {"compiled_shapes": len(self._shapes),
+                                                       "host_bytes": self.host.nbytes()}

@@ -30,8 +30,9 @@ class LLM:
     the driver; serve.py does). attention_impl: see kernels.IMPLEMENTATIONS; None takes the
     HYBRIDKV_ATTENTION environment variable ('auto' when unset). tensor_parallel_size: devices
     the model and its KV pages are sharded over (attention heads and MLP columns; see
-    engine.parallel). Requests run with continuous batching, chunked prefill and the radix
-    prefix cache, as in the server.
+    engine.parallel). host_kv_size: tokens of host memory that prefix-cache pages evicted from
+    the pool move to, and come back from on a hit (kvcache.offload; 0: off). Requests run with
+    continuous batching, chunked prefill and the radix prefix cache, as in the server.
     """
 
     def __init__(self, model: str = "tiny-random", *, layout: str = "hybrid",
@@ -41,7 +42,8 @@ class LLM:
                  kv_pool: str = "static", kv_pool_min_tokens: int = 2048,
                  kv_shrink_after: float = 5.0, attention_impl: str | None = None,
                  steps_per_loop: int = 4, chunked_prefill_size: int = 512,
-                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1,
+                 host_kv_size: int = 0):
         self.engine = Engine(EngineConfig(
             model=model, dtype=dtype, layout=layout, static_max_tokens=static_max_tokens,
             page_size=page_size, max_total_tokens=max_total_tokens, kv_pool=kv_pool,
@@ -49,7 +51,8 @@ class LLM:
             mem_fraction_static=mem_fraction_static, context_length=max_model_len,
             max_running_requests=max_num_seqs, chunked_prefill_size=chunked_prefill_size,
             decode_steps=steps_per_loop, disable_radix_cache=not enable_prefix_caching,
-            attention_impl=attention_impl, tensor_parallel_size=tensor_parallel_size))
+            attention_impl=attention_impl, tensor_parallel_size=tensor_parallel_size,
+            host_kv_size=host_kv_size))
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -54,6 +54,12 @@ class Metrics:
                            s["pages_total"]),
             "pool_max_pages": ("KV pages the pool may grow to", s["pages_max"]),
             "pages_cached": ("KV pages held by the prefix cache", s["pages_cached"]),
+            "host_pages_cached": ("KV pages held in the prefix cache's host tier",
+                                  s["host_pages_cached"]),
+            "host_pool_pages": ("KV pages the host tier may hold (--host-kv-size)",
+                                s["host_pages_total"]),
+            "host_tier_bytes": ("Host memory held by the host tier (whole transfer blocks: one "
+                                "is freed with its last page)", s["host_bytes"]),
             "kv_usage_ratio": ("Fraction of the KV pool (at its current size) held",
                                used / s["pages_total"]),
             "prefix_cache_hit_rate": ("Prompt tokens found in the prefix cache / prompt tokens",
@@ -81,8 +87,17 @@ class Metrics:
             "pool_grows": ("Elastic pool growths", s["pool_grows"]),
             "pool_shrinks": ("Elastic pool shrinks", s["pool_shrinks"]),
             "pool_pages_moved": ("Pages moved by elastic pool compaction", s["pages_moved"]),
+            "host_pages_offloaded": ("KV pages copied to the host tier", s["host_pages_offloaded"]),
+            "host_pages_loaded": ("KV pages copied back from the host tier",
+                                  s["host_pages_loaded"]),
             "chained_launches": ("Decode launches queued behind the one in flight, before the "
                                  "host read its tokens", s["chained_launches"]),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"hybridkv_{name}", doc, value=value)
+        tiers = CounterMetricFamily("hybridkv_prefix_cache_tier_hit_tokens",
+                                    "Prompt tokens found in the prefix cache, by the tier that "
+                                    "held them", labels=["tier"])
+        tiers.add_metric(["device"], s["hit_tokens"] - s["host_hit_tokens"])
+        tiers.add_metric(["host"], s["host_hit_tokens"])
+        yield tiers

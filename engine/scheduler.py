@@ -12,6 +12,11 @@ Each launch feeds a row some of tokens[computed:]: a decode row its one last tok
 row a chunk. When a feed reaches the end of the tokens, the token sampled after it is kept.
 Preemption frees a paged request's row (its full pages go to the prefix cache) and puts it back
 at the head of the queue; on resume it prefills prompt + output again, mostly from the cache.
+
+With a host tier (host_pages > 0), evicted prefix-cache leaves move to host memory, preempted
+requests' pages included, and an admission whose match reaches them takes fresh pages for them
+(counted like any other) that the engine fills from the host before the launch
+(kvcache.radix, kvcache.offload).
 """
 
 import collections
@@ -25,7 +30,7 @@ from engine.sampling import SamplingParams
 from kvcache.allocator import TRASH_PAGE
 from kvcache.elastic import compaction_moves, fragmentation
 from kvcache.policy import LayoutPolicy
-from kvcache.radix import RadixCache
+from kvcache.radix import HostMove, RadixCache
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -41,6 +46,7 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)  # mirror of the row's page table
     computed: int = 0                # tokens whose K/V are in the cache
     cached_tokens: int = 0           # prefix-cache hit at the first admission
+    host_cached_tokens: int = 0      # of which came from the host tier
     node: object = None              # locked prefix-cache node while running
     finish_reason: str | None = None  # "stop", "length" or "abort"
     preemptions: int = 0
@@ -109,8 +115,10 @@ class Release:
 
 @dataclasses.dataclass
 class Plan:
-    """One launch. The engine runs, in order: releases, evictions, admissions, then the step."""
+    """One launch. The engine runs, in order: releases, host moves, evictions, admissions, then
+    the step."""
     release: list[Release] = dataclasses.field(default_factory=list)
+    host: list[HostMove] = dataclasses.field(default_factory=list)  # in order (kvcache.radix)
     evict: list[int] = dataclasses.field(default_factory=list)
     admit: list[tuple[Request, list[int], int]] = dataclasses.field(default_factory=list)
     chunks: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (req, tokens)
@@ -127,11 +135,13 @@ class Scheduler:
     """pool_sizes: the page counts (trash page included) the pool may take, ascending; it
     starts at the first. One size is a static pool. An elastic pool grows to the next size that
     covers a launch when free and evictable pages do not, and shrinks to a smaller one when its
-    unevictable pages have fit in half of that size for shrink_after seconds."""
+    unevictable pages have fit in half of that size for shrink_after seconds. host_pages: the
+    prefix cache's host tier (0: none)."""
 
     def __init__(self, *, pool_sizes: tuple[int, ...], page_size: int, max_rows: int,
                  row_width: int, policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
-                 decode_steps: int, radix_cache: bool, shrink_after: float = 5.0):
+                 decode_steps: int, radix_cache: bool, shrink_after: float = 5.0,
+                 host_pages: int = 0):
         self.g, self.policy = page_size, policy
         self.row_width, self.max_rows = row_width, max_rows
         self.chunk_size, self.max_prefill_rows = chunk_size, max_prefill_rows
@@ -140,7 +150,7 @@ class Scheduler:
         self.ledger = Ledger(self.pool_sizes[0])
         self.pool = {"grows": 0, "shrinks": 0, "pages_moved": 0}
         self._oversized_since: float | None = None
-        self.radix = RadixCache(page_size) if radix_cache else None
+        self.radix = RadixCache(page_size, host_pages) if radix_cache else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []   # in admission order: the last is preempted first
         self.free_rows = list(range(max_rows - 1, -1, -1))
@@ -149,6 +159,8 @@ class Scheduler:
         self._committed = 0               # pages promised to the launch being planned
         self.prompt_tokens = 0            # tokens looked up in the prefix cache, first admissions
         self.hit_tokens = 0               # of which found there
+        self.host_hit_tokens = 0          # of which in the host tier
+        self.host_io = {"offload": 0, "load": 0}  # pages moved to and from the host tier
 
     # -- queue ------------------------------------------------------------------------------
     def worst_pages(self, req: Request) -> int:
@@ -254,7 +266,8 @@ class Scheduler:
         """Shrinks the pool to num_pages: evicts prefix-cache leaves (least recently used
         first) until the held pages fit, then picks moves that compact them below num_pages
         and rewrites every host copy of a page id. Only between launches, with no release
-        pending. Returns (evicted pages, src, dst) for the device to apply in that order."""
+        pending. Returns (evicted pages, src, dst) for the device to apply in that order, after
+        the `host_moves` (leaves evicted to the host tier are read before anything moves)."""
         if self.to_release:
             raise RuntimeError("shrink with releases pending")
         over = self.capacity - self.ledger.free - (num_pages - 1)
@@ -292,6 +305,7 @@ class Scheduler:
         for req in self.to_release:
             self._release(req, plan)
         self.to_release = []
+        plan.host += self.host_moves()
         return plan
 
     def schedule(self) -> Plan:
@@ -300,10 +314,21 @@ class Scheduler:
             self._committed = 0
             self._plan_run(plan)
             if plan.runs or not self.running:
+                plan.host += self.host_moves()
                 return plan
             # Every running row waits for pages that only a preemption can free.
             if self._preempt(plan) is None:
                 raise RuntimeError("static rows hold more pages than they reserved")
+
+    def host_moves(self) -> list[HostMove]:
+        """Copies between the pool and the host tier decided since the last call, oldest first
+        (plans carry theirs). The device carries them out in this order, before the pages
+        evicted with them are dropped or reused."""
+        moves = self.radix.take_moves() if self.radix is not None else []
+        for move in moves:
+            if move.op in self.host_io:
+                self.host_io[move.op] += len(move.slots)
+        return moves
 
     def _plan_run(self, plan: Plan) -> None:
         prefilling = [r for r in self.running if len(r.tokens) - r.computed > 1]
@@ -341,34 +366,40 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int, plan: Plan) -> int | None:
         """Admits req if the pool covers its reservation (static) or its whole remaining prompt
-        (paged), evicting prefix-cache leaves as needed. Returns the tokens of its first chunk,
-        or None."""
+        (paged), evicting prefix-cache leaves as needed; the host tier's part of its prefix hit
+        comes back into fresh pages. Returns the tokens of its first chunk, or None."""
         tokens = req.tokens
-        hit, node = [], None
+        hit, node, hosted = [], None, []
         if self.radix is not None:
-            hit, node = self.radix.match(tokens)
             keep = (len(tokens) - 1) // self.g             # keep one token to feed
-            if len(hit) > keep:
-                hit, node = self.radix.match(tokens[:keep * self.g])
-            if hit:
+            hit, node, hosted = self.radix.match_host(tokens[:keep * self.g])
+            if hit or hosted:
                 self.radix.lock(node)
             else:
                 node = None
+        loads = sum(len(n.value) for n in hosted)
         layout = req.layout or self.policy.choose(req.max_len)
         if layout == "static":
-            reserve = need = self.worst_pages(req) - len(hit)
+            reserve = need = self.worst_pages(req) - len(hit) - loads
         else:
-            reserve, need = 0, max(0, math.ceil(len(tokens) / self.g) - len(hit))
-        if not self._make_room(need, plan):
+            reserve, need = 0, max(0, math.ceil(len(tokens) / self.g) - len(hit) - loads)
+        if not self._make_room(need + loads, plan):
             if node is not None:
                 self.radix.unlock(node)
             return None
+        if loads:
+            fresh = np.flatnonzero(self.ledger.refcount == 0)[:loads]
+            self.ledger.take(fresh)
+            self._committed -= loads
+            hit += self.radix.load(hosted, fresh)
         req.layout, req.row, req.node = layout, self.free_rows.pop(), node
         req.pages, req.computed = list(hit), len(hit) * self.g
         if not req.admitted_once:
             req.admitted_once, req.cached_tokens = True, req.computed
+            req.host_cached_tokens = loads * self.g
             self.prompt_tokens += len(req.prompt)
             self.hit_tokens += req.computed
+            self.host_hit_tokens += req.host_cached_tokens
         self.ledger.share(hit)
         plan.admit.append((req, list(hit), reserve))
         self.running.append(req)
@@ -423,6 +454,7 @@ class Scheduler:
         if self.radix is not None:
             plan.evict = self.radix.reset()
             self.ledger.drop(plan.evict)
+            plan.host = self.host_moves()
         return plan
 
     def pool_report(self) -> dict:
@@ -444,4 +476,9 @@ class Scheduler:
             "preemptions": self.preemptions,
             "prompt_tokens": self.prompt_tokens,
             "hit_tokens": self.hit_tokens,
+            "host_hit_tokens": self.host_hit_tokens,
+            "host_pages_total": self.radix.host_capacity if self.radix else 0,
+            "host_pages_cached": self.radix.host_pages() if self.radix else 0,
+            "host_pages_offloaded": self.host_io["offload"],
+            "host_pages_loaded": self.host_io["load"],
         }

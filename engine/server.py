@@ -294,6 +294,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return {"text": text, "output_ids": list(req.output), "meta_info": {
                 "id": req.rid, "prompt_tokens": len(req.prompt),
                 "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens,
+                "host_cached_tokens": req.host_cached_tokens,
                 "layout": req.layout, "finish_reason": reason}}
 
         if body.stream:

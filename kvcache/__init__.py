@@ -1,8 +1,9 @@
-"""KV cache: page pool description, functional allocator, page tables, layout policy."""
+"""KV cache: page pool description, functional allocator, page tables, layout policy, host tier."""
 
 from kvcache import allocator, elastic
 from kvcache.accounting import usage
 from kvcache.elastic import pool_sizes
+from kvcache.offload import HostStore, host_memory_kind, host_tier_pages
 from kvcache.page_table import (
     LAYOUT_CODES,
     LAYOUT_NONE,
@@ -27,6 +28,9 @@ __all__ = [
     "elastic",
     "pool_sizes",
     "usage",
+    "HostStore",
+    "host_memory_kind",
+    "host_tier_pages",
     "LAYOUT_CODES",
     "LAYOUT_NONE",
     "LAYOUT_PAGED",

@@ -29,36 +29,68 @@ sum incrementally. Eviction removes least-recently-used unlocked leaves, ordered
 clock bumped on every match and insert (deterministic, unlike wall time); a parent left without
 children becomes a leaf and may go in the same call. The root is never evicted.
 
+Host tier (host_pages > 0): a second level of the cache in host memory, as SGLang's HiCache.
+`evict` moves a victim's pages to host slots instead of dropping them while the tier has room
+(colder host leaves are dropped for good to make it); the node stays in the tree, host-resident
+(`host`, its value then slot ids). A host node's children are host nodes too: the device part
+of the tree is a top subtree, so the pages a request shares are always a path from the root.
+`match` stops at the first host node; `match_host` goes on through them, and `load` brings
+them back into fresh device pages. An `insert` whose pages cover a host node takes the caller's
+pages for it and drops the host copy. Nothing here copies data: every change to the tier is
+logged as a `HostMove`, and the caller (kvcache.offload) carries them out in order.
+
+    root --[a b | 1]--> X --[c d e f | 2 3]--> Y (host: slots 0 1)
+    match([a b c d]) -> ([1], X);  match_host([a b c d]) -> ([1], Y', [Y'])  (Y split: c d)
+    load([Y'], [7]) -> Y' holds page 7; logs ("load", [7], [0])
+
 Cost: match and insert O(len(tokens)); lock and unlock O(depth); evict O(L log L) for L leaves
-(the leaf set is kept up to date, so eviction never walks the whole tree).
+(the leaf sets are kept up to date, so eviction never walks the whole tree).
 """
 
 import dataclasses
 import heapq
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class HostMove(NamedTuple):
+    """One change to the host tier's data, logged in the order the tree decided it. "offload":
+    device pages -> host slots; "load": host slots -> device pages (the slots are free after);
+    "discard": host slots whose data is no longer needed (pages empty)."""
+    op: str
+    pages: list[int]
+    slots: list[int]
 
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Node:
     key: tuple[int, ...]  # [k*G] tokens of this edge; () for the root
-    value: list[int]      # [k] page ids, one per page of key; [] for the root
+    value: list[int]      # [k] page ids (host slot ids if host), one per page of key; [] for the root
     parent: "Node | None" = dataclasses.field(repr=False)  # None: the root, or removed
     children: dict[tuple[int, ...], "Node"] = dataclasses.field(default_factory=dict, repr=False)
     lock_count: int = 0   # locks taken on this node or any node below it
     last_access: int = 0  # logical clock of the last match / insert through this node
+    host: bool = False    # its pages are in the host tier
 
 
 class RadixCache:
-    def __init__(self, page_size: int):
+    def __init__(self, page_size: int, host_pages: int = 0):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        if not isinstance(host_pages, int) or host_pages < 0:
+            raise ValueError(f"host_pages must be an int >= 0, got {host_pages!r}")
         self.page_size = page_size
+        self.host_capacity = host_pages
         self._clock = 0
         self._root = Node((), [], None)
-        self._leaves: set[Node] = set()  # every childless node but the root
-        self._cached = 0                 # pages held by the tree
-        self._evictable = 0              # pages in nodes with lock_count 0
+        self._leaves: set[Node] = set()       # device nodes (not the root) with no device child
+        self._host_leaves: set[Node] = set()  # host nodes with no child
+        self._cached = 0                 # device pages held by the tree
+        self._evictable = 0              # device pages in nodes with lock_count 0
+        self._host_free = list(range(host_pages - 1, -1, -1))  # pop() gives the lowest slot
+        self._host_evictable = 0         # host pages in nodes with lock_count 0
+        self._moves: list[HostMove] = []
 
     @property
     def root(self) -> Node:
@@ -67,36 +99,30 @@ class RadixCache:
 
     # -- lookup and insertion ---------------------------------------------------------------
     def match(self, tokens: Sequence[int]) -> tuple[list[int], Node]:
-        """Longest cached prefix of tokens in whole pages: (page ids, deepest matched node).
+        """Longest prefix of tokens cached on the device, in whole pages: (page ids, deepest
+        matched node).
 
         len(pages) * page_size tokens matched; the node is the root when nothing did. Marks the
         path as used now. A match that stops inside a node's key splits the node there, so the
         node returned covers exactly the matched prefix (and can be locked as such).
         """
-        g = self.page_size
-        n = len(tokens) // g * g
-        tokens = tuple(map(int, tokens[:n]))
-        now = self._tick()
-        node, pos, pages = self._root, 0, []
-        while pos < n:
-            child = node.children.get(tokens[pos:pos + g])
-            if child is None:
-                break
-            m = self._common_pages(child.key, tokens, pos)
-            if m < len(child.value):
-                child = self._split(child, m)
-            child.last_access = now
-            pages += child.value
-            node, pos = child, pos + m * g
+        pages, node, _ = self._walk(tokens, into_host=False)
         return pages, node
+
+    def match_host(self, tokens: Sequence[int]) -> tuple[list[int], Node, list[Node]]:
+        """`match` continued through the host tier: (device page ids, deepest matched node, the
+        host nodes of the match, top down). When that list is not empty the node is its last:
+        lock the node, then `load` the list, or unlock it, before anything else evicts."""
+        return self._walk(tokens, into_host=True)
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> list[int]:
         """Caches tokens[:len(pages) * page_size] -> pages; returns the ids the tree took.
 
-        The tree takes the caller's ids only for positions it did not already cache: those are
-        returned, in order, and are always a suffix of `pages`. For the positions already cached
-        it keeps its own ids; the caller's ids for them stay the caller's to release. Ids the
-        tree takes must not be held by it already. Marks the path as used now.
+        The tree takes the caller's ids only for positions it did not already cache on the
+        device (host copies of them are dropped): those are returned, in order, and are always
+        a suffix of `pages`. For the positions already cached it keeps its own ids; the caller's
+        ids for them stay the caller's to release. Ids the tree takes must not be held by it
+        already. Marks the path as used now.
         """
         g = self.page_size
         n = len(pages) * g
@@ -106,26 +132,29 @@ class RadixCache:
         tokens = tuple(map(int, tokens[:n]))
         pages = [int(p) for p in pages]
         now = self._tick()
-        node, pos = self._root, 0
+        node, pos, taken = self._root, 0, []
         while pos < n:
             child = node.children.get(tokens[pos:pos + g])
             if child is None:
                 leaf = Node(tokens[pos:], pages[pos // g:], node, last_access=now)
                 self._attach(node, leaf)
-                return list(leaf.value)
+                return taken + leaf.value
             m = self._common_pages(child.key, tokens, pos)
             if m < len(child.value):
                 child = self._split(child, m)
             child.last_access = now
+            if child.host:
+                self._to_device(child, pages[pos // g:pos // g + m], "discard")
+                taken += child.value
             node, pos = child, pos + m * g
-        return []
+        return taken
 
     # -- locks ------------------------------------------------------------------------------
     def lock(self, node: Node) -> None:
         """One more lock on node and every ancestor (root excluded): their pages can't be evicted."""
         for n in self._path(node):
             if n.lock_count == 0:
-                self._evictable -= len(n.value)
+                self._count(n, -1)
             n.lock_count += 1
 
     def unlock(self, node: Node) -> None:
@@ -136,11 +165,14 @@ class RadixCache:
         for n in path:
             n.lock_count -= 1
             if n.lock_count == 0:
-                self._evictable += len(n.value)
+                self._count(n, +1)
 
-    # -- eviction ---------------------------------------------------------------------------
+    # -- eviction and the host tier ---------------------------------------------------------
     def evict(self, num_pages: int) -> list[int]:
-        """Frees at least num_pages pages if it can, least-recently-used unlocked leaves first.
+        """Frees at least num_pages device pages if it can, least-recently-used unlocked leaves
+        (device nodes without a device child) first. With a host tier, a victim moves there
+        (logged as an "offload") when the tier has or can make room; otherwise it is dropped
+        with the host nodes below it.
 
         Returns the freed ids: possibly more than asked (whole nodes go), fewer only when the
         cache ran out of evictable pages (then `evictable_pages()` is 0).
@@ -151,14 +183,40 @@ class RadixCache:
         freed: list[int] = []
         while heap and len(freed) < num_pages:
             _, _, leaf = heapq.heappop(heap)
-            parent = self._detach(leaf)
+            parent = leaf.parent
             freed += leaf.value
+            if self._host_room(len(leaf.value)):
+                self._to_host(leaf)
+            else:
+                self._remove(leaf)
             if parent in self._leaves and parent.lock_count == 0:
                 heapq.heappush(heap, (parent.last_access, next(seq), parent))
         return freed
 
+    def load(self, nodes: list[Node], pages: Sequence[int]) -> list[int]:
+        """Brings the host nodes that `match_host` returned (top down) back into fresh device
+        pages, one per page of theirs in order, which the tree takes; logs a "load" per node.
+        Returns the page ids."""
+        pages = [int(p) for p in pages]
+        if len(pages) != sum(len(n.value) for n in nodes):
+            raise ValueError(f"{len(pages)} pages to load {sum(len(n.value) for n in nodes)}")
+        i = 0
+        for node in nodes:
+            if not node.host or node.parent is None or node.parent.host:
+                raise ValueError("load takes the host nodes of one match_host, top down")
+            self._to_device(node, pages[i:i + len(node.value)], "load")
+            i += len(node.value)
+        return pages
+
+    def take_moves(self) -> list[HostMove]:
+        """The host-tier moves logged since the last call, oldest first. Carry them out in this
+        order: a page or slot one frees may be reused by a later one."""
+        moves, self._moves = self._moves, []
+        return moves
+
     def reset(self) -> list[int]:
-        """Drops every node and returns all held page ids; ValueError if any node is locked.
+        """Drops every node and returns all held device page ids (host slots are discarded);
+        ValueError if any node is locked.
 
         The root stays (a lock taken on it, for a request that matched nothing, stays valid);
         every other node from before the reset is out of the tree and lock / unlock refuse it.
@@ -167,21 +225,26 @@ class RadixCache:
         if locked:
             raise ValueError(f"reset with {locked} locked prefix(es) under the root: unlock the "
                              "nodes of every running request first")
-        held = self.pages()
+        held, slots = self.pages(), self.host_slots()
+        if slots:
+            self._moves.append(HostMove("discard", [], slots))
         for child in self._root.children.values():
             child.parent = None
         self._root.children.clear()
         self._leaves.clear()
-        self._cached = self._evictable = 0
+        self._host_leaves.clear()
+        self._cached = self._evictable = self._host_evictable = 0
+        self._host_free = list(range(self.host_capacity - 1, -1, -1))
         return held
 
     def remap(self, moved: dict[int, int]) -> None:
-        """Page ids moved by a pool compaction: old id -> new id (others stay)."""
+        """Device page ids moved by a pool compaction: old id -> new id (others stay)."""
         stack = [self._root]
         while stack:
             node = stack.pop()
-            node.value = [moved.get(p, p) for p in node.value]
-            stack.extend(node.children.values())
+            if not node.host:
+                node.value = [moved.get(p, p) for p in node.value]
+                stack.extend(node.children.values())
 
     # -- accounting -------------------------------------------------------------------------
     def evictable_pages(self) -> int:
@@ -190,16 +253,40 @@ class RadixCache:
     def cached_pages(self) -> int:
         return self._cached
 
+    def host_pages(self) -> int:
+        """Host slots held (of host_capacity)."""
+        return self.host_capacity - len(self._host_free)
+
     def pages(self) -> list[int]:
-        """All page ids the tree holds (walks the tree; for checks, not the hot path)."""
-        held, stack = [], [self._root]
-        while stack:
-            node = stack.pop()
-            held += node.value
-            stack.extend(node.children.values())
-        return held
+        """All device page ids the tree holds (walks the tree; for checks, not the hot path)."""
+        return [p for n in self._nodes() if not n.host for p in n.value]
+
+    def host_slots(self) -> list[int]:
+        """All host slot ids the tree holds (walks the tree)."""
+        return [s for n in self._nodes() if n.host for s in n.value]
 
     # -- internals --------------------------------------------------------------------------
+    def _walk(self, tokens, into_host: bool) -> tuple[list[int], Node, list[Node]]:
+        g = self.page_size
+        n = len(tokens) // g * g
+        tokens = tuple(map(int, tokens[:n]))
+        now = self._tick()
+        node, pos, pages, hosted = self._root, 0, [], []
+        while pos < n:
+            child = node.children.get(tokens[pos:pos + g])
+            if child is None or (child.host and not into_host):
+                break
+            m = self._common_pages(child.key, tokens, pos)
+            if m < len(child.value):
+                child = self._split(child, m)
+            child.last_access = now
+            if child.host:
+                hosted.append(child)
+            else:
+                pages += child.value
+            node, pos = child, pos + m * g
+        return pages, node, hosted
+
     def _tick(self) -> int:
         self._clock += 1
         self._root.last_access = self._clock
@@ -216,31 +303,109 @@ class RadixCache:
     def _split(self, node: Node, m: int) -> Node:
         """Cuts node after its first m pages (0 < m < len(node.value)); returns the new upper part."""
         cut = m * self.page_size
-        upper = Node(node.key[:cut], node.value[:m], node.parent,
-                     lock_count=node.lock_count, last_access=node.last_access)
+        upper = Node(node.key[:cut], node.value[:m], node.parent, lock_count=node.lock_count,
+                     last_access=node.last_access, host=node.host)
         upper.children[node.key[cut:cut + self.page_size]] = node
         node.parent.children[upper.key[:self.page_size]] = upper
         node.key, node.value, node.parent = node.key[cut:], node.value[m:], upper
         return upper
 
+    def _count(self, node: Node, sign: int) -> None:
+        """Adds node's pages to (sign +1) or takes them from (-1) the evictable counts."""
+        if node.host:
+            self._host_evictable += sign * len(node.value)
+        else:
+            self._evictable += sign * len(node.value)
+
     def _attach(self, parent: Node, leaf: Node) -> None:
+        """A new device leaf under a device node (or the root)."""
         parent.children[leaf.key[:self.page_size]] = leaf
         self._leaves.discard(parent)
         self._leaves.add(leaf)
         self._cached += len(leaf.value)
         self._evictable += len(leaf.value)
 
-    def _detach(self, leaf: Node) -> Node:
-        """Removes an unlocked leaf; returns its parent (now a leaf itself if left childless)."""
-        parent = leaf.parent
-        del parent.children[leaf.key[:self.page_size]]
+    def _host_room(self, num: int) -> bool:
+        """Whether num host slots are free, once least-recently-used unlocked host leaves are
+        dropped to make room (only if that suffices)."""
+        if len(self._host_free) >= num:
+            return True
+        if len(self._host_free) + self._host_evictable < num:
+            return False
+        seq = itertools.count()
+        heap = [(n.last_access, next(seq), n) for n in self._host_leaves if n.lock_count == 0]
+        heapq.heapify(heap)
+        while len(self._host_free) < num:
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            self._remove(leaf)
+            if parent in self._host_leaves and parent.lock_count == 0:
+                heapq.heappush(heap, (parent.last_access, next(seq), parent))
+        return True
+
+    def _to_host(self, leaf: Node) -> None:
+        """Moves an unlocked device leaf's pages to free host slots."""
+        slots = [self._host_free.pop() for _ in leaf.value]
+        self._moves.append(HostMove("offload", leaf.value, slots))
         self._leaves.discard(leaf)
-        if parent is not self._root and not parent.children:
+        self._cached -= len(slots)
+        self._count(leaf, -1)
+        leaf.value, leaf.host = slots, True
+        self._count(leaf, +1)
+        if not leaf.children:
+            self._host_leaves.add(leaf)
+        parent = leaf.parent
+        if parent is not self._root and all(c.host for c in parent.children.values()):
             self._leaves.add(parent)
-        self._cached -= len(leaf.value)
-        self._evictable -= len(leaf.value)
-        leaf.parent = None
-        return parent
+
+    def _to_device(self, node: Node, pages: list[int], op: str) -> None:
+        """A host node (its parent on the device) now holds device `pages`; its slots are freed,
+        logged as op ("load": copy them into the pages first, or "discard")."""
+        self._moves.append(HostMove(op, pages if op == "load" else [], node.value))
+        self._host_free += node.value
+        if node.lock_count == 0:
+            self._count(node, -1)
+        node.value, node.host = list(pages), False
+        if node.lock_count == 0:
+            self._count(node, +1)
+        self._cached += len(pages)
+        self._host_leaves.discard(node)
+        self._leaves.add(node)               # its children are host nodes
+        self._leaves.discard(node.parent)
+
+    def _remove(self, node: Node) -> None:
+        """Drops an unlocked node with every (host) node below it; their slots are discarded."""
+        parent = node.parent
+        del parent.children[node.key[:self.page_size]]
+        stack, slots = [node], []
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            self._count(n, -1)
+            if n.host:
+                slots += n.value
+                self._host_leaves.discard(n)
+            else:
+                self._cached -= len(n.value)
+                self._leaves.discard(n)
+            n.parent = None
+        if slots:
+            self._moves.append(HostMove("discard", [], slots))
+            self._host_free += slots
+        if parent is self._root:
+            return
+        if parent.host and not parent.children:
+            self._host_leaves.add(parent)
+        elif not parent.host and all(c.host for c in parent.children.values()):
+            self._leaves.add(parent)
+
+    def _nodes(self) -> list[Node]:
+        out, stack = [], [self._root]
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
 
     def _path(self, node: Node) -> list[Node]:
         """node and its ancestors, root excluded; ValueError if node is not in this tree."""

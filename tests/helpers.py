@@ -26,9 +26,21 @@ def assert_cache_empty(cache, cached=()) -> None:
     assert not np.asarray(cache.layout).any()
 
 
+def assert_host_tier_consistent(engine) -> None:
+    """The host tier's store holds exactly the slots the prefix cache's host nodes name, within
+    the tier's size, and memory for at least those."""
+    radix = engine.scheduler.radix
+    slots = radix.host_slots() if radix is not None else []
+    assert len(set(slots)) == len(slots), f"a host slot is held twice: {sorted(slots)}"
+    assert sorted(engine.host.slots()) == sorted(slots)
+    assert len(slots) == engine.stats()["host_pages_cached"] <= engine.stats()["host_pages_total"]
+    assert engine.host.nbytes() >= len(slots) * engine.spec.bytes_per_page
+
+
 def assert_pool_clean(llm_or_engine) -> None:
-    """After every request finished: every page is free or held by the prefix cache, and the
-    scheduler's host mirror of the refcounts equals the device's."""
+    """After every request finished: every page is free or held by the prefix cache, the
+    scheduler's host mirror of the refcounts equals the device's, and the host tier is
+    consistent."""
     engine = getattr(llm_or_engine, "engine", llm_or_engine)
     assert not engine.has_work(), "a launch is still in flight"
     sched = engine.scheduler
@@ -39,3 +51,4 @@ def assert_pool_clean(llm_or_engine) -> None:
                                   sched.ledger.refcount)
     assert sched.ledger.free == int(engine.cache.alloc.top)
     assert sorted(sched.free_rows) == list(range(sched.max_rows))
+    assert_host_tier_consistent(engine)

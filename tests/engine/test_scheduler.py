@@ -1,10 +1,10 @@
-"""Continuous batching through Engine.step: chunked prefill, the prefix cache and preemption
-give the same greedy tokens as an unpressured run, and the host's page ledger equals the
-device's refcounts after every step."""
+"""Continuous batching through Engine.step: chunked prefill, the prefix cache (with its host
+tier) and preemption give the same greedy tokens as an unpressured run, and the host's page
+ledger equals the device's refcounts after every step."""
 
 import numpy as np
 import pytest
-from helpers import assert_pool_clean
+from helpers import assert_host_tier_consistent, assert_pool_clean
 
 from engine import Engine, EngineConfig, SamplingParams
 
@@ -46,6 +46,7 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
         for r in sched.running:
             row = np.asarray(engine.cache.page_table[r.row])
             assert row[:len(r.pages)].tolist() == r.pages and not row[len(r.pages):].any()
+        assert_host_tier_consistent(engine)
     assert_pool_clean(engine)
     assert all(len(r.output) == m for r, m in zip(reqs, max_tokens))
     if warm:
@@ -218,3 +219,54 @@ def test_idle_elastic_pool_shrinks_to_its_smallest_size_after_the_delay():
     assert sched.radix.cached_pages() <= 4                    # the rest was evicted
     assert_pool_clean(engine)
     assert sched.shrink_due(start) == (None, None)            # nothing smaller to go to
+
+
+# Two 8-page prefixes in waves (A, B, A, B; a request every 4 steps): a 16-page pool cannot keep
+# one prefix cached while the other's wave runs, so it goes to the host tier and comes back.
+A, B = list(range(40, 72)), list(range(100, 132))
+WAVES = [prefix + [i] for prefix in (A, B, A, B) for i in range(3)]
+WAVE_TOKENS = [6, 3, 8] * 4
+
+
+@pytest.fixture(scope="module")
+def wave_reference():
+    outputs, _, _ = run(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256),
+                        WAVES, WAVE_TOKENS)
+    return outputs
+
+
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_host_tier_brings_evicted_prefixes_back(wave_reference, layout):
+    outputs, engine, reqs = run(EngineConfig(**BASE, layout=layout, max_total_tokens=64,
+                                             chunked_prefill_size=64, host_kv_size=256),
+                                WAVES, WAVE_TOKENS, arrive_every=4)
+    assert outputs == wave_reference
+    stats = engine.stats()
+    assert stats["host_pages_offloaded"] > 0 and stats["host_pages_loaded"] > 0, stats
+    assert stats["host_hit_tokens"] >= 32 * 2, stats          # the second waves of A and B
+    assert sum(r.host_cached_tokens for r in reqs) == stats["host_hit_tokens"]
+    assert stats["hit_tokens"] > stats["host_hit_tokens"]     # device hits within a wave
+
+
+def test_preemption_and_an_elastic_pool_with_a_host_tier(reference):
+    """test_preemption_loses_nothing's pressure on an elastic pool with a host tier: preempted
+    requests' pages go to the prefix cache, then to the host, and come back when they resume;
+    the pool grows, and its last shrink sends the cold prefix-cache leaves to the host (their
+    slots are not page ids: compaction leaves them alone)."""
+    outputs, engine, _ = run(EngineConfig(
+        **BASE, layout="paged", max_total_tokens=96, chunked_prefill_size=16, decode_steps=3,
+        kv_pool="elastic", kv_pool_min_tokens=16, kv_shrink_after=0, host_kv_size=128))
+    assert outputs == reference
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["host_pages_loaded"] > 0, stats
+    assert stats["pool_grows"] > 0 and stats["pool_shrinks"] > 0, stats
+    assert engine.cache.num_pages == 5 and stats["host_pages_cached"] > stats["pages_cached"]
+
+
+def test_host_tier_config_errors():
+    with pytest.raises(ValueError, match="needs the radix cache"):
+        EngineConfig(**BASE, host_kv_size=64, disable_radix_cache=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
+        EngineConfig(**BASE, host_kv_size=64, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="at least one page"):
+        Engine(EngineConfig(**BASE, host_kv_size=3))

@@ -339,3 +339,37 @@ def test_elastic_pool_grows_under_load_and_shrinks_when_idle(elastic_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert "bytes" in r.json()["error"]["message"]
     assert proc.poll() is None and "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def host_tier_server(tmp_path_factory):
+    flags = ["--dtype", "float32", "--page-size", "4", "--context-length", "256",
+             "--max-total-tokens", "96", "--max-running-requests", "4", "--host-kv-size", "512",
+             "--log-level", "warning"]
+    yield from start_server(tmp_path_factory, flags)
+
+
+def test_host_tier_serves_a_prefix_the_pool_evicted(host_tier_server):
+    """A 24-page pool: prefix B's request pushes prefix A's 16 cached pages out to the host
+    tier, and A's next request finds them there; /metrics counts the hit as the host's."""
+    url, proc, log = host_tier_server
+    a, b = list(range(3, 67)), list(range(100, 164))
+
+    def generate(ids):
+        r = httpx.post(f"{url}/generate", json={"input_ids": ids, "sampling_params": {
+            "max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["meta_info"]
+
+    assert generate(a + [1])["cached_tokens"] == 0
+    assert generate(b + [1])["cached_tokens"] == 0
+    meta = generate(a + [2])
+    assert meta["cached_tokens"] == meta["host_cached_tokens"] == 64
+    m = wait_idle(url)
+    text = httpx.get(f"{url}/metrics").text
+    tiers = dict(re.findall(r'^hybridkv_prefix_cache_tier_hit_tokens_total\{tier="(\w+)"\} (\S+)$',
+                            text, re.M))
+    assert float(tiers["host"]) == 64 and float(tiers["device"]) == 0, tiers
+    assert m["hybridkv_host_pages_loaded_total"] == 16 and m["hybridkv_host_pool_pages"] == 128
+    assert m["hybridkv_host_pages_cached"] > 0 and m["hybridkv_host_tier_bytes"] > 0
+    assert proc.poll() is None and "Traceback" not in log.read_text()
