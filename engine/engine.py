@@ -15,6 +15,7 @@ prefill chunks, releases, preemption, aborts) waits for the launch in flight. Fi
 requests keep their rows, inactive, until the chain of launches ends.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -43,6 +44,18 @@ log = logging.getLogger("hybridkv")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 KV_POOLS = ("static", "elastic")
+
+# XLA compilations in this process, any function (persistent-cache hits included): a server
+# that has compiled everything its traffic needs stops adding to it.
+_compiles = collections.Counter()
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles["xla"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 @dataclasses.dataclass
@@ -616,4 +629,5 @@ class Engine:
 
     def stats(self) -> dict:
         return self.scheduler.stats() | self.timing | {"compiled_shapes": len(self._shapes),
+                                                       "xla_compiles": _compiles["xla"],
                                                        "host_bytes": self.host.nbytes()}

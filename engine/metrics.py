@@ -73,6 +73,8 @@ class Metrics:
             yield GaugeMetricFamily(f"hybridkv_{name}", doc, value=value)
         counters = {
             "preemptions": ("Requests preempted to free pages", s["preemptions"]),
+            "xla_compiles": ("XLA compilations in this process (step shapes, page operations; "
+                             "persistent-cache hits included)", s["xla_compiles"]),
             "prompt_tokens": ("Prompt tokens admitted (first admissions)", s["prompt_tokens"]),
             "prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
                                         s["hit_tokens"]),
