@@ -603,10 +603,9 @@ class Engine:
         target, wait = self.scheduler.shrink_due(time.monotonic())
         if target is None:
             return wait
-        self._apply_releases(self.scheduler.release_pending())
-        evicted, src, dst = self.scheduler.shrink(target)
-        self.cache = self.host.apply(self.cache, self.scheduler.host_moves())
-        self._pages_op(self._drop, evicted)
+        plan = self.scheduler.release_pending()
+        src, dst = self.scheduler.shrink(target, plan)
+        self._apply_releases(plan)
         self._resize(target, src, dst)
         return None
 

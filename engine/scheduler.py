@@ -262,17 +262,20 @@ class Scheduler:
         wait = self._oversized_since + self.shrink_after - now
         return (smaller[0], None) if wait <= 0 else (None, wait)
 
-    def shrink(self, num_pages: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    def shrink(self, num_pages: int, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """Shrinks the pool to num_pages: evicts prefix-cache leaves (least recently used
-        first) until the held pages fit, then picks moves that compact them below num_pages
-        and rewrites every host copy of a page id. Only between launches, with no release
-        pending. Returns (evicted pages, src, dst) for the device to apply in that order, after
-        the `host_moves` (leaves evicted to the host tier are read before anything moves)."""
+        first) until the held pages fit, into plan (its evictions and host moves), then picks
+        moves that compact the held pages below num_pages and rewrites every host copy of a
+        page id. Only between launches, with no release pending. Returns (src, dst): the device
+        moves pages after carrying out plan (leaves evicted to the host tier are read before
+        anything moves)."""
         if self.to_release:
             raise RuntimeError("shrink with releases pending")
         over = self.capacity - self.ledger.free - (num_pages - 1)
         evicted = self.radix.evict(over) if over > 0 and self.radix else []
         self.ledger.drop(evicted)
+        plan.evict += evicted
+        plan.host += self.host_moves()
         src, dst = compaction_moves(self.ledger.refcount, num_pages)
         remap = dict(zip(src.tolist(), dst.tolist()))
         for req in self.running:
@@ -283,7 +286,7 @@ class Scheduler:
         self._oversized_since = None
         self.pool["shrinks"] += 1
         self.pool["pages_moved"] += len(src)
-        return evicted, src, dst
+        return src, dst
 
     def _preempt(self, plan: Plan) -> Request | None:
         """The newest paged request gives its row back and waits at the head of the queue."""

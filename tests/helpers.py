@@ -7,6 +7,17 @@ import numpy as np
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
+def nodes_below(root) -> list:
+    """Every node of a kvcache.radix tree under root (root excluded), walked here rather than
+    by the tree's own code, for checks."""
+    out, stack = [], list(root.children.values())
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children.values())
+    return out
+
+
 def assert_cache_empty(cache, cached=()) -> None:
     """No row is taken and every page is free, but the trash page and `cached` (held once, by
     the prefix cache)."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import nodes_below
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -28,15 +29,6 @@ def path_of(cache: RadixCache, node: Node) -> tuple[list[int], list[Node]]:
         tokens[:0], nodes[:0] = node.key, [node]
         node = node.parent
     return tokens, nodes
-
-
-def all_nodes(cache: RadixCache) -> list[Node]:
-    out, stack = [], list(cache.root.children.values())
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        stack.extend(node.children.values())
-    return out
 
 
 # -- examples (page_size 2) -----------------------------------------------------------------
@@ -240,7 +232,7 @@ class TierMachine(RuleBasedStateMachine):
     def every_page_holds_its_prefix(self):
         if self.cache is None:
             return
-        nodes = all_nodes(self.cache)
+        nodes = nodes_below(self.cache.root)
         for node in nodes:
             tokens, path = path_of(self.cache, node)
             store = self.host if node.host else self.device

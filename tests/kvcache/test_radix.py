@@ -9,6 +9,7 @@ brute-force recounts of pages, evictable pages and lock counts.
 """
 
 import pytest
+from helpers import nodes_below
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -23,15 +24,6 @@ def path_of(cache: RadixCache, node: Node) -> tuple[list[int], list[int]]:
         tokens[:0], pages[:0] = node.key, node.value
         node = node.parent
     return tokens, pages
-
-
-def nodes_below(root: Node) -> list[Node]:
-    out, stack = [], list(root.children.values())
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        stack.extend(node.children.values())
-    return out
 
 
 # -- examples (page_size 2 unless said) -----------------------------------------------------
