@@ -58,9 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--max-running-requests", type=int, default=32)
     m.add_argument("--chunked-prefill-size", type=int, default=512,
                    help="prompt tokens per step, shared by the prefill chunks of that step")
-    m.add_argument("--num-continuous-decode-steps", type=int, default=4,
+    # 8, not 4: at 64 decoding rows of the 1B shape on the H100 a 4-step launch (~8 ms) did
+    # not hide the host's work per launch (8-16% of the step not hidden), an 8-step one did
+    # (0.3%); BENCHMARKS.md, serving.
+    m.add_argument("--num-continuous-decode-steps", type=int, default=8,
                    help="decode steps per launch when no prefill is pending (fewer host trips; "
-                        "tokens stream in groups of this size)")
+                        "tokens stream in groups of this size, and a new request waits for "
+                        "the launch in flight)")
     m.add_argument("--disable-radix-cache", action="store_true",
                    help="no prefix cache: finished requests free all their pages")
     m.add_argument("--attention-impl", default=None, choices=IMPLEMENTATIONS,

@@ -127,7 +127,7 @@ def run_loop(engine, state, launches: int, steps: int):
     start = time.perf_counter()
     for _ in range(launches):
         out, _, engine.cache, state, stalled = engine._loop(
-            engine.params, engine.cache, state, num_steps=steps, attn_impl=engine.attn_impl)
+            engine.weights, engine.cache, state, num_steps=steps, attn_impl=engine.attn_impl)
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - start
     assert not np.asarray(stalled).any(), "a row stalled for pages"

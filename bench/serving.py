@@ -40,7 +40,8 @@ PROMPT_COUNTER = "hybridkv_prompt_tokens_total"
 STEP_COUNTER = "hybridkv_engine_step_seconds_total"
 BUSY_COUNTER = "hybridkv_engine_device_busy_seconds_total"
 DEVICE_STEPS_COUNTER = "hybridkv_device_steps_total"
-COUNTERS = (HIT_COUNTER, PROMPT_COUNTER, STEP_COUNTER, BUSY_COUNTER, DEVICE_STEPS_COUNTER)
+TIMING_COUNTERS = (STEP_COUNTER, BUSY_COUNTER, DEVICE_STEPS_COUNTER)
+COUNTERS = (HIT_COUNTER, PROMPT_COUNTER, *TIMING_COUNTERS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,7 +126,37 @@ def summarize_dataset(requests: list[Request], args) -> dict:
             "optimum_hit_rate": optimum / sum(prompt_lens)}
 
 
-async def send(client: httpx.AsyncClient, model: str, req: Request, args) -> Result:
+class SteadyWindow:
+    """Scrapes the server's counters when the load first has `full` requests decoding at once
+    (each has its first token, none has ended) and again when the first of them ends: the
+    engine's host time in that window is per decode step at full batch, with no prefill in it.
+    With more requests than `full` (a request rate, or more prompts than --max-concurrency)
+    the window may never form; its counters then stay None."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str, full: int):
+        self.client, self.base_url, self.full = client, base_url, full
+        self.decoding, self.open = 0, False
+        self.scrapes: list[asyncio.Task] = []
+
+    def first_token(self) -> None:
+        self.decoding += 1
+        if self.decoding == self.full and not self.scrapes:
+            self.open = True
+            self.scrapes.append(asyncio.create_task(scrape_counters(self.client, self.base_url)))
+
+    def ended(self) -> None:
+        self.decoding -= 1
+        if self.open:
+            self.open = False
+            self.scrapes.append(asyncio.create_task(scrape_counters(self.client, self.base_url)))
+
+    async def counters(self) -> tuple:
+        got = await asyncio.gather(*self.scrapes)
+        return tuple(got) if len(got) == 2 else (None, None)
+
+
+async def send(client: httpx.AsyncClient, model: str, req: Request, args,
+               window: SteadyWindow | None = None) -> Result:
     """One streamed completion; failures come back as Result(ok=False, error=...), never raise."""
     payload = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len,
                "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
@@ -156,12 +187,17 @@ async def send(client: httpx.AsyncClient, model: str, req: Request, args) -> Res
                     res.itl.append(now - last)
                 else:
                     res.ttft = now - start
+                    if window:
+                        window.first_token()
                 res.chunk_tokens.append(n)
                 last = now
         res.latency = time.perf_counter() - start
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"[:200]
         return res
+    finally:
+        if window and res.chunk_tokens:
+            window.ended()
     if not res.chunk_tokens:
         res.error = "the stream carried no tokens"
         return res
@@ -189,7 +225,7 @@ async def scrape_counters(client: httpx.AsyncClient, base_url: str) -> dict | No
     return totals if HIT_COUNTER in totals and PROMPT_COUNTER in totals else None
 
 
-async def run_load(client, model, requests, args) -> tuple[list[Result], float]:
+async def run_load(client, model, requests, args, window=None) -> tuple[list[Result], float]:
     rate = args.request_rate
     gaps = (np.zeros(len(requests)) if math.isinf(rate) else
             np.random.default_rng([args.seed, 1]).exponential(1 / rate, len(requests)))
@@ -198,7 +234,7 @@ async def run_load(client, model, requests, args) -> tuple[list[Result], float]:
 
     async def one(req):
         async with limit or contextlib.nullcontext():
-            res = await send(client, model, req, args)
+            res = await send(client, model, req, args, window)
         bar.update()
         return res
 
@@ -223,8 +259,22 @@ def ratio(a, b):
     return a / b if b else None
 
 
+def engine_timing(before: dict | None, after: dict | None) -> dict:
+    """The engine's wall time per model step and the part of it that was host work the device
+    waited for, between two counter scrapes."""
+    timing = {"host_fraction": None, "host_ms_per_step": None, "ms_per_step": None, "steps": None}
+    if before and after and all(c in before and c in after for c in TIMING_COUNTERS):
+        wall, busy, steps = (after[c] - before[c] for c in TIMING_COUNTERS)
+        if wall and steps:
+            timing = {"host_fraction": (wall - busy) / wall,
+                      "host_ms_per_step": (wall - busy) / steps * 1e3,
+                      "ms_per_step": wall / steps * 1e3, "steps": steps}
+    return timing
+
+
 def compute_metrics(results: list[Result], requests: list[Request], duration: float,
-                    optimum_hit_rate: float, counters: tuple) -> dict:
+                    optimum_hit_rate: float, counters: tuple, steady: tuple = (None, None)
+                    ) -> dict:
     done = [r for r in results if r.ok]
     prompt = sum(r.prompt_tokens for r in done)
     output = sum(r.output_tokens for r in done)
@@ -232,15 +282,11 @@ def compute_metrics(results: list[Result], requests: list[Request], duration: fl
     chunks = [n for r in done for n in r.chunk_tokens]
     hit_rate = ratio(cached, prompt)
     before, after = counters
-    server_hit_rate = host_fraction = host_ms = step_ms = None
+    server_hit_rate = None
     if before and after:
-        def delta(name):
-            return after[name] - before[name] if name in after and name in before else None
-        server_hit_rate = ratio(delta(HIT_COUNTER), delta(PROMPT_COUNTER))
-        wall, busy, steps = delta(STEP_COUNTER), delta(BUSY_COUNTER), delta(DEVICE_STEPS_COUNTER)
-        if wall and steps:
-            host_fraction = (wall - busy) / wall
-            host_ms, step_ms = (wall - busy) / steps * 1e3, wall / steps * 1e3
+        server_hit_rate = ratio(after[HIT_COUNTER] - before[HIT_COUNTER],
+                                after[PROMPT_COUNTER] - before[PROMPT_COUNTER])
+    timing, full = engine_timing(before, after), engine_timing(*steady)
     return {
         "completed": len(done), "failed": len(results) - len(done),
         "errors": list(dict.fromkeys(r.error for r in results if not r.ok))[:5],  # distinct
@@ -262,8 +308,13 @@ def compute_metrics(results: list[Result], requests: list[Request], duration: fl
         "prefix_hit_rate": hit_rate, "optimum_hit_rate": optimum_hit_rate,
         "hit_rate_vs_optimum": ratio(hit_rate, optimum_hit_rate) if hit_rate is not None else None,
         "server_hit_rate": server_hit_rate,
-        "server_host_fraction": host_fraction, "server_host_ms_per_step": host_ms,
-        "server_ms_per_step": step_ms,
+        "server_host_fraction": timing["host_fraction"],
+        "server_host_ms_per_step": timing["host_ms_per_step"],
+        "server_ms_per_step": timing["ms_per_step"],
+        # The same while every request of a full batch decodes (SteadyWindow).
+        "steady_host_fraction": full["host_fraction"],
+        "steady_host_ms_per_step": full["host_ms_per_step"],
+        "steady_ms_per_step": full["ms_per_step"], "steady_steps": full["steps"],
     }
 
 
@@ -291,10 +342,13 @@ async def run_benchmark(args) -> dict:
             if not res.ok:
                 raise SystemExit(f"warmup request failed: {res.error}")
         before = await scrape_counters(client, args.base_url)
-        results, duration = await run_load(client, model, requests, args)
+        window = SteadyWindow(client, args.base_url,
+                              min(args.max_concurrency or len(requests), len(requests)))
+        results, duration = await run_load(client, model, requests, args, window)
         after = await scrape_counters(client, args.base_url)
+        steady = await window.counters()
     metrics = compute_metrics(results, requests, duration, dataset["optimum_hit_rate"],
-                              (before, after))
+                              (before, after), steady)
     plain_args = {k: ("inf" if v == math.inf else v) for k, v in vars(args).items()}
     return {"args": plain_args, "model": model, "dataset": dataset, "metrics": metrics}
 
@@ -322,6 +376,8 @@ def print_report(report: dict) -> None:
         ("host ms / step", num(m["server_host_ms_per_step"]),
          "engine time not spent waiting on the device, per model step"),
         ("host fraction", num(m["server_host_fraction"]), "host ms / engine ms"),
+        ("steady host frac.", num(m["steady_host_fraction"]),
+         f"the same over {num(m['steady_steps'], '.0f')} steps of a full batch, all decoding"),
         ("tokens per chunk", f"{num(m['tokens_per_chunk']['mean'], '.2f')} mean, "
          f"{m['tokens_per_chunk']['max']} max", "decode steps per streamed chunk"),
     ]

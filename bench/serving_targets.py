@@ -6,7 +6,8 @@ without the radix cache and drives it with bench/serving.py.
 1. shared-prefix workload: output tokens/s with the radix cache vs --disable-radix-cache, and
    the hit rate against the optimum;
 2. no shared prefix (random prompts): the cost of the cache in output tokens/s;
-3. decode with 64 running requests: host time per model step not hidden behind the device.
+3. decode with 64 running requests: host time per model step not hidden behind the device,
+   while all 64 decode (and, for reference, over the whole run with its prefill).
 Each workload runs twice on a server: a warm-up pass (the server compiled its step shapes at
 start-up; what compiles lazily, such as the page operations, compiles here), then, with the
 prefix cache emptied, the measured pass. Writes bench/results/serving-targets.json.
@@ -123,9 +124,12 @@ def main(argv=None) -> None:
         "shared_prefix_speedup": tput("radix/shared_prefix") / tput("no_radix/shared_prefix"),
         "shared_prefix_hit_vs_optimum": s["hit_rate_vs_optimum"],
         "random_cache_cost": 1 - tput("radix/random") / tput("no_radix/random"),
-        "decode64_host_fraction": d["server_host_fraction"],
-        "decode64_host_ms_per_step": d["server_host_ms_per_step"],
-        "decode64_ms_per_step": d["server_ms_per_step"],
+        # The target's measure: while all 64 requests decode (bench/serving.py SteadyWindow).
+        "decode64_host_fraction": d["steady_host_fraction"],
+        "decode64_host_ms_per_step": d["steady_host_ms_per_step"],
+        "decode64_ms_per_step": d["steady_ms_per_step"],
+        # Over the whole run, the prefill of the 64 prompts and the ends included.
+        "decode64_run_host_fraction": d["server_host_fraction"],
     }
     print("\n" + json.dumps(summary, indent=1))
     print(f"targets: speedup >= 3: {summary['shared_prefix_speedup']:.2f}; hit/optimum >= 0.95: "

@@ -77,8 +77,9 @@ def test_optimum_hit_rate_counts_whole_pages_of_the_shared_prompt():
 
 def fake_server(with_metrics: bool) -> FastAPI:
     """Streams max_tokens token ids in chunks of 1, 2, 1, 2, ...; reports half of each prompt
-    (rounded down) as cached; /metrics counts the same when enabled."""
-    app, counters = FastAPI(), {"hit": 0, "prompt": 0}
+    (rounded down) as cached; /metrics counts the same when enabled, and engine timing counters
+    of one model step per chunk: 4 ms of engine time, 3 of them on the device."""
+    app, counters = FastAPI(), {"hit": 0, "prompt": 0, "steps": 0}
 
     @app.get("/v1/models")
     async def models():
@@ -91,7 +92,10 @@ def fake_server(with_metrics: bool) -> FastAPI:
         return PlainTextResponse(
             "# TYPE hybridkv_prefix_cache_hit_tokens_total counter\n"
             f"hybridkv_prefix_cache_hit_tokens_total{{model=\"fake\"}} {counters['hit']}.0\n"
-            f"hybridkv_prompt_tokens_total {counters['prompt']}.0\n")
+            f"hybridkv_prompt_tokens_total {counters['prompt']}.0\n"
+            f"hybridkv_engine_step_seconds_total {counters['steps'] * 0.004}\n"
+            f"hybridkv_engine_device_busy_seconds_total {counters['steps'] * 0.003}\n"
+            f"hybridkv_device_steps_total {counters['steps']}.0\n")
 
     @app.post("/v1/completions")
     async def completions(body: dict):
@@ -108,6 +112,7 @@ def fake_server(with_metrics: bool) -> FastAPI:
             while sent < n:
                 ids = list(range(sent, min(sent + size, n)))
                 finish = "length" if ids[-1] == n - 1 else None
+                counters["steps"] += 1
                 yield event({"choices": [{"index": 0, "text": "x" * len(ids), "token_ids": ids,
                                           "finish_reason": finish}]})
                 sent, size = sent + len(ids), 3 - size
@@ -155,10 +160,47 @@ def test_run_against_fake_server_adds_up(server_url, tmp_path):
     assert m["prefix_hit_rate"] == pytest.approx(expected_hit)
     assert m["hit_rate_vs_optimum"] == pytest.approx(expected_hit / m["optimum_hit_rate"])
     assert m["server_hit_rate"] == (pytest.approx(expected_hit) if with_metrics else None)
+    assert m["server_host_fraction"] == (pytest.approx(0.25) if with_metrics else None)
+    assert m["server_ms_per_step"] == (pytest.approx(4.0) if with_metrics else None)
     assert m["tokens_per_chunk"] == {"mean": 1.5, "max": 2}             # 6 tokens as 1,2,1,2
     assert 0 < m["ttft_ms"]["p50"] <= m["e2e_ms"]["p50"] and m["itl_ms"]["mean"] > 0
     assert m["mean_concurrency"] <= 4 + 1e-6
     assert m["request_throughput"] == pytest.approx(12 / m["duration_s"])
+
+
+def test_steady_window_scrapes_at_full_batch_and_at_the_first_end(monkeypatch):
+    """Two scrapes: when the third of three requests has its first token, and when the first
+    one ends; never again after."""
+    seen, scrapes = [], [(10.0, 8.0, 100.0), (12.0, 9.9, 500.0)]   # wall, busy, steps
+
+    async def scrape(client, url):
+        seen.append(window.decoding)
+        return dict(zip(serving.TIMING_COUNTERS, scrapes[len(seen) - 1]))
+
+    async def load():
+        for event in ["first_token"] * 3 + ["ended"] * 3 + ["first_token", "ended"]:
+            getattr(window, event)()
+            await asyncio.sleep(0)
+        return await window.counters()
+
+    monkeypatch.setattr(serving, "scrape_counters", scrape)
+    window = serving.SteadyWindow(None, "http://x", full=3)
+    before, after = asyncio.run(load())
+    assert seen == [3, 2]
+    # 2 s of engine time over 400 steps, 0.1 s of it not on the device.
+    assert serving.engine_timing(before, after) == {
+        "host_fraction": pytest.approx(0.05), "host_ms_per_step": pytest.approx(0.25),
+        "ms_per_step": pytest.approx(5.0), "steps": 400.0}
+
+
+def test_steady_window_that_never_forms_reports_none():
+    async def load():
+        window = serving.SteadyWindow(None, "http://x", full=2)
+        window.first_token()
+        window.ended()
+        return await window.counters()
+    assert asyncio.run(load()) == (None, None)
+    assert serving.engine_timing(None, None)["host_fraction"] is None
 
 
 def test_unreachable_server_counts_failures():
