@@ -1,7 +1,7 @@
 """The serving targets of issue 4, in one run on the GPU machine: starts serve.py with and
 without the radix cache and drives it with bench/serving.py.
 
-    python bench/serving_targets.py [--model llama-3.2-1b-random] [--quick]
+    python bench/serving_targets.py [--model llama-3.2-1b-random] [--quick] [--skip-warmup]
 
 1. shared-prefix workload: output tokens/s with the radix cache vs --disable-radix-cache, and
    the hit rate against the optimum;
@@ -87,6 +87,10 @@ def main(argv=None) -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids below this")
     p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--quick", action="store_true", help="small workloads, to try the script")
+    p.add_argument("--skip-warmup", action="store_true",
+                   help="start the servers with --skip-warmup: only the shapes the workloads "
+                        "meet compile, in their warm-up passes (for a machine that compiles "
+                        "slowly; the measured passes are the same)")
     p.add_argument("--output-file", default=str(ROOT / "bench/results/serving-targets.json"))
     a = p.parse_args(argv)
     scale = 4 if a.quick else 1
@@ -100,11 +104,14 @@ def main(argv=None) -> None:
     decode = ["--dataset", "random", "--num-prompts", "64", "--random-input-len", "128",
               "--random-output-len", str(512 // scale), "--max-concurrency", "64", *vocab]
     flags = ["--model", a.model, "--max-running-requests", "64", "--context-length", str(a.context_length),
-             "--chunked-prefill-size", "512", "--mem-fraction-static", "0.85"]
+             "--chunked-prefill-size", "512", "--mem-fraction-static", "0.85",
+             *(["--skip-warmup"] if a.skip_warmup else [])]
     logs = Path("/tmp")
     results = {}
     for name, extra in [("radix", []), ("no_radix", ["--disable-radix-cache"])]:
+        start = time.monotonic()
         server = Server(flags + extra, logs / f"serve-{name}.log")
+        print(f"{name} server up in {time.monotonic() - start:.0f} s", flush=True)
         try:
             workloads = [("shared_prefix", shared, 10), ("random", plain, 20)]
             if name == "radix":
