@@ -5,8 +5,8 @@ without the radix cache and drives it with bench/serving.py.
 
 1. shared-prefix workload: output tokens/s with the radix cache vs --disable-radix-cache, and
    the hit rate against the optimum;
-2. no shared prefix (random prompts): the cost of the cache in output tokens/s;
-   (the mean of 3 measured passes per server);
+2. no shared prefix (random prompts): the cost of the cache in output tokens/s (the mean of
+   3 measured passes per server);
 3. decode with 64 running requests: host time per model step not hidden behind the device,
    while all 64 decode (and, for reference, over the whole run with its prefill).
 Each workload runs twice on a server: a warm-up pass (the server compiled its step shapes at
