@@ -263,7 +263,8 @@ def test_soak_no_page_leak_and_flat_memory(server):
     """Rounds of 60 short requests, 16 at a time: every page comes back after each round, and
     once a round compiles nothing (the step shapes were compiled at start-up, but page
     operations compile lazily, per bucket, and which buckets a round meets depends on timing),
-    that round leaves the process's anonymous resident memory flat."""
+    that round leaves the process's anonymous resident memory flat. (serve.py has glibc give
+    large freed blocks back: see serve.return_freed_host_memory.)"""
     url, proc, _ = server
 
     async def round_(seed: int):
