@@ -36,7 +36,7 @@ import kvcache
 from engine import envs, parallel
 from engine.sampling import SamplingParams, filters
 from engine.scheduler import Plan, Request, Scheduler
-from engine.step import DecodeState, Feed, SamplingArrays, admit, decode_loop, forward
+from engine.step import DecodeState, PackedFeed, SamplingArrays, admit, decode_loop, forward, pack_feed, unpack_feed
 from models import load_model
 
 log = logging.getLogger("hybridkv")
@@ -207,8 +207,8 @@ class Engine:
         graphdef, mesh = self.graphdef, self.mesh
 
         def step(weights, cache, feeds, *, attn_impl):
-            return forward(graphdef, jax.tree.unflatten(treedef, weights), cache, feeds,
-                           attn_impl=attn_impl, mesh=mesh)
+            return forward(graphdef, jax.tree.unflatten(treedef, weights), cache,
+                           tuple(unpack_feed(f) for f in feeds), attn_impl=attn_impl, mesh=mesh)
 
         def loop(weights, cache, state, *, num_steps, attn_impl):
             return decode_loop(graphdef, jax.tree.unflatten(treedef, weights), cache, state,
@@ -382,15 +382,12 @@ class Engine:
     def _admit_rows(self, plan: Plan):
         b = bucket(len(plan.admit), 1, self.config.max_running_requests)
         m = self.pages_per_row
-        rows, layout, reserve, prefix_len = (np.zeros(b, np.int32) for _ in range(4))
-        prefix = np.zeros((b, m), np.int32)
+        packed = np.zeros((b, 4 + m), np.int32)   # rows, layout, reserve, prefix_len, prefix
         for i, (req, hit, n) in enumerate(plan.admit):
-            rows[i], layout[i], reserve[i] = req.row, kvcache.LAYOUT_CODES[req.layout], n
-            prefix[i, :len(hit)] = hit
-            prefix_len[i] = req.computed
-        max_need = bucket(int(reserve.max()), 1, m)
-        self.cache, ok, pages = self._admit(self.cache, rows, layout, reserve, prefix, prefix_len,
-                                            max_need=max_need)
+            packed[i, :4] = req.row, kvcache.LAYOUT_CODES[req.layout], n, req.computed
+            packed[i, 4:4 + len(hit)] = hit
+        max_need = bucket(int(packed[:, 2].max()), 1, m)
+        self.cache, ok, pages = self._admit(self.cache, packed, max_need=max_need)
         return ok, pages
 
     def _finish_admissions(self, plan: Plan, admitted) -> None:
@@ -415,7 +412,7 @@ class Engine:
 
     @staticmethod
     def _step_shape(feeds) -> tuple:
-        return ("step", *((*f.tokens.shape, f.sampling.filtering) for f in feeds))
+        return ("step", *((*f.shape, f.filtering) for f in feeds))
 
     @staticmethod
     def _loop_shape(state: DecodeState, steps: int) -> tuple:
@@ -524,13 +521,13 @@ class Engine:
         if pages:
             self.cache = op(self.cache, *padded_ids(pages))
 
-    def _feed(self, group, tokens, b) -> Feed:
+    def _feed(self, group, tokens, b) -> PackedFeed:
         reqs = [r for r, _ in group]
         pad = b - len(group)
-        return Feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
-                    tokens=tokens,
-                    num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
-                    sampling=self._sampling(reqs, b))
+        return pack_feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
+                         tokens=tokens,
+                         num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
+                         sampling=self._sampling(reqs, b))
 
     def _decode_state(self, reqs: list[Request], b: int) -> DecodeState:
         e = bucket(max((len(r.stop_ids) for r in reqs), default=0), 4, 1 << 16)

@@ -8,7 +8,7 @@ from helpers import assert_pool_clean
 
 from engine import LLM, SamplingParams
 from engine.sampling import sample
-from engine.step import SamplingArrays, decode_step
+from engine.step import SamplingArrays, decode_step, pack_feed, unpack_feed
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -153,3 +153,28 @@ def test_request_larger_than_the_pool():
                                          r"but the KV pool holds at most 8 pages \(32 tokens, 65,536 "
                                          r"bytes\)"):
         llm.generate([[1] * 40], SamplingParams(max_tokens=9))
+
+
+def test_a_packed_feed_opens_to_the_same_arrays():
+    """pack_feed on the host, unpack_feed in a jitted call: every field comes back, seeds with
+    the top bit set included (they travel as int32 bits)."""
+    rng = np.random.default_rng()
+    b, t = 5, 7
+    sampling = SamplingArrays(temperature=rng.random(b, np.float32),
+                              top_k=rng.integers(-1, 50, b).astype(np.int32),
+                              top_p=rng.random(b, np.float32),
+                              seed=rng.integers(0, 2**32, b, dtype=np.uint64).astype(np.uint32),
+                              filtering=False)
+    sampling.seed[0] = 2**32 - 1
+    rows, num = rng.permutation(b).astype(np.int32), rng.integers(0, t + 1, b).astype(np.int32)
+    tokens = rng.integers(0, 1000, (b, t)).astype(np.int32)
+    packed = pack_feed(rows, tokens, num, sampling)
+    assert packed.shape == (b, t) and packed.filtering is False
+    feed = jax.jit(unpack_feed)(packed)
+    for got, want in [(feed.rows, rows), (feed.tokens, tokens), (feed.num, num),
+                      (feed.sampling.temperature, sampling.temperature),
+                      (feed.sampling.top_k, sampling.top_k), (feed.sampling.top_p, sampling.top_p),
+                      (feed.sampling.seed, sampling.seed)]:
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert feed.sampling.filtering is False
