@@ -98,9 +98,11 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     engine.cache = kvcache.init_cache(engine.spec, batch, engine.pages_per_row)
     layout = np.asarray([kvcache.LAYOUT_CODES[k] for k in kinds], np.int32)
     reserve = np.asarray([n if k == "static" else 0 for k, n in zip(kinds, pages)], np.int32)
-    engine.cache, ok, _ = engine._admit(
-        engine.cache, rows, layout, reserve, np.zeros((batch, engine.pages_per_row), np.int32),
-        np.zeros(batch, np.int32), max_need=bucket(int(reserve.max()), 1, engine.pages_per_row))
+    admit = jax.jit(kvcache.admit_rows, static_argnums=4, donate_argnums=0)
+    engine.cache, ok = admit(engine.cache, rows, layout, reserve,
+                             bucket(int(reserve.max()), 1, engine.pages_per_row),
+                             np.zeros((batch, engine.pages_per_row), np.int32),
+                             np.zeros(batch, np.int32))
     grow = jax.jit(kvcache.grow_rows, static_argnums=3, donate_argnums=0)
     for i in range(max(pages)):
         need = np.asarray([k == "paged" and i < n for k, n in zip(kinds, pages)], np.int32)

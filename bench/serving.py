@@ -41,7 +41,9 @@ STEP_COUNTER = "hybridkv_engine_step_seconds_total"
 BUSY_COUNTER = "hybridkv_engine_device_busy_seconds_total"
 DEVICE_STEPS_COUNTER = "hybridkv_device_steps_total"
 TIMING_COUNTERS = (STEP_COUNTER, BUSY_COUNTER, DEVICE_STEPS_COUNTER)
-COUNTERS = (HIT_COUNTER, PROMPT_COUNTER, *TIMING_COUNTERS)
+# XLA compilations in the server process: a timed run that compiles measures the compiler too.
+COMPILES_COUNTER = "hybridkv_xla_compiles_total"
+COUNTERS = (HIT_COUNTER, PROMPT_COUNTER, *TIMING_COUNTERS, COMPILES_COUNTER)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,10 +284,12 @@ def compute_metrics(results: list[Result], requests: list[Request], duration: fl
     chunks = [n for r in done for n in r.chunk_tokens]
     hit_rate = ratio(cached, prompt)
     before, after = counters
-    server_hit_rate = None
+    server_hit_rate = compiles = None
     if before and after:
         server_hit_rate = ratio(after[HIT_COUNTER] - before[HIT_COUNTER],
                                 after[PROMPT_COUNTER] - before[PROMPT_COUNTER])
+        if COMPILES_COUNTER in before and COMPILES_COUNTER in after:
+            compiles = int(after[COMPILES_COUNTER] - before[COMPILES_COUNTER])
     timing, full = engine_timing(before, after), engine_timing(*steady)
     return {
         "completed": len(done), "failed": len(results) - len(done),
@@ -307,7 +311,7 @@ def compute_metrics(results: list[Result], requests: list[Request], duration: fl
                              "max": max(chunks, default=None)},
         "prefix_hit_rate": hit_rate, "optimum_hit_rate": optimum_hit_rate,
         "hit_rate_vs_optimum": ratio(hit_rate, optimum_hit_rate) if hit_rate is not None else None,
-        "server_hit_rate": server_hit_rate,
+        "server_hit_rate": server_hit_rate, "server_compiles": compiles,
         "server_host_fraction": timing["host_fraction"],
         "server_host_ms_per_step": timing["host_ms_per_step"],
         "server_ms_per_step": timing["ms_per_step"],
@@ -372,6 +376,7 @@ def print_report(report: dict) -> None:
          f"ideal cache of {d['page_size']}-token pages, same order"),
         ("achieved / optimum", num(m["hit_rate_vs_optimum"]), ""),
         ("server hit rate", num(m["server_hit_rate"]), "from /metrics counters, over the run"),
+        ("server compiles", num(m["server_compiles"], "d"), "XLA compilations during the run"),
         ("engine ms / step", num(m["server_ms_per_step"]), "engine wall time / model steps"),
         ("host ms / step", num(m["server_host_ms_per_step"]),
          "engine time not spent waiting on the device, per model step"),

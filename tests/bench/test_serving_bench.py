@@ -95,7 +95,8 @@ def fake_server(with_metrics: bool) -> FastAPI:
             f"hybridkv_prompt_tokens_total {counters['prompt']}.0\n"
             f"hybridkv_engine_step_seconds_total {counters['steps'] * 0.004}\n"
             f"hybridkv_engine_device_busy_seconds_total {counters['steps'] * 0.003}\n"
-            f"hybridkv_device_steps_total {counters['steps']}.0\n")
+            f"hybridkv_device_steps_total {counters['steps']}.0\n"
+            "hybridkv_xla_compiles_total 3.0\n")
 
     @app.post("/v1/completions")
     async def completions(body: dict):
@@ -162,6 +163,7 @@ def test_run_against_fake_server_adds_up(server_url, tmp_path):
     assert m["server_hit_rate"] == (pytest.approx(expected_hit) if with_metrics else None)
     assert m["server_host_fraction"] == (pytest.approx(0.25) if with_metrics else None)
     assert m["server_ms_per_step"] == (pytest.approx(4.0) if with_metrics else None)
+    assert m["server_compiles"] == (0 if with_metrics else None)
     assert m["tokens_per_chunk"] == {"mean": 1.5, "max": 2}             # 6 tokens as 1,2,1,2
     assert 0 < m["ttft_ms"]["p50"] <= m["e2e_ms"]["p50"] and m["itl_ms"]["mean"] > 0
     assert m["mean_concurrency"] <= 4 + 1e-6
