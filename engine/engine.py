@@ -77,6 +77,25 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+def without_kv(cache: kvcache.KVCache) -> kvcache.KVCache:
+    return dataclasses.replace(cache, k=(), v=())
+
+
+def page_op(fn, **jit_kwargs):
+    """jit(fn) for a page operation fn(cache, ...) -> cache' or (cache', ...) that reads and
+    writes only the page tables and the allocator: the call gets the cache without its K/V
+    arrays (two per layer, most of its leaves; a donated argument costs dispatch time per
+    array), and they are put back into what it returns. The rest of the cache is donated."""
+    jitted = jax.jit(fn, donate_argnums=0, **jit_kwargs)
+
+    def call(cache: kvcache.KVCache, *args, **kwargs):
+        out = jitted(without_kv(cache), *args, **kwargs)
+        if isinstance(out, tuple):
+            return (dataclasses.replace(out[0], k=cache.k, v=cache.v), *out[1:])
+        return dataclasses.replace(out, k=cache.k, v=cache.v)
+    return call
+
+
 def resolve_dtype(dtype: str):
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -198,7 +217,8 @@ class Engine:
         self.host = kvcache.HostStore(device, kvcache.host_memory_kind(device))
         # On a mesh every call returns the cache in the shardings it came in, so its donated
         # buffers are reused and no call reshards the pool.
-        self._admit = jax.jit(admit, out_shardings=(cs, rep, rep), donate_argnames="cache",
+        pages_cs = None if cs is None else without_kv(cs)
+        self._admit = page_op(admit, out_shardings=(pages_cs, rep, rep),
                               static_argnames="max_need")
         # The graphdef and mesh are bound, not passed: a static argument is hashed on every call.
         # The params go in as their list of leaves: jit flattens a list in C++, nnx's State in
@@ -217,9 +237,9 @@ class Engine:
                                 static_argnames="attn_impl")
         self._loop = jax.jit(loop, out_shardings=(rep, rep, cs, rep, rep),
                              donate_argnames="cache", static_argnames=("num_steps", "attn_impl"))
-        self._release = jax.jit(kvcache.release_rows, out_shardings=cs, donate_argnums=0)
-        self._drop = jax.jit(kvcache.drop_pages, out_shardings=cs, donate_argnums=0)
-        self._share = jax.jit(kvcache.share_pages, out_shardings=cs, donate_argnums=0)
+        self._release = page_op(kvcache.release_rows, out_shardings=pages_cs)
+        self._drop = page_op(kvcache.drop_pages, out_shardings=pages_cs)
+        self._share = page_op(kvcache.share_pages, out_shardings=pages_cs)
         self._shapes: set[tuple] = set()
         self.requests: dict[str, Request] = {}
         self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
@@ -487,7 +507,7 @@ class Engine:
             b = self._mixed_rows(len(plan.decode))
             tokens = np.zeros((b, 1), np.int32)
             for i, r in enumerate(plan.decode):
-                tokens[i, 0] = r.tokens[-1]
+                tokens[i, 0] = r.last_token
             groups.append([(r, 1) for r in plan.decode])
             feeds.append(self._feed(groups[-1], tokens, b))
         b = self._chunk_rows(len(plan.chunks))
@@ -508,7 +528,7 @@ class Engine:
                     raise RuntimeError("the pool ran out of pages the scheduler had counted")
                 self.scheduler.grew(r, new[i].tolist())
                 r.computed += n
-                if r.computed == len(r.tokens):
+                if r.computed == r.num_tokens:
                     if n > 1 or len(r.output) == 0:     # a prefill just ended
                         adopted += self.scheduler.prefilled(r)
                     r.emit(int(nxt[i]))
@@ -537,7 +557,7 @@ class Engine:
         pad = b - len(reqs)
         return DecodeState(
             rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
-            tokens=np.asarray([r.tokens[-1] for r in reqs] + [0] * pad, np.int32),
+            tokens=np.asarray([r.last_token for r in reqs] + [0] * pad, np.int32),
             active=np.asarray([True] * len(reqs) + [False] * pad),
             remaining=np.asarray([r.params.max_tokens - len(r.output) for r in reqs]
                                  + [0] * pad, np.int32),

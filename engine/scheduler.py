@@ -57,6 +57,15 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    # These two, not `tokens`, on the per-step paths: `tokens` copies the whole sequence.
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
     @property
     def max_len(self) -> int:
         return len(self.prompt) + self.params.max_tokens
@@ -334,8 +343,8 @@ class Scheduler:
         return moves
 
     def _plan_run(self, plan: Plan) -> None:
-        prefilling = [r for r in self.running if len(r.tokens) - r.computed > 1]
-        decoding = [r for r in self.running if len(r.tokens) - r.computed == 1]
+        prefilling = [r for r in self.running if r.num_tokens - r.computed > 1]
+        decoding = [r for r in self.running if r.num_tokens - r.computed == 1]
         # Always decode_steps (rows that finish early idle in the loop): each distinct step
         # count would be one more compiled shape per batch bucket.
         plan.steps = 1 if prefilling else self.decode_steps
@@ -353,7 +362,7 @@ class Scheduler:
         plan.decode = decoding
         budget, rows = self.chunk_size, self.max_prefill_rows
         for req in prefilling:
-            n = min(len(req.tokens) - req.computed, budget)
+            n = min(req.num_tokens - req.computed, budget)
             if rows == 0 or budget == 0 or not self._make_room(self._need(req, n), plan):
                 return      # the queue waits behind a prefill that could not go on
             plan.chunks.append((req, n))
