@@ -10,9 +10,9 @@ runs it after. A decode launch is left in flight when `step` returns; the next `
 batch can simply go on (nothing waiting, nothing to release, pages for two more launches),
 queues the next launch behind it on the device state it will leave, and only then reads the
 first one's tokens and does the host's bookkeeping, so the device always has the next launch
-queued. Anything else (admissions,
-prefill chunks, releases, preemption, aborts) waits for the launch in flight. Finished
-requests keep their rows, inactive, until the chain of launches ends.
+queued. Anything else (admissions, prefill chunks, releases, preemption, aborts) waits for the
+launch in flight. Finished requests keep their rows, inactive, until the chain of launches
+ends.
 """
 
 import collections
