@@ -42,6 +42,11 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def _hopper_or_newer() -> bool:
+    """Whether the default GPU has wgmma and TMA (compute capability 9.0 or later)."""
+    return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+
+
 def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, impl="auto",
                     sliding_window=None):
     """Attention of query tokens over the pages of their rows.
@@ -50,15 +55,23 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     (absolute position of each query token, -1 for padding); kv_lens [B] int32 (tokens stored,
     the new ones included). Key s is visible from query position t iff s <= t, s < kv_len and,
     with a sliding window W, t - s < W. Returns [B,T,N,H] in q's dtype; padding rows are zero.
+
+    On a GPU, calls with more than one query token a row go to the Mosaic GPU kernel
+    (kernels/mgpu.py) where it applies (Hopper or later, fp16/bf16, head_dim 64/128, no
+    window), and everything else to the Triton-lowered kernel (kernels/gpu.py).
     """
     impl = resolve_impl(impl)
     args = (q, k_pages, v_pages, page_table, q_positions, kv_lens)
     if impl == "reference":
         return paged_attention_reference(*args, sliding_window=sliding_window)
     if impl.startswith("gpu"):
+        interpret = impl == "gpu-interpret"
+        from kernels import mgpu
+        if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window) and (
+                interpret or _hopper_or_newer()):
+            return mgpu.paged_prefill_mgpu(*args, interpret=interpret)
         from kernels.gpu import paged_attention_gpu
-        return paged_attention_gpu(*args, sliding_window=sliding_window,
-                                   interpret=impl == "gpu-interpret")
+        return paged_attention_gpu(*args, sliding_window=sliding_window, interpret=interpret)
     from kernels.tpu import paged_attention_tpu
     return paged_attention_tpu(*args, sliding_window=sliding_window,
                                interpret=impl == "tpu-interpret")

@@ -43,29 +43,31 @@ def row_lengths(rng, page_size):
     return rng.permutation([1, odd, int(rng.integers(1, 3 * page_size + 1)), 0]).tolist()
 
 
-def make_case(rng, *, q_per_kv, page_size, num_queries, fill=GARBAGE, spare_pages=3):
+def make_case(rng, *, q_per_kv, page_size, num_queries, fill=GARBAGE, spare_pages=3,
+              head_dim=HEAD_DIM, lengths=None):
     """Builds one batch: dense per-row K/V and queries, and the same K/V scattered in pages.
 
     Queries of row b are its last t_b positions (1 <= t_b <= num_queries), padded with -1; the
-    padding row has only padding queries. Returns a dict of numpy arrays.
+    padding row has only padding queries. Lengths default to row_lengths(). Returns a dict of
+    numpy arrays.
     """
     g, n = page_size, K_HEADS * q_per_kv
-    lengths = row_lengths(rng, g)
+    lengths = row_lengths(rng, g) if lengths is None else lengths
     b = len(lengths)
     pages_of = [math.ceil(s / g) for s in lengths]
     m = max(pages_of) + 1                         # at least one trash column in every row
     num_pages = 1 + sum(pages_of) + spare_pages   # page 0 is the trash page
     ids = rng.permutation(np.arange(1, num_pages))
     table = np.zeros((b, m), np.int32)
-    k_pages = rng.uniform(-fill, fill, (num_pages, g, K_HEADS, HEAD_DIM))
-    v_pages = rng.uniform(-fill, fill, (num_pages, g, K_HEADS, HEAD_DIM))
+    k_pages = rng.uniform(-fill, fill, (num_pages, g, K_HEADS, head_dim))
+    v_pages = rng.uniform(-fill, fill, (num_pages, g, K_HEADS, head_dim))
     k_dense, v_dense = [], []
     used = 0
     for row, s in enumerate(lengths):
         table[row, :pages_of[row]] = ids[used:used + pages_of[row]]
         used += pages_of[row]
-        kd = rng.standard_normal((s, K_HEADS, HEAD_DIM))
-        vd = rng.standard_normal((s, K_HEADS, HEAD_DIM))
+        kd = rng.standard_normal((s, K_HEADS, head_dim))
+        vd = rng.standard_normal((s, K_HEADS, head_dim))
         for pos in range(s):
             k_pages[table[row, pos // g], pos % g] = kd[pos]
             v_pages[table[row, pos // g], pos % g] = vd[pos]
@@ -75,7 +77,7 @@ def make_case(rng, *, q_per_kv, page_size, num_queries, fill=GARBAGE, spare_page
     for row, s in enumerate(lengths):
         t = int(rng.integers(1, min(num_queries, s) + 1)) if s else 0
         positions[row, :t] = np.arange(s - t, s)
-    q = rng.standard_normal((b, num_queries, n, HEAD_DIM))
+    q = rng.standard_normal((b, num_queries, n, head_dim))
     live_pages = set(ids[:used].tolist())
     return dict(q=q, k_pages=k_pages, v_pages=v_pages, table=table, positions=positions,
                 lengths=np.asarray(lengths, np.int32), k_dense=k_dense, v_dense=v_dense,
@@ -182,6 +184,39 @@ def test_bfloat16(impl, seed, q_per_kv, page_size, num_queries):
     want = expected(case, jnp.bfloat16)
     np.testing.assert_allclose(out, want, **BF16_TOL.get(impl, BF16_KERNEL_TOL),
                                err_msg=describe(seed, case))
+    assert not np.any(out[case["positions"] < 0])
+
+
+# float16: as bfloat16 with a 10-bit significand: 2**-11 relative for the final cast and for
+# each softmax weight.
+FP16_KERNEL_TOL = dict(rtol=2.0**-10, atol=2.0**-11 * 4)
+MOSAIC_IMPLS = ["gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("impl", MOSAIC_IMPLS)
+@pytest.mark.parametrize("q_per_kv,page_size,dtype", [(1, 16, jnp.bfloat16), (3, 8, jnp.float16),
+                                                      (8, 32, jnp.bfloat16)])
+def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, monkeypatch):
+    """Rows of many query tokens in fp16/bf16 with head_dim 64 go to the Mosaic GPU kernel
+    (kernels/mgpu.py), in interpret mode on a CPU: rows of 0, 1, an odd number and several
+    128-key blocks of keys (the copy ring wraps), chunk and decode-like rows in one batch,
+    query tiles that span several GQA groups, and NaN in every page that holds no live token."""
+    from kernels import mgpu
+    if impl == "gpu" and not kernels._hopper_or_newer():
+        pytest.skip("the Mosaic GPU kernel needs compute capability 9.0 or later")
+    rng = np.random.default_rng(seed)
+    odd = int(rng.integers(1, 4)) * page_size + int(rng.integers(1, page_size))
+    lengths = rng.permutation([0, 1, odd, int(rng.integers(257, 400))]).tolist()
+    case = poisoned(make_case(rng, q_per_kv=q_per_kv, page_size=page_size, num_queries=40,
+                              head_dim=64, lengths=lengths), ["k_pages", "v_pages"])
+    calls = []
+    kernel = mgpu.paged_prefill_mgpu
+    monkeypatch.setattr(mgpu, "paged_prefill_mgpu",
+                        lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    out = run(case, dtype=dtype, impl=impl)
+    assert calls == [{"interpret": impl == "gpu-interpret"}]
+    tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
+    np.testing.assert_allclose(out, expected(case, dtype), **tol, err_msg=describe(seed, case))
     assert not np.any(out[case["positions"] < 0])
 
 
