@@ -142,10 +142,13 @@ def _kernel(q_ref, pos_ref, bounds_ref, table_ref, k_ref, v_ref, o_ref, scoped, 
             return acc, m_new, l_i
 
         def drain(step, _):
-            # Blocks only the other consumer needs: release their slots and keep the turns
-            # in step with it.
+            # Blocks only the other consumer needs: see each one arrive (every barrier phase
+            # is observed by every warpgroup that waits on the barrier; the interpreter checks
+            # this), release its slot and keep the turns in step with the other consumer.
             slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_full.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             take_turn()
             take_turn()

@@ -220,6 +220,18 @@ def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, monkeypatch):
     assert not np.any(out[case["positions"] < 0])
 
 
+def test_mosaic_consumers_need_different_key_counts(seed):
+    """A 270-key row with 40 queries of 8 heads: one program's second consumer warpgroup needs
+    a key block its first does not, so the first only drains it (found by the interpreter's
+    check that every warpgroup observes every phase of the barriers it waits on)."""
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, q_per_kv=8, page_size=32, num_queries=40, head_dim=64, lengths=[270])
+    case["positions"][0] = np.arange(230, 270)
+    out = run(case, dtype=jnp.bfloat16, impl="gpu-interpret")
+    np.testing.assert_allclose(out, expected(case, jnp.bfloat16), **BF16_KERNEL_TOL,
+                               err_msg=describe(seed, case))
+
+
 def poisoned(case, which):
     """Every page that holds no live token (the trash page and the spare pages) set to NaN."""
     case = dict(case)
