@@ -61,9 +61,6 @@ def _kernel(q_ref, pos_ref, bounds_ref, table_ref, k_ref, v_ref, o_ref, scoped, 
     wg = lax.axis_index("wg")
     scale = math.log2(math.e) / math.sqrt(head_dim)    # logits in base-2 units
 
-    def steps_of(w):                                   # key blocks consumer w needs
-        return pl.cdiv(bounds_ref[b, tile * 2 + w, 0], block_kv)
-
     need = jnp.maximum(bounds_ref[b, tile * 2, 0], bounds_ref[b, tile * 2 + 1, 0])
     max_steps = pl.cdiv(need, block_kv)                # key blocks the producer loads
 
@@ -76,7 +73,7 @@ def _kernel(q_ref, pos_ref, bounds_ref, table_ref, k_ref, v_ref, o_ref, scoped, 
         plgpu.set_max_registers(232, action="increase")
         qo_smem, pos_smem = qo_smem2.at[wg], pos_smem2.at[wg]
         row0 = (tile * 2 + wg) * BLOCK_Q
-        steps = steps_of(wg)
+        steps = pl.cdiv(bounds_ref[b, tile * 2 + wg, 0], block_kv)   # key blocks it needs
         unmasked = bounds_ref[b, tile * 2 + wg, 1] // block_kv
         plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(row0, BLOCK_Q)], qo_smem, q_full.at[wg])
         plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(row0, BLOCK_Q)], pos_smem, q_full.at[wg])
