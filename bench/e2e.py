@@ -76,7 +76,8 @@ CASES = {
 
 def prepare(engine, case: str, batch: int, context: int, ahead: int):
     """A fresh cache whose rows 0..B-1 hold `context` tokens each (K/V left as zeros), and the
-    DecodeState that decodes them all, greedily, without stopping.
+    DecodeState (packed, as the engine's decode launch takes it) that decodes them all,
+    greedily, without stopping.
 
     static rows take their pages at admission, one contiguous run each, for context + ahead
     tokens. paged rows are admitted empty and grow one page per row in turn, so their pages
@@ -88,7 +89,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
 
     import kvcache
     from engine.engine import bucket
-    from engine.step import DecodeState, SamplingArrays
+    from engine.step import DecodeState, SamplingArrays, pack_state
     kind, reserved = CASES[case]
     kinds = [kind or ("static" if b % 2 == 0 else "paged") for b in range(batch)]
     rows = np.arange(batch, dtype=np.int32)
@@ -113,27 +114,27 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     engine.cache = dataclasses.replace(engine.cache,
                                        lengths=engine.cache.lengths.at[:].set(context))
     rng = np.random.default_rng(0)
-    return DecodeState(
+    return pack_state(DecodeState(
         rows=rows, tokens=rng.integers(0, 32000, batch).astype(np.int32),
         active=np.ones(batch, bool), remaining=np.full(batch, 1 << 30, np.int32),
         stop_ids=np.full((batch, 4), -1, np.int32),
         sampling=SamplingArrays(temperature=np.zeros(batch, np.float32),
                                 top_k=np.zeros(batch, np.int32),
                                 top_p=np.ones(batch, np.float32),
-                                seed=np.zeros(batch, np.uint32), filtering=False))
+                                seed=np.zeros(batch, np.uint32), filtering=False)))
 
 
 def run_loop(engine, state, launches: int, steps: int):
     """launches back-to-back decode launches of `steps` steps; returns seconds per step."""
-    import jax
     start = time.perf_counter()
     for _ in range(launches):
-        out, _, engine.cache, state, stalled = engine._loop(
-            engine.weights, engine.cache, state, num_steps=steps, attn_impl=engine.attn_impl)
-    jax.block_until_ready(out)
+        out, engine.cache, state = engine._loop(
+            engine.weights, engine.cache, engine._no_ops, state, filtering=False,
+            num_steps=steps, attn_impl=engine.attn_impl)
+    out = np.asarray(out)
     elapsed = time.perf_counter() - start
-    assert not np.asarray(stalled).any(), "a row stalled for pages"
-    assert (np.asarray(out) >= 0).all(), "a row stopped producing tokens"
+    assert not out[:, 2 * steps].any(), "a row stalled for pages"
+    assert (out[:, :steps] >= 0).all(), "a row stopped producing tokens"
     return elapsed / (launches * steps), state
 
 

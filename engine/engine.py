@@ -36,7 +36,16 @@ import kvcache
 from engine import envs, parallel
 from engine.sampling import SamplingParams, filters
 from engine.scheduler import Plan, Request, Scheduler
-from engine.step import DecodeState, PackedFeed, SamplingArrays, admit, decode_loop, forward, pack_feed, unpack_feed
+from engine.step import (
+    DecodeState,
+    PageOps,
+    SamplingArrays,
+    loop_launch,
+    mixed_launch,
+    pack_feed,
+    pack_state,
+    split_mixed,
+)
 from models import load_model
 
 log = logging.getLogger("hybridkv")
@@ -60,7 +69,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 @dataclasses.dataclass
 class _Flight:
     """A decode launch queued on the device whose tokens the host has not read yet."""
-    outputs: tuple                      # decode_loop's (out, pages, cache, state, stalled)
+    outputs: tuple                      # loop_launch's (out, cache, state)
     reqs: list[Request]                 # its rows, in order
     shape: tuple                        # its compiled shape (Engine._loop_shape)
 
@@ -218,28 +227,35 @@ class Engine:
         # On a mesh every call returns the cache in the shardings it came in, so its donated
         # buffers are reused and no call reshards the pool.
         pages_cs = None if cs is None else without_kv(cs)
-        self._admit = page_op(admit, out_shardings=(pages_cs, rep, rep),
-                              static_argnames="max_need")
+        # Page-table and allocator updates ride in the next model launch (engine.step.PageOps):
+        # prefix-cache shares and releases wait in _shares and _releases until then.
+        self.ops = ops = PageOps(shares=c.max_prefill_rows * self.pages_per_row,
+                                 releases=c.max_running_requests, admits=c.max_prefill_rows,
+                                 width=self.pages_per_row)
+        self._shares: list[int] = []
+        self._releases: list[tuple[int, int, int]] = []
+        self._no_ops = jax.device_put(ops.pack(), rep)
         # The graphdef and mesh are bound, not passed: a static argument is hashed on every call.
         # The params go in as their list of leaves: jit flattens a list in C++, nnx's State in
         # Python (~130 us a call for a 16-layer model, measured on a CPU).
         self.weights, treedef = jax.tree.flatten(self.params)
         graphdef, mesh = self.graphdef, self.mesh
 
-        def step(weights, cache, feeds, *, attn_impl):
-            return forward(graphdef, jax.tree.unflatten(treedef, weights), cache,
-                           tuple(unpack_feed(f) for f in feeds), attn_impl=attn_impl, mesh=mesh)
+        def step(weights, cache, buf, *, feeds, attn_impl):
+            return mixed_launch(graphdef, jax.tree.unflatten(treedef, weights), cache, buf,
+                                ops=ops, feeds=feeds, attn_impl=attn_impl, mesh=mesh)
 
-        def loop(weights, cache, state, *, num_steps, attn_impl):
-            return decode_loop(graphdef, jax.tree.unflatten(treedef, weights), cache, state,
-                               num_steps=num_steps, attn_impl=attn_impl, mesh=mesh)
+        def loop(weights, cache, ops_buf, state, *, filtering, num_steps, attn_impl):
+            return loop_launch(graphdef, jax.tree.unflatten(treedef, weights), cache, ops_buf,
+                               state, ops=ops, filtering=filtering, num_steps=num_steps,
+                               attn_impl=attn_impl, mesh=mesh)
         self._forward = jax.jit(step, out_shardings=(rep, cs), donate_argnames="cache",
-                                static_argnames="attn_impl")
-        self._loop = jax.jit(loop, out_shardings=(rep, rep, cs, rep, rep),
-                             donate_argnames="cache", static_argnames=("num_steps", "attn_impl"))
-        self._release = page_op(kvcache.release_rows, out_shardings=pages_cs)
+                                static_argnames=("feeds", "attn_impl"))
+        self._loop = jax.jit(loop, out_shardings=(rep, cs, rep), donate_argnames="cache",
+                             static_argnames=("filtering", "num_steps", "attn_impl"))
+        self._page_ops = page_op(lambda cache, buf: ops.apply(cache, buf)[0],
+                                 out_shardings=pages_cs)
         self._drop = page_op(kvcache.drop_pages, out_shardings=pages_cs)
-        self._share = page_op(kvcache.share_pages, out_shardings=pages_cs)
         self._shapes: set[tuple] = set()
         self.requests: dict[str, Request] = {}
         self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
@@ -312,6 +328,7 @@ class Engine:
             self.sync()
             self.scheduler.abort(req)
             self._apply_releases(self.scheduler.release_pending())
+            self._flush_ops()
 
     def has_work(self) -> bool:
         return bool(self.scheduler.has_work() or self._flight or self._ready)
@@ -321,6 +338,7 @@ class Engine:
         come out of the next `step`): afterwards `cache` and the scheduler agree."""
         if self._flight is not None:
             self._ready += self._land(chain=False)
+        self._flush_ops()
 
     # -- one launch -------------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -335,6 +353,8 @@ class Engine:
             advanced += self._land(chain=True)
         else:
             advanced += self._plan_and_run()
+        if not self.has_work():      # idle: the device agrees with the scheduler
+            self._flush_ops()
         end = time.perf_counter()
         self.timing["step_seconds"] += end - start
         self._last_end = end
@@ -348,11 +368,10 @@ class Engine:
         self._apply_releases(plan)
         if not plan.runs:          # every admission comes with a chunk: nothing was admitted
             return []
-        admitted = self._admit_rows(plan) if plan.admit else None
         if not plan.chunks:
             self._start_decode(plan)
             return []
-        advanced = self._run_mixed(plan, admitted)
+        advanced = self._run_mixed(plan)
         self.timing["device_steps"] += plan.steps
         self._finish([r for r in advanced if r.finish_reason is not None])
         return advanced
@@ -386,39 +405,33 @@ class Engine:
         self._device_end = end
 
     def _apply_releases(self, plan: Plan) -> None:
-        if plan.release:
-            b = bucket(len(plan.release), 1, self.config.max_running_requests)
-            m = self.pages_per_row
-            rows = np.zeros(b, np.int32)
-            keep = np.zeros((b, m), bool)
-            for i, rel in enumerate(plan.release):
-                rows[i] = rel.row
-                keep[i, :len(rel.keep)] = rel.keep
-            mask = np.arange(b) < len(plan.release)
-            self.cache = self._release(self.cache, rows, mask, keep)
-        self.cache = self.host.apply(self.cache, plan.host)
-        self._pages_op(self._drop, plan.evict)
+        """Queues plan's releases for the next launch. Its host moves and evictions (under pool
+        pressure, at a shrink or a flush) run now, after what was queued."""
+        self._releases += [(r.row, r.keep_from, r.keep_to) for r in plan.release]
+        if plan.host or plan.evict:
+            self._flush_ops()
+            self.cache = self.host.apply(self.cache, plan.host)
+            if plan.evict:
+                self.cache = self._drop(self.cache, *padded_ids(plan.evict))
 
-    def _admit_rows(self, plan: Plan):
-        b = bucket(len(plan.admit), 1, self.config.max_running_requests)
-        m = self.pages_per_row
-        packed = np.zeros((b, 4 + m), np.int32)   # rows, layout, reserve, prefix_len, prefix
-        for i, (req, hit, n) in enumerate(plan.admit):
-            packed[i, :4] = req.row, kvcache.LAYOUT_CODES[req.layout], n, req.computed
-            packed[i, 4:4 + len(hit)] = hit
-        max_need = bucket(int(packed[:, 2].max()), 1, m)
-        self.cache, ok, pages = self._admit(self.cache, packed, max_need=max_need)
-        return ok, pages
+    def _take_ops(self, admits=None) -> np.ndarray:
+        """The queued page operations, and admits, as one PageOps buffer for the next launch;
+        queued ones that do not fit beside the admissions run first, in calls of their own."""
+        if not self.ops.fits(len(self._shares), len(self._releases),
+                             0 if admits is None else len(admits)):
+            self._flush_ops()
+        buf = self.ops.pack(self._shares, self._releases, admits)
+        self._shares, self._releases = [], []
+        return buf
 
-    def _finish_admissions(self, plan: Plan, admitted) -> None:
-        """Hands the admit call's results (ok, page rows) to the scheduler, if it ran."""
-        if admitted is None:
-            return
-        ok, pages = (np.asarray(x) for x in admitted)
-        if not ok[:len(plan.admit)].all():
-            raise RuntimeError("the pool refused pages that the scheduler had counted as free")
-        for (req, _, n), row in zip(plan.admit, pages.tolist()):
-            self.scheduler.admitted(req, row, n)
+    def _flush_ops(self) -> None:
+        """Runs the queued page operations now, in calls of their own: every share before any
+        release (a release may drop a row's reference to a page the cache shares)."""
+        while self._shares or self._releases:
+            shares, self._shares = self._shares[:self.ops.shares], self._shares[self.ops.shares:]
+            releases = [] if self._shares else self._releases[:self.ops.releases]
+            self._releases = self._releases[len(releases):]
+            self.cache = self._page_ops(self.cache, self.ops.pack(shares, releases))
 
     def _sampling(self, reqs: list[Request], width: int) -> SamplingArrays:
         pad = width - len(reqs)
@@ -431,12 +444,9 @@ class Engine:
             filtering=any(filters(x) for x in p))
 
     @staticmethod
-    def _step_shape(feeds) -> tuple:
-        return ("step", *((*f.shape, f.filtering) for f in feeds))
-
-    @staticmethod
-    def _loop_shape(state: DecodeState, steps: int) -> tuple:
-        return ("decode loop", *state.stop_ids.shape, state.sampling.filtering, steps)
+    def _loop_shape(state: np.ndarray, filtering: bool, steps: int) -> tuple:
+        """(rows, stop ids per row, filtering, steps) of a decode launch, its kind first."""
+        return ("decode loop", state.shape[0], state.shape[1] - 8, filtering, steps)
 
     def _log_shape(self, shape: tuple) -> None:
         if shape not in self._shapes:
@@ -481,27 +491,41 @@ class Engine:
         tokens/s at 64 rows), likely because XLA's autotuner timed its kernel candidates on a
         device shared by the other compiles. Still compiled lazily, with a log line: sampling
         with top-k / top-p, other pool sizes of an elastic pool, requests with many stop ids,
-        and the small page operations. Returns the shape count."""
+        and the page drops of prefix-cache evictions. Returns the shape count."""
         mixed, loops = self.step_shapes()
         calls = []
         for d, r, t in mixed:
-            feeds = ((self._feed([], np.zeros((d, 1), np.int32), d),) if d else ()) + (
-                self._feed([], np.zeros((r, t), np.int32), r),)
-            calls.append((self._step_shape(feeds), self._forward, feeds, {}))
+            feeds = [self._feed([], np.zeros((b, n), np.int32), b)
+                     for b, n in ([(d, 1)] if d else []) + [(r, t)]]
+            buf = np.concatenate([self.ops.pack()] + [f.ravel() for f, _ in feeds])
+            shapes = tuple(shape for _, shape in feeds)
+            calls.append((("step", *shapes), self._forward, (buf,), {"feeds": shapes}))
         for b, steps in loops:
-            state = self._decode_state([], b)
-            calls.append((self._loop_shape(state, steps), self._loop, state,
-                          {"num_steps": steps}))
-        for key, fn, arg, kw in tqdm.tqdm(calls, desc="compiling step shapes",
-                                          disable=not progress):
-            out = fn(self.weights, self.cache, arg, attn_impl=self.attn_impl, **kw)
-            self.cache = out[-1] if fn is self._forward else out[2]
+            state, filtering = self._decode_state([], b)
+            calls.append((self._loop_shape(state, filtering, steps), self._loop,
+                          (self.ops.pack(), state), {"filtering": filtering, "num_steps": steps}))
+        self.cache = self._page_ops(self.cache, self.ops.pack())
+        for key, fn, args, kw in tqdm.tqdm(calls, desc="compiling step shapes",
+                                           disable=not progress):
+            out = fn(self.weights, self.cache, *args, attn_impl=self.attn_impl, **kw)
+            if fn is self._loop and kw["num_steps"] == self.config.decode_steps:
+                # and as _land queues it behind another (device arguments: a call signature
+                # of its own, though no new compile)
+                out = fn(self.weights, out[1], self._no_ops, out[2], attn_impl=self.attn_impl,
+                         **kw)
+            self.cache = out[1]
             self._shapes.add(key)
         jax.block_until_ready(self.cache)
         return len(calls)
 
-    def _run_mixed(self, plan: Plan, admitted) -> list[Request]:
-        """One step: every decode row feeds one token, every chunk its prompt tokens."""
+    def _run_mixed(self, plan: Plan) -> list[Request]:
+        """One step: every decode row feeds one token, every chunk its prompt tokens; the queued
+        page operations and plan's admissions go first, in the same launch."""
+        m = self.pages_per_row
+        admits = np.zeros((len(plan.admit), 4 + m), np.int32)   # PageOps' admission columns
+        for i, (req, hit, n) in enumerate(plan.admit):
+            admits[i, :4] = req.row, kvcache.LAYOUT_CODES[req.layout], n, req.computed
+            admits[i, 4:4 + len(hit)] = hit
         feeds, groups = [], []
         if plan.decode:
             b = self._mixed_rows(len(plan.decode))
@@ -516,13 +540,19 @@ class Engine:
             tokens[i, :n] = r.tokens[r.computed:r.computed + n]
         groups.append(plan.chunks)
         feeds.append(self._feed(plan.chunks, tokens, b))
-        self._log_shape(self._step_shape(feeds))
-        results, self.cache = self._launch(self._forward, self.weights, self.cache,
-                                           tuple(feeds), attn_impl=self.attn_impl)
-        self._finish_admissions(plan, admitted)
-        advanced, adopted = [], []
-        for group, (nxt, _, new, ok) in zip(groups, results):
-            nxt, new, ok = (np.asarray(x) for x in (nxt, new, ok))
+        shapes = tuple(shape for _, shape in feeds)
+        self._log_shape(("step", *shapes))
+        buf = np.concatenate([self._take_ops(admits)] + [f.ravel() for f, _ in feeds])
+        out, self.cache = self._launch(self._forward, self.weights, self.cache, buf,
+                                       feeds=shapes, attn_impl=self.attn_impl)
+        admit_ok, admit_pages, results = split_mixed(np.asarray(out), self.ops, shapes,
+                                                     self.config.page_size)
+        if not admit_ok[:len(plan.admit)].all():
+            raise RuntimeError("the pool refused pages that the scheduler had counted as free")
+        for (req, _, n), row in zip(plan.admit, admit_pages.tolist()):
+            self.scheduler.admitted(req, row, n)
+        advanced = []
+        for group, (nxt, ok, new) in zip(groups, results):
             for i, (r, n) in enumerate(group):
                 if not ok[i]:
                     raise RuntimeError("the pool ran out of pages the scheduler had counted")
@@ -530,49 +560,49 @@ class Engine:
                 r.computed += n
                 if r.computed == r.num_tokens:
                     if n > 1 or len(r.output) == 0:     # a prefill just ended
-                        adopted += self.scheduler.prefilled(r)
+                        self._shares += self.scheduler.prefilled(r)
                     r.emit(int(nxt[i]))
                     advanced.append(r)
-        self._pages_op(self._share, adopted)
         return advanced
 
-    def _pages_op(self, op, pages: list[int]) -> None:
-        """op(cache, pages, mask) over a bucketed page list (share or drop references)."""
-        if pages:
-            self.cache = op(self.cache, *padded_ids(pages))
-
-    def _feed(self, group, tokens, b) -> PackedFeed:
+    def _feed(self, group, tokens, b) -> tuple[np.ndarray, tuple[int, int, bool]]:
+        """(pack_feed's array, its (rows, tokens, filtering) for mixed_launch)."""
         reqs = [r for r, _ in group]
         pad = b - len(group)
-        return pack_feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
+        sampling = self._sampling(reqs, b)
+        ints = pack_feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
                          tokens=tokens,
                          num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
-                         sampling=self._sampling(reqs, b))
+                         sampling=sampling)
+        return ints, (b, tokens.shape[1], sampling.filtering)
 
-    def _decode_state(self, reqs: list[Request], b: int) -> DecodeState:
+    def _decode_state(self, reqs: list[Request], b: int) -> tuple[np.ndarray, bool]:
+        """(pack_state's array, filtering) for a decode launch over reqs, padded to b rows."""
         e = bucket(max((len(r.stop_ids) for r in reqs), default=0), 4, 1 << 16)
         stop = np.full((b, e), -1, np.int32)
         for i, r in enumerate(reqs):
             stop[i, :len(r.stop_ids)] = r.stop_ids
         pad = b - len(reqs)
-        return DecodeState(
+        sampling = self._sampling(reqs, b)
+        return pack_state(DecodeState(
             rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
             tokens=np.asarray([r.last_token for r in reqs] + [0] * pad, np.int32),
             active=np.asarray([True] * len(reqs) + [False] * pad),
             remaining=np.asarray([r.params.max_tokens - len(r.output) for r in reqs]
                                  + [0] * pad, np.int32),
-            stop_ids=stop, sampling=self._sampling(reqs, b))
+            stop_ids=stop, sampling=sampling)), sampling.filtering
 
     def _start_decode(self, plan: Plan) -> None:
         """Queues plan.steps decode steps in one on-device loop; their tokens are read by the
         next step."""
         reqs = plan.decode
         b = self._loop_rows(len(reqs))
-        state = self._decode_state(reqs, b)
-        shape = self._loop_shape(state, plan.steps)
+        state, filtering = self._decode_state(reqs, b)
+        shape = self._loop_shape(state, filtering, plan.steps)
         self._log_shape(shape)
-        outputs = self._launch(self._loop, self.weights, self.cache, state,
-                               num_steps=plan.steps, attn_impl=self.attn_impl)
+        outputs = self._launch(self._loop, self.weights, self.cache, self._take_ops(), state,
+                               filtering=filtering, num_steps=plan.steps,
+                               attn_impl=self.attn_impl)
         self.cache = None          # donated: the launch's result holds the cache now
         self._flight = _Flight(outputs, list(reqs), shape)
 
@@ -581,21 +611,26 @@ class Engine:
         the next launch behind it on the state it leaves. Returns the requests it advanced."""
         flight = self._flight
         if chain and self.scheduler.can_continue(flight.reqs, flight.steps):
+            # Nothing is queued for the device: every operation queued before the launch in
+            # flight went with it, and none is queued while a launch is in flight.
             steps = self.config.decode_steps
             shape = (*flight.shape[:-1], steps)       # the same state, `steps` steps
             self._log_shape(shape)
-            _, _, cache, state, _ = flight.outputs
-            outputs = self._launch(self._loop, self.weights, cache, state, num_steps=steps,
+            _, cache, state = flight.outputs
+            outputs = self._launch(self._loop, self.weights, cache, self._no_ops, state,
+                                   filtering=shape[3], num_steps=steps,
                                    attn_impl=self.attn_impl)
             self._flight = _Flight(outputs, flight.reqs, shape)
             self.timing["chained_launches"] += 1
         else:
             self._flight = None
-        out, pages, cache, _, stalled = flight.outputs
+        out, cache, _ = flight.outputs
         if self._flight is None:
             self.cache = cache
-        self.timing["device_steps"] += flight.steps
-        out, pages, stalled = (np.asarray(x) for x in (out, pages, stalled))
+        steps = flight.steps
+        self.timing["device_steps"] += steps
+        out = np.asarray(out)
+        out, pages, stalled = out[:, :steps], out[:, steps:2 * steps], out[:, 2 * steps]
         if stalled[:len(flight.reqs)].any():
             raise RuntimeError("the pool ran out of pages the scheduler had counted")
         advanced = []
@@ -628,6 +663,7 @@ class Engine:
 
     def _resize(self, num_pages: int, src=(), dst=()) -> None:
         """The pool at num_pages pages, held pages src -> dst moved first (kvcache.elastic)."""
+        self._flush_ops()       # page ids queued before the move
         log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
                  self.cache.num_pages, num_pages, len(src))
         cache, self.cache = self.cache, None

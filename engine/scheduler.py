@@ -119,7 +119,8 @@ class Ledger:
 @dataclasses.dataclass
 class Release:
     row: int
-    keep: list[bool]          # per page of req.pages: the prefix cache takes over its reference
+    keep_from: int = 0        # the prefix cache takes over the row's references to the pages
+    keep_to: int = 0          # of page-table columns [keep_from, keep_to)
 
 
 @dataclasses.dataclass
@@ -221,15 +222,15 @@ class Scheduler:
         return self.radix.evictable_pages() if self.radix else 0
 
     def _release(self, req: Request, plan: Plan) -> None:
-        keep = [False] * len(req.pages)
+        release = Release(req.row)
         if self.radix is not None:
             if req.node is not None:
                 self.radix.unlock(req.node)
             full = req.computed // self.g
-            adopted = set(self.radix.insert(req.tokens[:full * self.g], req.pages[:full]))
-            keep = [p in adopted for p in req.pages]
-        self.ledger.drop([p for p, k in zip(req.pages, keep) if not k])
-        plan.release.append(Release(req.row, keep))
+            adopted = self.radix.insert(req.tokens[:full * self.g], req.pages[:full])
+            release = Release(req.row, full - len(adopted), full)   # adopted: a suffix
+        self.ledger.drop(req.pages[:release.keep_from] + req.pages[release.keep_to:])
+        plan.release.append(release)
         self.free_rows.append(req.row)
         req.row, req.pages, req.computed, req.node = -1, [], 0, None
 

@@ -48,38 +48,33 @@ class Feed:
     sampling: SamplingArrays
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["ints", "floats"], meta_fields=["filtering"])
-@dataclasses.dataclass
-class PackedFeed:
-    """A Feed as two arrays, so that a launch moves two host buffers to the device instead of
-    seven (each numpy argument of a jitted call cost ~60 us of dispatch on the H100). Built on
-    the host by `pack_feed`, opened inside the jitted step by `unpack_feed`."""
-    ints: jax.Array     # [B, 4 + T] int32: rows, num, top_k, seed (bits), then the tokens
-    floats: jax.Array   # [B, 2] float32: temperature, top_p
-    filtering: bool = True
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, tokens per row) of the Feed it packs."""
-        return self.ints.shape[0], self.ints.shape[1] - 4
+def pack_sampling(s: SamplingArrays) -> np.ndarray:
+    """[B, 4] int32 on the host: top_k, then the bits of seed, temperature and top_p."""
+    return np.stack([np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
+                     np.asarray(s.temperature, np.float32).view(np.int32),
+                     np.asarray(s.top_p, np.float32).view(np.int32)], 1)
 
 
-def pack_feed(rows, tokens, num, sampling: SamplingArrays) -> PackedFeed:
-    """numpy arrays of a Feed -> PackedFeed (on the host)."""
-    ints = np.concatenate([np.stack([rows, num, sampling.top_k,
-                                     np.asarray(sampling.seed, np.uint32).view(np.int32)], 1),
-                           tokens], 1).astype(np.int32)
-    floats = np.stack([sampling.temperature, sampling.top_p], 1).astype(np.float32)
-    return PackedFeed(ints, floats, sampling.filtering)
+def unpack_sampling(cols, filtering: bool) -> SamplingArrays:
+    bits = jax.lax.bitcast_convert_type
+    return SamplingArrays(temperature=bits(cols[:, 2], jnp.float32), top_k=cols[:, 0],
+                          top_p=bits(cols[:, 3], jnp.float32), seed=bits(cols[:, 1], jnp.uint32),
+                          filtering=filtering)
 
 
-def unpack_feed(p: PackedFeed) -> Feed:
-    i = p.ints
-    sampling = SamplingArrays(temperature=p.floats[:, 0], top_k=i[:, 2], top_p=p.floats[:, 1],
-                              seed=jax.lax.bitcast_convert_type(i[:, 3], jnp.uint32),
-                              filtering=p.filtering)
-    return Feed(rows=i[:, 0], tokens=i[:, 4:], num=i[:, 1], sampling=sampling)
+# A launch's host inputs travel as one int32 buffer and its results come back as one: on the
+# H100 machine each numpy argument of a jitted call cost 0.1-0.3 ms of dispatch, each result
+# read about as much, and each extra call more (a mixed step used to make four calls and move
+# fourteen arrays).
+def pack_feed(rows, tokens, num, sampling: SamplingArrays) -> np.ndarray:
+    """A Feed as [B, 6 + T] int32 on the host: rows, num, pack_sampling's 4, then the tokens."""
+    return np.concatenate([np.stack([rows, num], 1), pack_sampling(sampling), tokens],
+                          1).astype(np.int32)
+
+
+def unpack_feed(ints, filtering: bool) -> Feed:
+    return Feed(rows=ints[:, 0], tokens=ints[:, 6:], num=ints[:, 1],
+                sampling=unpack_sampling(ints[:, 2:6], filtering))
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -95,15 +90,79 @@ class DecodeState:
     sampling: SamplingArrays
 
 
-def admit(cache: kvcache.KVCache, packed, *, max_need: int):
-    """kvcache.admit_rows over packed [B, 4 + M] int32 columns (rows, layout, reserve,
-    prefix_len, then the prefix's page ids: one host buffer, not five), also returning the
-    admitted rows' page-table rows [B,M] so the host learns which page ids were reserved.
-    Returns (cache', ok [B], pages [B,M])."""
-    rows, layout, reserve, prefix_len = (packed[:, i] for i in range(4))
-    cache, ok = kvcache.admit_rows(cache, rows, layout, reserve, max_need, packed[:, 4:],
-                                   prefix_len)
-    return cache, ok, cache.page_table[rows]
+def pack_state(state: DecodeState) -> np.ndarray:
+    """A DecodeState of numpy arrays as [B, 8 + E] int32 on the host: rows, tokens, active,
+    remaining, pack_sampling's 4, then the stop ids."""
+    return np.concatenate([np.stack([state.rows, state.tokens, state.active, state.remaining], 1),
+                           pack_sampling(state.sampling), state.stop_ids], 1).astype(np.int32)
+
+
+def unpack_state(ints, filtering: bool) -> DecodeState:
+    return DecodeState(rows=ints[:, 0], tokens=ints[:, 1], active=ints[:, 2] != 0,
+                       remaining=ints[:, 3], stop_ids=ints[:, 8:],
+                       sampling=unpack_sampling(ints[:, 4:8], filtering))
+
+
+@dataclasses.dataclass(frozen=True)
+class PageOps:
+    """The page-table and allocator updates that ride in a launch ahead of its model steps, as
+    one fixed-size int32 buffer (so they add no compiled shapes), carried out in this order:
+
+    1. shares: one more holder for each page id (the prefix cache adopting a finished prefill's
+       pages); 0, the trash page, is no page;
+    2. releases: rows freed, each as (row, keep_from, keep_to): the row's references to the
+       pages in page-table columns [keep_from, keep_to) go to the prefix cache, the others are
+       dropped; row -1 is no release;
+    3. admissions: `kvcache.admit_rows` over [admits, 4 + width] columns (row, layout code,
+       pages to reserve, prefix length, then the prefix's page ids); layout LAYOUT_NONE is no
+       admission.
+
+    Shares come first, so that a row released in the same launch cannot free a page the cache
+    is about to hold, and admissions last, so that they may take the pages released."""
+    shares: int
+    releases: int
+    admits: int
+    width: int              # page-table columns
+
+    @property
+    def size(self) -> int:
+        return self.shares + 3 * self.releases + self.admits * (4 + self.width)
+
+    def fits(self, shares: int, releases: int, admits: int = 0) -> bool:
+        return shares <= self.shares and releases <= self.releases and admits <= self.admits
+
+    def pack(self, shares=(), releases=(), admits=None) -> np.ndarray:
+        """The buffer, on the host. releases: (row, keep_from, keep_to) triples; admits: an
+        [n, 4 + width] int32 array."""
+        if admits is None:
+            admits = np.zeros((0, 4 + self.width), np.int32)
+        if not self.fits(len(shares), len(releases), len(admits)):
+            raise ValueError(f"{len(shares)} shares, {len(releases)} releases and {len(admits)} "
+                             f"admissions do not fit in {self}")
+        share = np.zeros(self.shares, np.int32)
+        share[:len(shares)] = shares
+        release = np.full((self.releases, 3), -1, np.int32)
+        release[:len(releases)] = np.asarray(releases, np.int32).reshape(-1, 3)
+        admit = np.zeros((self.admits, 4 + self.width), np.int32)
+        admit[:len(admits)] = admits
+        return np.concatenate([share, release.ravel(), admit.ravel()])
+
+    def apply(self, cache: kvcache.KVCache, buf):
+        """Carries out the buffer's operations (in a jitted call). Returns (cache', ok [admits]:
+        the admission got its reservation or was none, pages [admits, width]: the admission
+        rows' page-table rows)."""
+        shares, buf = buf[:self.shares], buf[self.shares:]
+        release, admit = buf[:3 * self.releases].reshape(-1, 3), buf[3 * self.releases:]
+        cache = kvcache.share_pages(cache, shares, shares != kvcache.allocator.TRASH_PAGE)
+        col = jnp.arange(self.width)[None, :]
+        keep = (col >= release[:, 1:2]) & (col < release[:, 2:3])
+        cache = kvcache.release_rows(cache, jnp.maximum(release[:, 0], 0), release[:, 0] >= 0,
+                                     keep)
+        admit = admit.reshape(self.admits, 4 + self.width)
+        rows = admit[:, 0]
+        cache, ok = kvcache.admit_rows(cache, rows, admit[:, 1], admit[:, 2], self.width,
+                                       admit[:, 4:], admit[:, 3])
+        return cache, ok, cache.page_table[rows]
 
 
 def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *,
@@ -189,3 +248,53 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     init = (cache, state, out, pages, jnp.zeros(b, bool))
     cache, state, out, pages, stalled = jax.lax.fori_loop(0, num_steps, body, init)
     return out, pages, cache, state, stalled
+
+
+def mixed_launch(graphdef, params, cache: kvcache.KVCache, buf, *, ops: PageOps,
+                 feeds: tuple[tuple[int, int, bool], ...], attn_impl: str = "auto", mesh=None):
+    """The engine's mixed-step call: `ops` carried out, then one `forward` step. buf [N] int32:
+    the ops' buffer, then each feed's pack_feed array flattened; feeds (static): each feed's
+    (rows, tokens, filtering). Returns (out [K] int32, cache'), out being the admissions' ok
+    [admits] and page-table rows [admits, width], then per feed next [B], ok [B] and new pages
+    [B, W], each flattened (`split_mixed` takes it apart on the host)."""
+    cache, admit_ok, admit_pages = ops.apply(cache, buf[:ops.size])
+    start, unpacked = ops.size, []
+    for b, t, filtering in feeds:
+        unpacked.append(unpack_feed(buf[start:start + b * (6 + t)].reshape(b, 6 + t), filtering))
+        start += b * (6 + t)
+    results, cache = forward(graphdef, params, cache, tuple(unpacked), attn_impl=attn_impl,
+                             mesh=mesh)
+    out = [admit_ok.astype(jnp.int32), admit_pages.ravel()]
+    for nxt, _, new, ok in results:
+        out += [nxt, ok.astype(jnp.int32), new.ravel()]
+    return jnp.concatenate(out), cache
+
+
+def split_mixed(out: np.ndarray, ops: PageOps, feeds, page_size: int):
+    """mixed_launch's out, read on the host -> (admit ok [admits] bool, admit pages [admits,
+    width], per feed (next [B], ok [B] bool, new pages [B, W]))."""
+    a, m = ops.admits, ops.width
+    admit_ok, admit_pages, start = out[:a] != 0, out[a:a + a * m].reshape(a, m), a + a * m
+    results = []
+    for b, t, _ in feeds:
+        w = math.ceil(t / page_size)
+        nxt, ok = out[start:start + b], out[start + b:start + 2 * b] != 0
+        new = out[start + 2 * b:start + (2 + w) * b].reshape(b, w)
+        results.append((nxt, ok, new))
+        start += (2 + w) * b
+    return admit_ok, admit_pages, results
+
+
+def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_buf, state, *, ops: PageOps,
+                filtering: bool, num_steps: int, attn_impl: str = "auto", mesh=None):
+    """The engine's decode call: `ops` carried out (no admissions among them), then
+    `decode_loop` from state [B, 8 + E] int32 (pack_state's layout). Returns (out [B, 2 * steps
+    + 1] int32: decode_loop's out, then its pages, then stalled; cache'; state' in the same
+    layout, for a launch queued behind this one)."""
+    cache, _, _ = ops.apply(cache, ops_buf)
+    out, pages, cache, st, stalled = decode_loop(
+        graphdef, params, cache, unpack_state(state, filtering), num_steps=num_steps,
+        attn_impl=attn_impl, mesh=mesh)
+    state = state.at[:, 1:4].set(jnp.stack([st.tokens, st.active.astype(jnp.int32),
+                                            st.remaining], 1))
+    return jnp.concatenate([out, pages, stalled[:, None].astype(jnp.int32)], 1), cache, state

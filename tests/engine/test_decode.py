@@ -169,8 +169,8 @@ def test_a_packed_feed_opens_to_the_same_arrays():
     rows, num = rng.permutation(b).astype(np.int32), rng.integers(0, t + 1, b).astype(np.int32)
     tokens = rng.integers(0, 1000, (b, t)).astype(np.int32)
     packed = pack_feed(rows, tokens, num, sampling)
-    assert packed.shape == (b, t) and packed.filtering is False
-    feed = jax.jit(unpack_feed)(packed)
+    assert packed.shape == (b, 6 + t) and packed.dtype == np.int32
+    feed = jax.jit(unpack_feed, static_argnums=1)(packed, False)
     for got, want in [(feed.rows, rows), (feed.tokens, tokens), (feed.num, num),
                       (feed.sampling.temperature, sampling.temperature),
                       (feed.sampling.top_k, sampling.top_k), (feed.sampling.top_p, sampling.top_p),
@@ -178,3 +178,58 @@ def test_a_packed_feed_opens_to_the_same_arrays():
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(np.asarray(got), want)
     assert feed.sampling.filtering is False
+
+
+def test_page_ops_buffer_does_what_the_calls_it_packs_do():
+    """PageOps: one packed buffer (shares, releases with kept column ranges, admissions, all
+    padded) changes the cache exactly as share_pages, release_rows and admit_rows in turn; the
+    empty buffer changes nothing; too many operations are refused by name."""
+    import kvcache
+    from engine.step import PageOps
+    rng = np.random.default_rng()
+    spec = kvcache.PoolSpec(num_layers=1, num_pages=40, page_size=4, num_kv_heads=1, head_dim=2,
+                            dtype="float32")
+    rows, width = 6, 5
+    ops = PageOps(shares=8, releases=3, admits=2, width=width)
+    cache = kvcache.init_cache(spec, rows, width)
+    # rows 0-3 hold 1..5 pages each; rows 4 and 5 are free
+    held = rng.integers(1, width + 1, 4)
+    cache, ok = kvcache.admit_rows(cache, jnp.arange(4), jnp.full(4, kvcache.LAYOUT_STATIC),
+                                   jnp.asarray(held, jnp.int32), width)
+    assert np.asarray(ok).all()
+    table = np.asarray(cache.page_table)
+    shares = [int(p) for p in rng.choice(table[0][:held[0]], rng.integers(1, held[0] + 1),
+                                         replace=False)]
+    released = rng.choice(4, 2, replace=False)
+    keep = [(int(a), int(a + rng.integers(0, held[r] - a + 1)))
+            for r in released for a in [rng.integers(0, held[r] + 1)]]
+    releases = [(int(r), a, b) for r, (a, b) in zip(released, keep)]
+    kept_row = int(next(r for r in range(4) if r not in released))
+    prefix = [int(p) for p in table[kept_row][:1]]     # a page held after the releases
+    admits = np.zeros((2, 4 + width), np.int32)
+    admits[0, :4] = 4, kvcache.LAYOUT_PAGED, 2, len(prefix) * spec.page_size
+    admits[0, 4:4 + len(prefix)] = prefix
+    admits[1, :4] = 5, kvcache.LAYOUT_STATIC, 3, 0
+
+    got, got_ok, got_rows = jax.jit(ops.apply)(cache, ops.pack(shares, releases, admits))
+
+    want = kvcache.share_pages(cache, jnp.asarray(shares, jnp.int32), jnp.ones(len(shares), bool))
+    keep_mask = np.zeros((2, width), bool)
+    for i, (a, b) in enumerate(keep):
+        keep_mask[i, a:b] = True
+    want = kvcache.release_rows(want, jnp.asarray(released, jnp.int32), jnp.ones(2, bool),
+                                jnp.asarray(keep_mask))
+    want, want_ok = kvcache.admit_rows(want, jnp.asarray(admits[:, 0]), jnp.asarray(admits[:, 1]),
+                                       jnp.asarray(admits[:, 2]), width, jnp.asarray(admits[:, 4:]),
+                                       jnp.asarray(admits[:, 3]))
+    for path, x in jax.tree.leaves_with_path(got):
+        y = dict(jax.tree.leaves_with_path(want))[path]
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(np.asarray(got_ok), np.asarray(want_ok))
+    np.testing.assert_array_equal(np.asarray(got_rows), np.asarray(want.page_table)[admits[:, 0]])
+
+    same, _, _ = jax.jit(ops.apply)(cache, ops.pack())
+    for (path, x), (_, y) in zip(jax.tree.leaves_with_path(same), jax.tree.leaves_with_path(cache)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="4 releases"):
+        ops.pack(releases=[(0, 0, 0)] * 4)
