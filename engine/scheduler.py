@@ -94,15 +94,23 @@ class Ledger:
         self.refcount[pages] = 1
         self.free -= len(pages)
 
+    # One call never names a page twice (a row holds a page once, the prefix cache once), so
+    # fancy-index arithmetic counts right; np.add.at and np.unique cost ~10x more per call.
+    @staticmethod
+    def _distinct(pages) -> np.ndarray:
+        if len(set(pages)) != len(pages):
+            raise RuntimeError(f"a page is named twice in one ledger call: {sorted(pages)}")
+        return np.asarray(pages, np.int64)
+
     def share(self, pages) -> None:
-        np.add.at(self.refcount, np.asarray(pages, np.int64), 1)
+        self.refcount[self._distinct(pages)] += 1
 
     def drop(self, pages) -> None:
-        pages = np.asarray(pages, np.int64)
-        np.add.at(self.refcount, pages, -1)
+        pages = self._distinct(pages)
+        self.refcount[pages] -= 1
         if np.any(self.refcount[pages] < 0):
             raise RuntimeError("a page was released more often than it was held")
-        self.free += int(np.sum(self.refcount[np.unique(pages)] == 0))
+        self.free += int(np.count_nonzero(self.refcount[pages] == 0))
 
     def resize(self, num_pages: int, src=(), dst=()) -> None:
         """The pool's new size, held pages src[i] moved to dst[i] first (kvcache.elastic)."""

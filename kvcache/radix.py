@@ -293,12 +293,15 @@ class RadixCache:
         return self._clock
 
     def _common_pages(self, key: tuple[int, ...], tokens: tuple[int, ...], pos: int) -> int:
-        """Whole pages shared by key and tokens[pos:] (both page-aligned in length)."""
-        limit = min(len(key), len(tokens) - pos)
-        i = 0
-        while i < limit and key[i] == tokens[pos + i]:
-            i += 1
-        return i // self.page_size
+        """Whole pages shared by key and tokens[pos:] (both page-aligned in length). Compares
+        whole slices (in C), not token by token: a 2048-token match cost ~0.15 ms in Python."""
+        g, limit = self.page_size, min(len(key), len(tokens) - pos)
+        if key[:limit] == tokens[pos:pos + limit]:
+            return limit // g
+        m = 0
+        while key[m * g:(m + 1) * g] == tokens[pos + m * g:pos + (m + 1) * g]:
+            m += 1
+        return m
 
     def _split(self, node: Node, m: int) -> Node:
         """Cuts node after its first m pages (0 < m < len(node.value)); returns the new upper part."""
