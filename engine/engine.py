@@ -13,6 +13,11 @@ first one's tokens and does the host's bookkeeping, so the device always has the
 queued. Anything else (admissions, prefill chunks, releases, preemption, aborts) waits for the
 launch in flight. Finished requests keep their rows, inactive, until the chain of launches
 ends.
+
+Each launch is one call with one host buffer in and one array out: the page-table and
+allocator updates decided since the last launch (releases, prefix-cache shares, admissions)
+ride ahead of its model steps (engine.step.PageOps). Evictions and host-tier copies run as
+calls of their own, after what is queued; so does whatever is queued when the engine goes idle.
 """
 
 import collections
