@@ -96,17 +96,14 @@ def without_kv(cache: kvcache.KVCache) -> kvcache.KVCache:
 
 
 def page_op(fn, **jit_kwargs):
-    """jit(fn) for a page operation fn(cache, ...) -> cache' or (cache', ...) that reads and
-    writes only the page tables and the allocator: the call gets the cache without its K/V
-    arrays (two per layer, most of its leaves; a donated argument costs dispatch time per
-    array), and they are put back into what it returns. The rest of the cache is donated."""
+    """jit(fn) for a page operation fn(cache, ...) -> cache' that reads and writes only the
+    page tables and the allocator: the call gets the cache without its K/V arrays (two per
+    layer, most of its leaves; a donated argument costs dispatch time per array), and they are
+    put back into what it returns. The rest of the cache is donated."""
     jitted = jax.jit(fn, donate_argnums=0, **jit_kwargs)
 
-    def call(cache: kvcache.KVCache, *args, **kwargs):
-        out = jitted(without_kv(cache), *args, **kwargs)
-        if isinstance(out, tuple):
-            return (dataclasses.replace(out[0], k=cache.k, v=cache.v), *out[1:])
-        return dataclasses.replace(out, k=cache.k, v=cache.v)
+    def call(cache: kvcache.KVCache, *args):
+        return dataclasses.replace(jitted(without_kv(cache), *args), k=cache.k, v=cache.v)
     return call
 
 

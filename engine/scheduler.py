@@ -86,14 +86,6 @@ class Ledger:
         self.refcount[TRASH_PAGE] = 1
         self.free = num_pages - 1
 
-    def take(self, pages) -> None:
-        """Fresh pages the device allocator handed out."""
-        pages = np.asarray(pages, np.int64)
-        if np.any(self.refcount[pages] != 0) or len(set(pages.tolist())) != len(pages):
-            raise RuntimeError(f"the device handed out pages that are not free: {pages}")
-        self.refcount[pages] = 1
-        self.free -= len(pages)
-
     # One call never names a page twice (a row holds a page once, the prefix cache once), so
     # fancy-index arithmetic counts right; np.add.at and np.unique cost ~10x more per call.
     @staticmethod
@@ -101,6 +93,14 @@ class Ledger:
         if len(set(pages)) != len(pages):
             raise RuntimeError(f"a page is named twice in one ledger call: {sorted(pages)}")
         return np.asarray(pages, np.int64)
+
+    def take(self, pages) -> None:
+        """Fresh pages the device allocator handed out."""
+        pages = self._distinct(pages)
+        if np.any(self.refcount[pages] != 0):
+            raise RuntimeError(f"the device handed out pages that are not free: {pages}")
+        self.refcount[pages] = 1
+        self.free -= len(pages)
 
     def share(self, pages) -> None:
         self.refcount[self._distinct(pages)] += 1
