@@ -75,9 +75,9 @@ CASES = {
 
 
 def prepare(engine, case: str, batch: int, context: int, ahead: int):
-    """A fresh cache whose rows 0..B-1 hold `context` tokens each (K/V left as zeros), and the
-    DecodeState (packed, as the engine's decode launch takes it) that decodes them all,
-    greedily, without stopping.
+    """A fresh cache whose rows 0..B-1 hold `context` tokens each (K/V left as zeros) and a
+    random next token, and the decode state (packed, as the engine's decode launch takes it,
+    and on the device) that decodes them all, greedily, without stopping.
 
     static rows take their pages at admission, one contiguous run each, for context + ahead
     tokens. paged rows are admitted empty and grow one page per row in turn, so their pages
@@ -89,7 +89,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
 
     import kvcache
     from engine.engine import bucket
-    from engine.step import DecodeState, SamplingArrays, pack_state
+    from engine.step import SamplingArrays, pack_state
     kind, reserved = CASES[case]
     kinds = [kind or ("static" if b % 2 == 0 else "paged") for b in range(batch)]
     rows = np.arange(batch, dtype=np.int32)
@@ -111,12 +111,13 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
             engine.cache, grown = grow(engine.cache, rows, need, 1)
             ok &= grown
     assert np.asarray(ok).all(), "the pool refused the benchmark's pages"
-    engine.cache = dataclasses.replace(engine.cache,
-                                       lengths=engine.cache.lengths.at[:].set(context))
     rng = np.random.default_rng(0)
-    return pack_state(DecodeState(
-        rows=rows, tokens=rng.integers(0, 32000, batch).astype(np.int32),
-        active=np.ones(batch, bool), remaining=np.full(batch, 1 << 30, np.int32),
+    engine.cache = dataclasses.replace(
+        engine.cache, lengths=engine.cache.lengths.at[:].set(context),
+        next_token=jax.numpy.asarray(rng.integers(0, 32000, batch), np.int32))
+    return jax.device_put(pack_state(
+        rows=rows, tokens=np.full(batch, -1, np.int32),
+        remaining=np.full(batch, 1 << 30, np.int32),
         stop_ids=np.full((batch, 4), -1, np.int32),
         sampling=SamplingArrays(temperature=np.zeros(batch, np.float32),
                                 top_k=np.zeros(batch, np.int32),
@@ -124,18 +125,18 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
                                 seed=np.zeros(batch, np.uint32), filtering=False)))
 
 
-def run_loop(engine, state, launches: int, steps: int):
+def run_loop(engine, state, launches: int, steps: int) -> float:
     """launches back-to-back decode launches of `steps` steps; returns seconds per step."""
     start = time.perf_counter()
     for _ in range(launches):
-        out, engine.cache, state = engine._loop(
+        out, engine.cache = engine._loop(
             engine.weights, engine.cache, engine._no_ops, state, filtering=False,
             num_steps=steps, attn_impl=engine.attn_impl)
     out = np.asarray(out)
     elapsed = time.perf_counter() - start
     assert not out[:, 2 * steps].any(), "a row stalled for pages"
     assert (out[:, :steps] >= 0).all(), "a row stopped producing tokens"
-    return elapsed / (launches * steps), state
+    return elapsed / (launches * steps)
 
 
 def device_kernel_times(trace_dir: Path, top: int = 25) -> list[dict]:
@@ -184,8 +185,8 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
     for _ in range(repeats):
         for case in CASES:
             state = prepare(engine, case, batch, context, ahead)
-            _, state = run_loop(engine, state, 1, steps)       # compiles, the first time
-            seconds, state = run_loop(engine, state, launches, steps)
+            run_loop(engine, state, 1, steps)       # compiles, the first time
+            seconds = run_loop(engine, state, launches, steps)
             times[case].append(seconds)
     # Live KV: the mean over the measured steps (rows start at context + one warm-up launch).
     live_kv = batch * (context + steps + steps * launches // 2) * engine.spec.bytes_per_token

@@ -4,15 +4,15 @@
 that advanced. It is not thread-safe: one thread drives it (engine.async_engine for the
 server, a plain loop for `LLM.generate`).
 
-Host work overlaps the device in steady decoding. A launch has no host sync inside (the
-sampler's filter choice is static), so its call returns once its work is queued and the device
-runs it after. A decode launch is left in flight when `step` returns; the next `step`, if the
-batch can simply go on (nothing waiting, nothing to release, pages for two more launches),
-queues the next launch behind it on the device state it will leave, and only then reads the
-first one's tokens and does the host's bookkeeping, so the device always has the next launch
-queued. Anything else (admissions, prefill chunks, releases, preemption, aborts) waits for the
-launch in flight. Finished requests keep their rows, inactive, until the chain of launches
-ends.
+Host work overlaps the device. A launch has no host sync inside (the sampler's filter choice is
+static), so its call returns once its work is queued and the device runs it after. `step`
+leaves its launch in flight; the next `step` plans and queues the following launch before it
+reads that one's results (`Scheduler.schedule(lookahead=True)`: decode rows feed the tokens
+the device sampled, `KVCache.next_token`), so the device has the next launch queued while the
+host reads tokens, streams them and plans. A plan that needs the results first (preemption,
+the prefix cache's host tier) reads every launch in flight before it goes on, as do `sync`,
+`abort` and a shrink of the pool. A row that stopped in the launch being read is released
+once the launch queued after it, which still feeds it, is read too.
 
 Each launch is one call with one host buffer in and one array out: the page-table and
 allocator updates decided since the last launch (releases, prefix-cache shares, admissions)
@@ -42,7 +42,6 @@ from engine import envs, parallel
 from engine.sampling import SamplingParams, filters
 from engine.scheduler import Plan, Request, Scheduler
 from engine.step import (
-    DecodeState,
     PageOps,
     SamplingArrays,
     loop_launch,
@@ -73,14 +72,10 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 @dataclasses.dataclass
 class _Flight:
-    """A decode launch queued on the device whose tokens the host has not read yet."""
-    outputs: tuple                      # loop_launch's (out, cache, state)
-    reqs: list[Request]                 # its rows, in order
-    shape: tuple                        # its compiled shape (Engine._loop_shape)
-
-    @property
-    def steps(self) -> int:
-        return self.shape[-1]
+    """A launch queued on the device whose results the host has not read yet."""
+    out: jax.Array                      # its one int32 result
+    plan: Plan                          # what it runs (plan.chunks: a mixed step, or a loop)
+    feeds: tuple = ()                   # a mixed step's feed shapes (split_mixed)
 
 
 class InvalidRequest(ValueError):
@@ -253,7 +248,7 @@ class Engine:
                                attn_impl=attn_impl, mesh=mesh)
         self._forward = jax.jit(step, out_shardings=(rep, cs), donate_argnames="cache",
                                 static_argnames=("feeds", "attn_impl"))
-        self._loop = jax.jit(loop, out_shardings=(rep, cs, rep), donate_argnames="cache",
+        self._loop = jax.jit(loop, out_shardings=(rep, cs), donate_argnames="cache",
                              static_argnames=("filtering", "num_steps", "attn_impl"))
         self._page_ops = page_op(lambda cache, buf: ops.apply(cache, buf)[0],
                                  out_shardings=pages_cs)
@@ -262,16 +257,15 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
         self._device_end = 0.0              # when the last timed launch ended
-        self._flight: _Flight | None = None
-        self._held: list[Request] = []      # finished while a chain runs; rows not released yet
+        self._flights: collections.deque[_Flight] = collections.deque()   # oldest first
         self._ready: list[Request] = []     # advanced while draining, for the next step
         self._last_end: float | None = None
         # Wall time the engine was busy (steps, and gaps between steps while a launch ran), the
         # device's time in model launches (timed on the timer thread), model steps run, and
-        # launches queued behind another. Busy minus device time is host work the device
-        # waited for.
+        # launches queued before the host read the one ahead. Busy minus device time is host
+        # work the device waited for.
         self.timing = {"step_seconds": 0.0, "device_busy_seconds": 0.0, "device_steps": 0,
-                       "chained_launches": 0}
+                       "overlapped_launches": 0}
 
     # -- requests ---------------------------------------------------------------------------
     def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
@@ -324,7 +318,8 @@ class Engine:
         self.scheduler.add(req)
 
     def abort(self, rid: str) -> None:
-        """Ends a request; a running one gives its row and pages back at once."""
+        """Ends a request; a running one gives its row and pages back at once (after the
+        launches in flight are read)."""
         req = self.requests.pop(rid, None)
         if req is not None:
             self.sync()
@@ -333,28 +328,39 @@ class Engine:
             self._flush_ops()
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.has_work() or self._flight or self._ready)
+        return bool(self.scheduler.has_work() or self._flights or self._ready)
 
     def sync(self) -> None:
-        """Waits for the launch in flight and does its bookkeeping (the requests it advanced
+        """Reads every launch in flight and does its bookkeeping (the requests they advanced
         come out of the next `step`): afterwards `cache` and the scheduler agree."""
-        if self._flight is not None:
-            self._ready += self._land(chain=False)
+        while self._flights:
+            self._ready += self._land(self._flights.popleft())
         self._flush_ops()
 
     # -- one launch -------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Plans and runs one launch; returns the requests that advanced (new tokens or
-        finished). Finished requests leave `requests`; their rows go back once no launch that
-        holds them is in flight. A decode launch may still run when step returns."""
+        """Plans and queues one launch, then reads the one queued before it; returns the
+        requests that advanced (new tokens or finished). Finished requests leave `requests`;
+        their rows go back once no launch that holds them is in flight. The launch queued
+        here still runs when step returns."""
         start = time.perf_counter()
-        if self._flight is not None and self._last_end is not None:
+        if self._flights and self._last_end is not None:
             self.timing["step_seconds"] += start - self._last_end   # the device kept working
         advanced, self._ready = self._ready, []
-        if self._flight is not None:
-            advanced += self._land(chain=True)
-        else:
-            advanced += self._plan_and_run()
+        self.maintain()
+        plan = self.scheduler.schedule(lookahead=bool(self._flights))
+        if plan.grow_to is not None:
+            self._resize(plan.grow_to)
+        self._apply_releases(plan)
+        if plan.runs:
+            self.timing["overlapped_launches"] += bool(self._flights)
+            self._flights.append(self._run_mixed(plan) if plan.chunks else
+                                 self._start_decode(plan))
+        # Read what ran before this launch; everything, when the plan waits for it or ran
+        # nothing (the next plan is then made on read results).
+        keep = 1 if plan.runs and not plan.wait else 0
+        while len(self._flights) > keep:
+            advanced += self._land(self._flights.popleft())
         if not self.has_work():      # idle: the device agrees with the scheduler
             self._flush_ops()
         end = time.perf_counter()
@@ -362,32 +368,11 @@ class Engine:
         self._last_end = end
         return advanced
 
-    def _plan_and_run(self) -> list[Request]:
-        self.maintain()
-        plan = self.scheduler.schedule()
-        if plan.grow_to is not None:
-            self._resize(plan.grow_to)
-        self._apply_releases(plan)
-        if not plan.runs:          # every admission comes with a chunk: nothing was admitted
-            return []
-        if not plan.chunks:
-            self._start_decode(plan)
-            return []
-        advanced = self._run_mixed(plan)
-        self.timing["device_steps"] += plan.steps
-        self._finish([r for r in advanced if r.finish_reason is not None])
-        return advanced
-
     def _finish(self, done: list[Request]) -> None:
-        """Finished requests leave; their rows go back now, or when the chain ends."""
+        """Finished requests leave; their rows go back once no launch in flight holds them."""
         for req in done:
             self.requests.pop(req.rid, None)
-        if self._flight is not None:
-            self._held += done
-            return
-        for req in self._held + done:
             self.scheduler.finished(req)
-        self._held = []
         self._apply_releases(self.scheduler.release_pending())
 
     def _launch(self, fn, *args, **kwargs) -> tuple:
@@ -416,9 +401,12 @@ class Engine:
             if plan.evict:
                 self.cache = self._drop(self.cache, *padded_ids(plan.evict))
 
-    def _take_ops(self, admits=None) -> np.ndarray:
+    def _take_ops(self, admits=None):
         """The queued page operations, and admits, as one PageOps buffer for the next launch;
-        queued ones that do not fit beside the admissions run first, in calls of their own."""
+        queued ones that do not fit beside the admissions run first, in calls of their own.
+        With none, the empty buffer already on the device."""
+        if admits is None and not self._shares and not self._releases:
+            return self._no_ops
         if not self.ops.fits(len(self._shares), len(self._releases),
                              0 if admits is None else len(admits)):
             self._flush_ops()
@@ -448,7 +436,7 @@ class Engine:
     @staticmethod
     def _loop_shape(state: np.ndarray, filtering: bool, steps: int) -> tuple:
         """(rows, stop ids per row, filtering, steps) of a decode launch, its kind first."""
-        return ("decode loop", state.shape[0], state.shape[1] - 8, filtering, steps)
+        return ("decode loop", state.shape[0], state.shape[1] - 7, filtering, steps)
 
     def _log_shape(self, shape: tuple) -> None:
         if shape not in self._shapes:
@@ -504,68 +492,46 @@ class Engine:
             calls.append((("step", *shapes), self._forward, (buf,), {"feeds": shapes}))
         for b, steps in loops:
             state, filtering = self._decode_state([], b)
-            calls.append((self._loop_shape(state, filtering, steps), self._loop,
-                          (self.ops.pack(), state), {"filtering": filtering, "num_steps": steps}))
+            # with page operations, and without (their buffer already on the device: a call
+            # signature of its own, though no new compile)
+            for ops in (self.ops.pack(), self._no_ops):
+                calls.append((self._loop_shape(state, filtering, steps), self._loop,
+                              (ops, state), {"filtering": filtering, "num_steps": steps}))
         self.cache = self._page_ops(self.cache, self.ops.pack())
         for key, fn, args, kw in tqdm.tqdm(calls, desc="compiling step shapes",
                                            disable=not progress):
-            out = fn(self.weights, self.cache, *args, attn_impl=self.attn_impl, **kw)
-            if fn is self._loop and kw["num_steps"] == self.config.decode_steps:
-                # and as _land queues it behind another (device arguments: a call signature
-                # of its own, though no new compile)
-                out = fn(self.weights, out[1], self._no_ops, out[2], attn_impl=self.attn_impl,
-                         **kw)
-            self.cache = out[1]
+            _, self.cache = fn(self.weights, self.cache, *args, attn_impl=self.attn_impl, **kw)
             self._shapes.add(key)
         jax.block_until_ready(self.cache)
-        return len(calls)
+        return len({key for key, *_ in calls})
 
-    def _run_mixed(self, plan: Plan) -> list[Request]:
-        """One step: every decode row feeds one token, every chunk its prompt tokens; the queued
-        page operations and plan's admissions go first, in the same launch."""
+    def _run_mixed(self, plan: Plan) -> _Flight:
+        """Queues one step: every decode row feeds one token (the one its row's next_token
+        holds), every chunk its prompt tokens; the queued page operations and plan's
+        admissions go first, in the same launch."""
         m = self.pages_per_row
         admits = np.zeros((len(plan.admit), 4 + m), np.int32)   # PageOps' admission columns
         for i, (req, hit, n) in enumerate(plan.admit):
             admits[i, :4] = req.row, kvcache.LAYOUT_CODES[req.layout], n, req.computed
             admits[i, 4:4 + len(hit)] = hit
-        feeds, groups = [], []
+        feeds = []
         if plan.decode:
             b = self._mixed_rows(len(plan.decode))
             tokens = np.zeros((b, 1), np.int32)
-            for i, r in enumerate(plan.decode):
-                tokens[i, 0] = r.last_token
-            groups.append([(r, 1) for r in plan.decode])
-            feeds.append(self._feed(groups[-1], tokens, b))
+            tokens[:len(plan.decode), 0] = [self._next_token(r) for r in plan.decode]
+            feeds.append(self._feed([(r, 1) for r in plan.decode], tokens, b))
         b = self._chunk_rows(len(plan.chunks))
         tokens = np.zeros((b, self._chunk_len(max(n for _, n in plan.chunks))), np.int32)
         for i, (r, n) in enumerate(plan.chunks):
             tokens[i, :n] = r.tokens[r.computed:r.computed + n]
-        groups.append(plan.chunks)
         feeds.append(self._feed(plan.chunks, tokens, b))
         shapes = tuple(shape for _, shape in feeds)
         self._log_shape(("step", *shapes))
         buf = np.concatenate([self._take_ops(admits)] + [f.ravel() for f, _ in feeds])
+        self.scheduler.launched(plan)
         out, self.cache = self._launch(self._forward, self.weights, self.cache, buf,
                                        feeds=shapes, attn_impl=self.attn_impl)
-        admit_ok, admit_pages, results = split_mixed(np.asarray(out), self.ops, shapes,
-                                                     self.config.page_size)
-        if not admit_ok[:len(plan.admit)].all():
-            raise RuntimeError("the pool refused pages that the scheduler had counted as free")
-        for (req, _, n), row in zip(plan.admit, admit_pages.tolist()):
-            self.scheduler.admitted(req, row, n)
-        advanced = []
-        for group, (nxt, ok, new) in zip(groups, results):
-            for i, (r, n) in enumerate(group):
-                if not ok[i]:
-                    raise RuntimeError("the pool ran out of pages the scheduler had counted")
-                self.scheduler.grew(r, new[i].tolist())
-                r.computed += n
-                if r.computed == r.num_tokens:
-                    if n > 1 or len(r.output) == 0:     # a prefill just ended
-                        self._shares += self.scheduler.prefilled(r)
-                    r.emit(int(nxt[i]))
-                    advanced.append(r)
-        return advanced
+        return _Flight(out, plan, shapes)
 
     def _feed(self, group, tokens, b) -> tuple[np.ndarray, tuple[int, int, bool]]:
         """(pack_feed's array, its (rows, tokens, filtering) for mixed_launch)."""
@@ -578,6 +544,12 @@ class Engine:
                          sampling=sampling)
         return ints, (b, tokens.shape[1], sampling.filtering)
 
+    @staticmethod
+    def _next_token(r: Request) -> int:
+        """What decode row r feeds: -1 for its row's next_token when that is a sample the host
+        has not read, else its last token (a prompt's last token, when a chunk left just that)."""
+        return -1 if r.pending else (r.output[-1] if r.output else r.prompt[-1])
+
     def _decode_state(self, reqs: list[Request], b: int) -> tuple[np.ndarray, bool]:
         """(pack_state's array, filtering) for a decode launch over reqs, padded to b rows."""
         e = bucket(max((len(r.stop_ids) for r in reqs), default=0), 4, 1 << 16)
@@ -586,75 +558,84 @@ class Engine:
             stop[i, :len(r.stop_ids)] = r.stop_ids
         pad = b - len(reqs)
         sampling = self._sampling(reqs, b)
-        return pack_state(DecodeState(
-            rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
-            tokens=np.asarray([r.last_token for r in reqs] + [0] * pad, np.int32),
-            active=np.asarray([True] * len(reqs) + [False] * pad),
-            remaining=np.asarray([r.params.max_tokens - len(r.output) for r in reqs]
-                                 + [0] * pad, np.int32),
-            stop_ids=stop, sampling=sampling)), sampling.filtering
+        return pack_state(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
+                          tokens=np.asarray([self._next_token(r) for r in reqs] + [0] * pad,
+                                            np.int32),
+                          remaining=np.asarray([r.budget for r in reqs] + [0] * pad, np.int32),
+                          stop_ids=stop, sampling=sampling), sampling.filtering
 
-    def _start_decode(self, plan: Plan) -> None:
-        """Queues plan.steps decode steps in one on-device loop; their tokens are read by the
-        next step."""
-        reqs = plan.decode
-        b = self._loop_rows(len(reqs))
-        state, filtering = self._decode_state(reqs, b)
+    def _start_decode(self, plan: Plan) -> _Flight:
+        """Queues plan.steps decode steps in one on-device loop."""
+        b = self._loop_rows(len(plan.decode))
+        state, filtering = self._decode_state(plan.decode, b)
         shape = self._loop_shape(state, filtering, plan.steps)
         self._log_shape(shape)
-        outputs = self._launch(self._loop, self.weights, self.cache, self._take_ops(), state,
-                               filtering=filtering, num_steps=plan.steps,
-                               attn_impl=self.attn_impl)
-        self.cache = None          # donated: the launch's result holds the cache now
-        self._flight = _Flight(outputs, list(reqs), shape)
+        self.scheduler.launched(plan)
+        out, self.cache = self._launch(self._loop, self.weights, self.cache, self._take_ops(),
+                                       state, filtering=filtering, num_steps=plan.steps,
+                                       attn_impl=self.attn_impl)
+        return _Flight(out, plan)
 
-    def _land(self, chain: bool) -> list[Request]:
-        """Reads the launch in flight; first, when chain is set and the batch can go on, queues
-        the next launch behind it on the state it leaves. Returns the requests it advanced."""
-        flight = self._flight
-        if chain and self.scheduler.can_continue(flight.reqs, flight.steps):
-            # Nothing is queued for the device: every operation queued before the launch in
-            # flight went with it, and none is queued while a launch is in flight.
-            steps = self.config.decode_steps
-            shape = (*flight.shape[:-1], steps)       # the same state, `steps` steps
-            self._log_shape(shape)
-            _, cache, state = flight.outputs
-            outputs = self._launch(self._loop, self.weights, cache, self._no_ops, state,
-                                   filtering=shape[3], num_steps=steps,
-                                   attn_impl=self.attn_impl)
-            self._flight = _Flight(outputs, flight.reqs, shape)
-            self.timing["chained_launches"] += 1
-        else:
-            self._flight = None
-        out, cache, _ = flight.outputs
-        if self._flight is None:
-            self.cache = cache
-        steps = flight.steps
-        self.timing["device_steps"] += steps
-        out = np.asarray(out)
-        out, pages, stalled = out[:, :steps], out[:, steps:2 * steps], out[:, 2 * steps]
-        if stalled[:len(flight.reqs)].any():
-            raise RuntimeError("the pool ran out of pages the scheduler had counted")
+    def _land(self, flight: _Flight) -> list[Request]:
+        """Reads a launch's results (waiting for it) and does the host's bookkeeping: page ids,
+        tokens, finished requests. Returns the requests it advanced."""
+        plan, out = flight.plan, np.asarray(flight.out)
+        rows = self._read_mixed(flight, out) if plan.chunks else self._read_loop(plan, out)
+        self.timing["device_steps"] += plan.steps
+        chunked = {r for r, _ in plan.chunks}
         advanced = []
-        for i, r in enumerate(flight.reqs):
-            self.scheduler.grew(r, pages[i].tolist())
-            emitted = [int(t) for t in out[i] if t >= 0]
+        for r, pages, stored, emitted in rows:
+            if not self.scheduler.landed(plan, r, pages, stored) or r.finish_reason is not None:
+                continue        # a chunk with prompt left to feed, or a row already finished
+            if r in chunked:    # its prompt is stored: the prefix cache takes its full pages
+                self._shares += self.scheduler.prefilled(r)
             for token in emitted:
-                r.computed += 1
                 r.emit(token)
-            if emitted:
-                advanced.append(r)
+            advanced.append(r)
         self._finish([r for r in advanced if r.finish_reason is not None])
         return advanced
 
+    def _read_mixed(self, flight: _Flight, out: np.ndarray) -> list[tuple]:
+        """A mixed step's rows as (request, pages taken, tokens stored, tokens sampled); its
+        admissions' reservations go to the scheduler first."""
+        plan = flight.plan
+        admit_ok, admit_pages, results = split_mixed(out, self.ops, flight.feeds,
+                                                     self.config.page_size)
+        if not admit_ok[:len(plan.admit)].all():
+            raise RuntimeError("the pool refused pages that the scheduler had counted as free")
+        for (req, _, n), row in zip(plan.admit, admit_pages.tolist()):
+            self.scheduler.admitted(req, row, n)
+        groups = ([[(r, 1) for r in plan.decode]] if plan.decode else []) + [plan.chunks]
+        rows = []
+        for group, (nxt, ok, new) in zip(groups, results):
+            if not ok[:len(group)].all():
+                raise RuntimeError("the pool ran out of pages the scheduler had counted")
+            rows += [(r, new[i].tolist(), n, [int(nxt[i])]) for i, (r, n) in enumerate(group)]
+        return rows
+
+    @staticmethod
+    def _read_loop(plan: Plan, out: np.ndarray) -> list[tuple]:
+        """A decode loop's rows, as _read_mixed's: a row stores one token per token it
+        samples, until a stop token or its budget."""
+        steps = plan.steps
+        tokens, pages, stalled = out[:, :steps], out[:, steps:2 * steps], out[:, 2 * steps]
+        if stalled[:len(plan.decode)].any():
+            raise RuntimeError("the pool ran out of pages the scheduler had counted")
+        rows = []
+        for i, r in enumerate(plan.decode):
+            emitted = [int(t) for t in tokens[i] if t >= 0]
+            rows.append((r, pages[i].tolist(), len(emitted), emitted))
+        return rows
+
     # -- maintenance ------------------------------------------------------------------------
     def maintain(self) -> float | None:
-        """Shrinks an elastic pool that has been oversized long enough (see Scheduler); only
-        between launches. Returns the seconds until a shrink may be due (for an idle caller to
-        sleep on), or None when none is pending."""
-        if self._flight is not None:
-            return None
+        """Shrinks an elastic pool that has been oversized long enough (see Scheduler), after
+        reading the launches in flight. Returns the seconds until a shrink may be due (for an
+        idle caller to sleep on), or None when none is pending."""
         target, wait = self.scheduler.shrink_due(time.monotonic())
+        if target is not None and self._flights:
+            self.sync()
+            target, wait = self.scheduler.shrink_due(time.monotonic())
         if target is None:
             return wait
         plan = self.scheduler.release_pending()
@@ -666,6 +647,7 @@ class Engine:
     def _resize(self, num_pages: int, src=(), dst=()) -> None:
         """The pool at num_pages pages, held pages src -> dst moved first (kvcache.elastic)."""
         self._flush_ops()       # page ids queued before the move
+        jax.block_until_ready(self.cache)   # resize deletes the old pages: not while in use
         log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
                  self.cache.num_pages, num_pages, len(src))
         cache, self.cache = self.cache, None

@@ -92,8 +92,8 @@ class Metrics:
             "host_pages_offloaded": ("KV pages copied to the host tier", s["host_pages_offloaded"]),
             "host_pages_loaded": ("KV pages copied back from the host tier",
                                   s["host_pages_loaded"]),
-            "chained_launches": ("Decode launches queued behind the one in flight, before the "
-                                 "host read its tokens", s["chained_launches"]),
+            "overlapped_launches": ("Launches queued behind one in flight, planned before the "
+                                    "host read its results", s["overlapped_launches"]),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"hybridkv_{name}", doc, value=value)

@@ -13,6 +13,15 @@ row a chunk. When a feed reaches the end of the tokens, the token sampled after 
 Preemption frees a paged request's row (its full pages go to the prefix cache) and puts it back
 at the head of the queue; on resume it prefills prompt + output again, mostly from the cache.
 
+The engine may plan a launch before it has read the one in flight (`schedule(lookahead=True)`).
+The scheduler counts what a queued launch will do as done (`launched`): its tokens stored, its
+pages taken (by number: their ids come with its results) and its samples drawn (their values
+are on the device, where the next decode step reads them). A row that hit a stop token in the
+launch in flight is planned again: the host finds out on reading it, drops what the row did
+after, and releases the row once no queued launch holds it. What needs page ids or the device's
+results (preemption, filling pages from the host tier) makes the plan wait (`Plan.wait`): the
+engine reads every launch in flight first.
+
 With a host tier (host_pages > 0), evicted prefix-cache leaves move to host memory, preempted
 requests' pages included, and an admission whose match reaches them takes fresh pages for them
 (counted like any other) that the engine fills from the host before the launch
@@ -52,6 +61,9 @@ class Request:
     preemptions: int = 0
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted_once: bool = False
+    pending: int = 0                 # tokens sampled in launches the host has not read
+    unread_pages: int = 0            # pages taken in launches the host has not read
+    inflight: int = 0                # launches holding the row that the host has not read
 
     @property
     def tokens(self) -> list[int]:
@@ -63,12 +75,18 @@ class Request:
         return len(self.prompt) + len(self.output)
 
     @property
-    def last_token(self) -> int:
-        return self.output[-1] if self.output else self.prompt[-1]
-
-    @property
     def max_len(self) -> int:
         return len(self.prompt) + self.params.max_tokens
+
+    @property
+    def budget(self) -> int:
+        """Tokens it may still sample, counting those drawn in launches not read yet."""
+        return self.params.max_tokens - len(self.output) - self.pending
+
+    @property
+    def to_feed(self) -> int:
+        """Tokens not stored yet, the samples not read yet included: 1 for a decode row."""
+        return self.num_tokens + self.pending - self.computed
 
     def emit(self, token: int) -> None:
         self.output.append(token)
@@ -143,6 +161,9 @@ class Plan:
     decode: list[Request] = dataclasses.field(default_factory=list)
     steps: int = 1            # decode steps on the device (1 when chunks run)
     grow_to: int | None = None  # the pool's new page count, applied before everything else
+    wait: bool = False        # planned ahead, it stopped at what needs the launch in flight read
+    # Per row, by `launched`: (tokens it stores, pages it takes, tokens it samples).
+    expect: dict = dataclasses.field(default_factory=dict)
 
     @property
     def runs(self) -> bool:
@@ -175,6 +196,7 @@ class Scheduler:
         self.to_release: list[Request] = []
         self.preemptions = 0
         self._committed = 0               # pages promised to the launch being planned
+        self.unread_pages = 0             # pages taken in launches the host has not read
         self.prompt_tokens = 0            # tokens looked up in the prefix cache, first admissions
         self.hit_tokens = 0               # of which found there
         self.host_hit_tokens = 0          # of which in the host tier
@@ -224,17 +246,21 @@ class Scheduler:
         """Pages req must take to store `tokens` more (0 for static rows: reserved)."""
         if req.layout == "static":
             return 0
-        return max(0, math.ceil((req.computed + tokens) / self.g) - len(req.pages))
+        return max(0, math.ceil((req.computed + tokens) / self.g) - len(req.pages)
+                   - req.unread_pages)
 
     def _evictable(self) -> int:
         return self.radix.evictable_pages() if self.radix else 0
 
     def _release(self, req: Request, plan: Plan) -> None:
+        if req.inflight:
+            raise RuntimeError("a row was released while a launch the host has not read holds it")
         release = Release(req.row)
         if self.radix is not None:
             if req.node is not None:
                 self.radix.unlock(req.node)
-            full = req.computed // self.g
+            # A row planned past its stop token stored more than its tokens: those are garbage.
+            full = min(req.computed, req.num_tokens) // self.g
             adopted = self.radix.insert(req.tokens[:full * self.g], req.pages[:full])
             release = Release(req.row, full - len(adopted), full)   # adopted: a suffix
         self.ledger.drop(req.pages[:release.keep_from] + req.pages[release.keep_to:])
@@ -324,21 +350,26 @@ class Scheduler:
         """Releases the rows of finished and aborted requests (into plan, or a new one)."""
         plan = plan or Plan()
         for req in self.to_release:
-            self._release(req, plan)
-        self.to_release = []
+            if not req.inflight:
+                self._release(req, plan)
+        self.to_release = [r for r in self.to_release if r.inflight]
         plan.host += self.host_moves()
         return plan
 
-    def schedule(self) -> Plan:
+    def schedule(self, lookahead: bool = False) -> Plan:
+        """The next launch. lookahead: a launch the host has not read is in flight; the plan
+        stops, with wait set, at what would need its results."""
         plan = self.release_pending()
         while True:
-            self._committed = 0
-            self._plan_run(plan)
-            if plan.runs or not self.running:
+            self._committed = self.unread_pages
+            self._plan_run(plan, lookahead)
+            if plan.runs or plan.wait or not self._live():
                 plan.host += self.host_moves()
                 return plan
             # Every running row waits for pages that only a preemption can free.
-            if self._preempt(plan) is None:
+            if lookahead:
+                plan.wait = True
+            elif self._preempt(plan) is None:
                 raise RuntimeError("static rows hold more pages than they reserved")
 
     def host_moves(self) -> list[HostMove]:
@@ -351,9 +382,14 @@ class Scheduler:
                 self.host_io[move.op] += len(move.slots)
         return moves
 
-    def _plan_run(self, plan: Plan) -> None:
-        prefilling = [r for r in self.running if r.num_tokens - r.computed > 1]
-        decoding = [r for r in self.running if r.num_tokens - r.computed == 1]
+    def _live(self) -> list[Request]:
+        """Running requests with tokens left to sample (the others finish when read)."""
+        return [r for r in self.running if r.budget > 0]
+
+    def _plan_run(self, plan: Plan, lookahead: bool) -> None:
+        live = self._live()
+        prefilling = [r for r in live if r.to_feed > 1]
+        decoding = [r for r in live if r.to_feed == 1]
         # Always decode_steps (rows that finish early idle in the loop): each distinct step
         # count would be one more compiled shape per batch bucket.
         plan.steps = 1 if prefilling else self.decode_steps
@@ -362,6 +398,9 @@ class Scheduler:
             if plan.steps > 1:
                 plan.steps = 1
                 continue
+            if lookahead:
+                plan.wait = True
+                return
             victim = self._preempt(plan)
             if victim is None:
                 raise RuntimeError("static rows hold more pages than they reserved")
@@ -377,7 +416,7 @@ class Scheduler:
             plan.chunks.append((req, n))
             budget, rows = budget - n, rows - 1
         while self.waiting and self.free_rows and budget > 0 and rows > 0:
-            n = self._admit(self.waiting[0], budget, plan)
+            n = self._admit(self.waiting[0], budget, plan, lookahead)
             if n is None:
                 break
             self.waiting.popleft()
@@ -385,15 +424,19 @@ class Scheduler:
         if plan.chunks:
             plan.steps = 1
 
-    def _admit(self, req: Request, budget: int, plan: Plan) -> int | None:
+    def _admit(self, req: Request, budget: int, plan: Plan, lookahead: bool) -> int | None:
         """Admits req if the pool covers its reservation (static) or its whole remaining prompt
         (paged), evicting prefix-cache leaves as needed; the host tier's part of its prefix hit
-        comes back into fresh pages. Returns the tokens of its first chunk, or None."""
+        comes back into fresh pages (not while planning ahead: the host picks their ids). Returns
+        the tokens of its first chunk, or None."""
         tokens = req.tokens
         hit, node, hosted = [], None, []
         if self.radix is not None:
             keep = (len(tokens) - 1) // self.g             # keep one token to feed
             hit, node, hosted = self.radix.match_host(tokens[:keep * self.g])
+            if hosted and lookahead:
+                plan.wait = True
+                return None
             if hit or hosted:
                 self.radix.lock(node)
             else:
@@ -428,19 +471,40 @@ class Scheduler:
         plan.chunks.append((req, n))
         return n
 
-    def can_continue(self, reqs: list[Request], in_flight: int) -> bool:
-        """Whether a launch of decode_steps steps over the same rows may be queued right behind
-        one of `in_flight` steps, before the host has read that one's tokens. Not when a request
-        waits for admission, a row waits for release, no row has tokens left after the launch
-        in flight, or the free pages might not cover both launches."""
-        if self.waiting or self.to_release:
-            return False
-        live = [r for r in reqs if r.finish_reason is None]
-        most = max((r.params.max_tokens - len(r.output) for r in live), default=0)
-        need = sum(self._need(r, in_flight + self.decode_steps) for r in live)
-        return most > in_flight and need <= self.ledger.free
+    def launched(self, plan: Plan) -> None:
+        """The engine queued plan's launch: what it does counts as done from now on, for plans
+        made before the host reads it; plan.expect keeps each row's part for `landed`."""
+        reserve = {req: n for req, _, n in plan.admit}
+        rows = [(r, min(plan.steps, r.budget), None) for r in plan.decode]
+        rows += [(r, n, int(r.computed + n == r.num_tokens)) for r, n in plan.chunks]
+        for req, n, samples in rows:
+            pages = reserve.get(req, 0) + self._need(req, n)
+            plan.expect[req] = (n, pages, n if samples is None else samples)
+            req.computed += n
+            req.pending += plan.expect[req][2]
+            req.unread_pages += pages
+            req.inflight += 1
+            self.unread_pages += pages
 
     # -- results ----------------------------------------------------------------------------
+    def landed(self, plan: Plan, req: Request, pages: list[int], stored: int) -> int:
+        """req's part of plan's launch, read: the pages the device gave it (after its
+        reservation, which `admitted` took) and the tokens it stored. A decode row that met a
+        stop token stored fewer than planned. Returns the tokens it was planned to sample."""
+        n, planned, samples = plan.expect[req]
+        pages = [p for p in pages if p != TRASH_PAGE]
+        if len(pages) > planned:
+            raise RuntimeError(f"the device gave a row {len(pages)} pages where the plan "
+                               f"counted {planned}")
+        self.ledger.take(pages)
+        req.pages += pages
+        req.unread_pages -= planned
+        self.unread_pages -= planned
+        req.computed -= n - stored
+        req.pending -= samples
+        req.inflight -= 1
+        return samples
+
     def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:
         """The admit call's page-table row: the hit pages, then `reserve` fresh ones."""
         fresh = row_pages[len(req.pages):len(req.pages) + reserve]
@@ -453,7 +517,7 @@ class Scheduler:
         (the caller adds it on the device); req keeps its own until it is released."""
         if self.radix is None:
             return []
-        full = req.computed // self.g
+        full = req.num_tokens // self.g
         adopted = self.radix.insert(req.tokens[:full * self.g], req.pages[:full])
         self.ledger.share(adopted)
         if req.node is not None:
@@ -463,11 +527,6 @@ class Scheduler:
             _, req.node = self.radix.match(req.tokens[:full * self.g])
             self.radix.lock(req.node)
         return adopted
-
-    def grew(self, req: Request, pages: list[int]) -> None:
-        pages = [p for p in pages if p != TRASH_PAGE]
-        self.ledger.take(pages)
-        req.pages += pages
 
     def flush(self) -> Plan:
         """Drops every prefix-cache page. Only while nothing runs (the caller checks)."""

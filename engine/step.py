@@ -6,8 +6,10 @@ static and the cache donated:
                    donate_argnames="cache")
 
 A row feeds the tokens it has not stored yet: a decode row its last sampled token, a prefill
-row the next chunk of its prompt. Every fed row samples the token after its last fed one; the
-host keeps that sample only when the row has no prompt left to feed.
+row the next chunk of its prompt. Every fed row samples the token after its last fed one and
+keeps it in the cache (`next_token`), where a decode row's next step finds it: the host need
+not have read it (engine.Engine queues a launch before reading the one before). The host keeps
+a sample only when the row has no prompt left to feed.
 """
 
 import dataclasses
@@ -43,7 +45,7 @@ class Feed:
     """Rows that store new tokens in one step: num[b] tokens of tokens[b] from the row's length
     on (num 0 = padding). Paged rows take the pages those positions lack inside the step."""
     rows: jax.Array    # [B] int32 cache rows
-    tokens: jax.Array  # [B,T] int32, left-aligned
+    tokens: jax.Array  # [B,T] int32, left-aligned; -1: the row's next_token (decode rows)
     num: jax.Array     # [B] int32 tokens fed, <= T
     sampling: SamplingArrays
 
@@ -90,17 +92,19 @@ class DecodeState:
     sampling: SamplingArrays
 
 
-def pack_state(state: DecodeState) -> np.ndarray:
-    """A DecodeState of numpy arrays as [B, 8 + E] int32 on the host: rows, tokens, active,
-    remaining, pack_sampling's 4, then the stop ids."""
-    return np.concatenate([np.stack([state.rows, state.tokens, state.active, state.remaining], 1),
-                           pack_sampling(state.sampling), state.stop_ids], 1).astype(np.int32)
+def pack_state(rows, tokens, remaining, stop_ids, sampling: SamplingArrays) -> np.ndarray:
+    """A decode launch's DecodeState as [B, 7 + E] int32 on the host: rows, tokens (-1: the
+    row's next_token, like a Feed's), remaining (0: padding), pack_sampling's 4, then the stop
+    ids."""
+    return np.concatenate([np.stack([rows, tokens, remaining], 1), pack_sampling(sampling),
+                           stop_ids], 1).astype(np.int32)
 
 
-def unpack_state(ints, filtering: bool) -> DecodeState:
-    return DecodeState(rows=ints[:, 0], tokens=ints[:, 1], active=ints[:, 2] != 0,
-                       remaining=ints[:, 3], stop_ids=ints[:, 8:],
-                       sampling=unpack_sampling(ints[:, 4:8], filtering))
+def unpack_state(ints, cache: kvcache.KVCache, filtering: bool) -> DecodeState:
+    rows, tokens = ints[:, 0], ints[:, 1]
+    return DecodeState(rows=rows, tokens=jnp.where(tokens < 0, cache.next_token[rows], tokens),
+                       active=ints[:, 2] > 0, remaining=ints[:, 2], stop_ids=ints[:, 7:],
+                       sampling=unpack_sampling(ints[:, 3:7], filtering))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +180,8 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
     g = cache.page_size
     groups, starts, grown = [], [], []
     for f in feeds:
+        f = dataclasses.replace(f, tokens=jnp.where(f.tokens < 0, cache.next_token[f.rows][:, None],
+                                                    f.tokens))
         width = math.ceil(f.tokens.shape[1] / g)
         held = jnp.sum(cache.page_table[f.rows] != kvcache.allocator.TRASH_PAGE, axis=1)  # [B]
         cache, ok = kvcache.ensure_slots(cache, f.rows, f.num, width)
@@ -192,16 +198,18 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         grown.append((jnp.where(fresh, new, kvcache.allocator.TRASH_PAGE), ok, num))
         starts.append(start)
     hidden, k, v = model(tuple(groups), cache.k, cache.v, attn_impl, mesh)
-    lengths = cache.lengths
+    lengths, next_token = cache.lengths, cache.next_token
     results = []
     for f, h, start, (new, ok, num) in zip(feeds, hidden, starts, grown):
-        lengths = lengths.at[jnp.where(num > 0, f.rows, lengths.shape[0])].add(num, mode="drop")
+        moved = jnp.where(num > 0, f.rows, lengths.shape[0])
+        lengths = lengths.at[moved].add(num, mode="drop")
         logits = model.logits(h[jnp.arange(h.shape[0]), jnp.maximum(num - 1, 0)])   # [B,V]
         s = f.sampling
         nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num,
                      filtering=s.filtering)
+        next_token = next_token.at[moved].set(nxt, mode="drop")
         results.append((nxt, logits, new, ok))
-    return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths)
+    return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths, next_token=next_token)
 
 
 def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
@@ -288,13 +296,10 @@ def split_mixed(out: np.ndarray, ops: PageOps, feeds, page_size: int):
 def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_buf, state, *, ops: PageOps,
                 filtering: bool, num_steps: int, attn_impl: str = "auto", mesh=None):
     """The engine's decode call: `ops` carried out (no admissions among them), then
-    `decode_loop` from state [B, 8 + E] int32 (pack_state's layout). Returns (out [B, 2 * steps
-    + 1] int32: decode_loop's out, then its pages, then stalled; cache'; state' in the same
-    layout, for a launch queued behind this one)."""
+    `decode_loop` from state [B, 7 + E] int32 (pack_state's layout). Returns (out [B, 2 * steps
+    + 1] int32: decode_loop's out, then its pages, then stalled; cache')."""
     cache, _, _ = ops.apply(cache, ops_buf)
-    out, pages, cache, st, stalled = decode_loop(
-        graphdef, params, cache, unpack_state(state, filtering), num_steps=num_steps,
+    out, pages, cache, _, stalled = decode_loop(
+        graphdef, params, cache, unpack_state(state, cache, filtering), num_steps=num_steps,
         attn_impl=attn_impl, mesh=mesh)
-    state = state.at[:, 1:4].set(jnp.stack([st.tokens, st.active.astype(jnp.int32),
-                                            st.remaining], 1))
-    return jnp.concatenate([out, pages, stalled[:, None].astype(jnp.int32)], 1), cache, state
+    return jnp.concatenate([out, pages, stalled[:, None].astype(jnp.int32)], 1), cache

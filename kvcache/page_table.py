@@ -19,7 +19,7 @@ LAYOUT_CODES = {"static": LAYOUT_STATIC, "paged": LAYOUT_PAGED}
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "page_table", "lengths", "layout", "alloc"],
+                   data_fields=["k", "v", "page_table", "lengths", "next_token", "layout", "alloc"],
                    meta_fields=[])
 @dataclasses.dataclass
 class KVCache:
@@ -27,6 +27,7 @@ class KVCache:
     v: tuple[jax.Array, ...]   # L x [P,G,K,H]
     page_table: jax.Array  # [R,M] int32, 0 (trash) past a row's last page
     lengths: jax.Array     # [R] int32, tokens stored per row
+    next_token: jax.Array  # [R] int32, the row's last sample: what its next decode step feeds
     layout: jax.Array      # [R] int32, LAYOUT_NONE for a free row
     alloc: allocator.AllocState
 
@@ -46,6 +47,7 @@ def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int) -> KVCache
         v=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
         page_table=jnp.zeros((max_rows, max_pages_per_row), jnp.int32),
         lengths=jnp.zeros(max_rows, jnp.int32),
+        next_token=jnp.zeros(max_rows, jnp.int32),
         layout=jnp.zeros(max_rows, jnp.int32),
         alloc=allocator.init(spec.num_pages),
     )

@@ -1,6 +1,7 @@
 """Continuous batching through Engine.step: chunked prefill, the prefix cache (with its host
-tier) and preemption give the same greedy tokens as an unpressured run, and the host's page
-ledger equals the device's refcounts after every step."""
+tier) and preemption give the same greedy tokens as an unpressured run, with or without
+launches planned ahead of reading the one in flight, and the host's page ledger equals the
+device's refcounts whenever every launch has been read."""
 
 import numpy as np
 import pytest
@@ -16,18 +17,20 @@ MAX_TOKENS = [3, 17, 9, 12, 1, 25, 6, 14, 30, 5, 20]
 
 
 def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_every=0,
-        sync=True, warm=False):
+        check_every=1, warm=False, stop=None):
     """Feeds the prompts (all at once, or one more every `arrive_every` steps), steps to the end
-    checking the ledger after every step (after waiting for the launch in flight; with sync
-    False, only at the end, so that decode launches chain); returns (outputs, engine,
-    requests). warm: Engine.warmup first, and then no model launch may compile."""
+    checking the ledger every `check_every` steps, after reading the launches in flight (0: only
+    at the end; between checks, each step queues its launch before reading the one before);
+    returns (outputs, engine, requests). warm: Engine.warmup first, and then no model launch
+    may compile. stop: a stop token id per prompt (else every request runs to max_tokens)."""
     engine = Engine(config)
     if warm:
         assert engine.warmup(progress=False) == sum(map(len, engine.step_shapes()))
         compiled = engine._forward._cache_size(), engine._loop._cache_size()
-    reqs = [engine.make_request(f"r{i}", p, SamplingParams(max_tokens=m, temperature=0,
-                                                            ignore_eos=True))
-            for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    stop = stop or [None] * len(prompts)
+    reqs = [engine.make_request(f"r{i}", p, SamplingParams(
+        max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=[s] if s is not None else []))
+        for i, (p, m, s) in enumerate(zip(prompts, max_tokens, stop))]
     pending, steps = list(reqs), 0
     while pending or engine.has_work():
         if pending and (arrive_every == 0 or steps % arrive_every == 0):
@@ -36,7 +39,7 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
                 pending.remove(req)
         engine.step()
         steps += 1
-        if not sync:
+        if not check_every or steps % check_every:
             continue
         engine.sync()
         sched = engine.scheduler
@@ -48,7 +51,7 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
             assert row[:len(r.pages)].tolist() == r.pages and not row[len(r.pages):].any()
         assert_host_tier_consistent(engine)
     assert_pool_clean(engine)
-    assert all(len(r.output) == m for r, m in zip(reqs, max_tokens))
+    assert all(len(r.output) == m for r, m, s in zip(reqs, max_tokens, stop) if s is None)
     if warm:
         assert (engine._forward._cache_size(), engine._loop._cache_size()) == compiled
     return [r.output for r in reqs], engine, reqs
@@ -61,12 +64,12 @@ def reference():
     return outputs
 
 
-@pytest.mark.parametrize("layout", ["static", "paged", "hybrid"])
-def test_prefix_cache_and_chunks_give_the_same_tokens(reference, layout):
+@pytest.mark.parametrize("layout,check_every", [("static", 1), ("paged", 3), ("hybrid", 3)])
+def test_prefix_cache_and_chunks_give_the_same_tokens(reference, layout, check_every):
     """Chunks of 8 tokens, arrivals spread over steps, shared prefixes served from the cache."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout=layout, static_max_tokens=48,
                                           chunked_prefill_size=8, max_prefill_rows=2),
-                             arrive_every=3)
+                             arrive_every=3, check_every=check_every)
     assert outputs == reference
     stats = engine.stats()
     assert stats["hit_tokens"] >= 32 * 5, stats   # most later prompts reuse the shared pages
@@ -102,13 +105,32 @@ def test_static_requests_are_never_preempted(reference):
 
 
 @pytest.mark.parametrize("layout", ["static", "hybrid"])
-def test_chained_decode_launches_give_the_same_tokens(reference, layout):
-    """No sync between steps: decode launches queue behind the one in flight (the host reads a
-    launch's tokens while the next runs), finished rows wait for the chain to end."""
+def test_launches_planned_ahead_give_the_same_tokens(reference, layout):
+    """No sync between steps: each launch is queued before the host reads the one ahead of it
+    (decode rows feed the token the device sampled), finished rows go back once no launch in
+    flight holds them."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout=layout, static_max_tokens=48,
-                                          chunked_prefill_size=64, decode_steps=4), sync=False)
+                                          chunked_prefill_size=64, decode_steps=4), check_every=0)
     assert outputs == reference
-    assert engine.stats()["chained_launches"] > 0
+    assert engine.stats()["overlapped_launches"] > 0
+
+
+@pytest.mark.parametrize("layout,max_total_tokens,decode_steps", [("hybrid", None, 4),
+                                                                  ("paged", 64, 1)])
+def test_stop_tokens_met_while_the_next_launch_is_queued(reference, layout, max_total_tokens,
+                                                         decode_steps):
+    """Each request stops at a token from the middle of its reference output. The launch
+    queued before the host read that token still feeds the row: what it adds is dropped, and
+    the row's pages come back (the paged case under preemption)."""
+    stop = [out[len(out) // 2] for out in reference]
+    outputs, engine, reqs = run(EngineConfig(
+        **BASE, layout=layout, static_max_tokens=48, max_total_tokens=max_total_tokens,
+        chunked_prefill_size=16, decode_steps=decode_steps), check_every=0, stop=stop)
+    assert outputs == [out[:out.index(s) + 1] for out, s in zip(reference, stop)]
+    assert all(r.finish_reason == "stop" for r in reqs)
+    stats = engine.stats()
+    assert stats["overlapped_launches"] > 0
+    assert stats["preemptions"] > 0 or layout != "paged", stats
 
 
 def test_warmup_compiles_every_launch_the_run_needs(reference):
@@ -116,14 +138,14 @@ def test_warmup_compiles_every_launch_the_run_needs(reference):
     loops of 1 and 3 steps, and preemption compiles no model launch."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
                                           chunked_prefill_size=16, max_prefill_rows=2,
-                                          decode_steps=3), arrive_every=2, sync=False, warm=True)
+                                          decode_steps=3), arrive_every=1, check_every=0, warm=True)
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
 
-def test_chained_launches_under_preemption(reference):
+def test_overlapped_launches_under_preemption(reference):
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
-                                          chunked_prefill_size=16, decode_steps=3), sync=False)
+                                          chunked_prefill_size=16, decode_steps=3), check_every=0)
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
@@ -136,9 +158,9 @@ def test_abort_during_a_chain_of_launches():
         engine.add(r)
     for _ in range(40):
         engine.step()
-        if engine.stats()["chained_launches"] >= 2:
+        if engine.stats()["overlapped_launches"] >= 2:
             break
-    assert engine.stats()["chained_launches"] >= 2
+    assert engine.stats()["overlapped_launches"] >= 2
     engine.abort("r1")
     while engine.has_work():
         engine.step()
@@ -177,10 +199,10 @@ def test_flush_cache_refuses_while_requests_run():
     assert engine.scheduler.radix.cached_pages() == 0
 
 
-@pytest.mark.parametrize("layout,radix,arrive_every", [("hybrid", True, 3),
-                                                       ("paged", False, 0)])
+@pytest.mark.parametrize("layout,radix,arrive_every,check_every", [("hybrid", True, 3, 2),
+                                                                   ("paged", False, 0, 1)])
 def test_elastic_pool_grows_and_shrinks_without_changing_tokens(reference, layout, radix,
-                                                                 arrive_every):
+                                                                 arrive_every, check_every):
     """The pool starts at 5 pages, doubles as admissions need pages (up to 25: past that,
     preemption) and shrinks, compacting held pages, whenever a smaller size would be at most
     half full (no delay): under running requests, the tokens do not change and the ledger
@@ -188,7 +210,7 @@ def test_elastic_pool_grows_and_shrinks_without_changing_tokens(reference, layou
     outputs, engine, _ = run(EngineConfig(
         **BASE, layout=layout, static_max_tokens=48, max_total_tokens=96, kv_pool="elastic",
         kv_pool_min_tokens=16, kv_shrink_after=0, chunked_prefill_size=16,
-        disable_radix_cache=not radix), arrive_every=arrive_every)
+        disable_radix_cache=not radix), arrive_every=arrive_every, check_every=check_every)
     assert outputs == reference
     pool = engine.scheduler.pool_report()
     assert engine.scheduler.pool_sizes == (5, 10, 20, 25)
