@@ -15,9 +15,10 @@ the prefix cache's host tier) reads every launch in flight before it goes on, as
 once the launch queued after it, which still feeds it, is read too.
 
 Each launch is one call with one host buffer in and one array out: the page-table and
-allocator updates decided since the last launch (releases, prefix-cache shares, admissions)
-ride ahead of its model steps (engine.step.PageOps). Evictions and host-tier copies run as
-calls of their own, after what is queued; so does whatever is queued when the engine goes idle.
+allocator updates decided since the last launch (prefix-cache shares and evictions, releases,
+admissions) ride ahead of its model steps (engine.step.PageOps). Host-tier copies, and the
+evictions that go with them, run as calls of their own, after what is queued; so does whatever
+is queued when the engine goes idle.
 """
 
 import collections
@@ -225,11 +226,14 @@ class Engine:
         # buffers are reused and no call reshards the pool.
         pages_cs = None if cs is None else without_kv(cs)
         # Page-table and allocator updates ride in the next model launch (engine.step.PageOps):
-        # prefix-cache shares and releases wait in _shares and _releases until then.
+        # prefix-cache shares, evictions and row releases wait in _shares, _drops and _releases
+        # until then.
         self.ops = ops = PageOps(shares=c.max_prefill_rows * self.pages_per_row,
+                                 drops=c.max_prefill_rows * self.pages_per_row,
                                  releases=c.max_running_requests, admits=c.max_prefill_rows,
                                  width=self.pages_per_row)
         self._shares: list[int] = []
+        self._drops: list[int] = []
         self._releases: list[tuple[int, int, int]] = []
         self._no_ops = jax.device_put(ops.pack(), rep)
         # The graphdef and mesh are bound, not passed: a static argument is hashed on every call.
@@ -392,36 +396,42 @@ class Engine:
         self._device_end = end
 
     def _apply_releases(self, plan: Plan) -> None:
-        """Queues plan's releases for the next launch. Its host moves and evictions (under pool
-        pressure, at a shrink or a flush) run now, after what was queued."""
+        """Queues plan's releases and evictions for the next launch. Host moves (evicted leaves
+        copied to the host tier, hits copied back) run now, after what was queued, and then
+        their evictions: a copy reads its pages before anything reuses them."""
         self._releases += [(r.row, r.keep_from, r.keep_to) for r in plan.release]
-        if plan.host or plan.evict:
-            self._flush_ops()
-            self.cache = self.host.apply(self.cache, plan.host)
-            if plan.evict:
-                self.cache = self._drop(self.cache, *padded_ids(plan.evict))
+        if not plan.host:
+            self._drops += plan.evict
+            return
+        self._flush_ops()
+        self.cache = self.host.apply(self.cache, plan.host)
+        if plan.evict:
+            self.cache = self._drop(self.cache, *padded_ids(plan.evict))
 
     def _take_ops(self, admits=None):
         """The queued page operations, and admits, as one PageOps buffer for the next launch;
         queued ones that do not fit beside the admissions run first, in calls of their own.
         With none, the empty buffer already on the device."""
-        if admits is None and not self._shares and not self._releases:
+        if admits is None and not (self._shares or self._drops or self._releases):
             return self._no_ops
-        if not self.ops.fits(len(self._shares), len(self._releases),
+        if not self.ops.fits(len(self._shares), len(self._drops), len(self._releases),
                              0 if admits is None else len(admits)):
             self._flush_ops()
-        buf = self.ops.pack(self._shares, self._releases, admits)
-        self._shares, self._releases = [], []
+        buf = self.ops.pack(self._shares, self._drops, self._releases, admits)
+        self._shares, self._drops, self._releases = [], [], []
         return buf
 
     def _flush_ops(self) -> None:
         """Runs the queued page operations now, in calls of their own: every share before any
-        release (a release may drop a row's reference to a page the cache shares)."""
-        while self._shares or self._releases:
+        drop (an eviction may drop the reference a share adds) and every drop before any
+        release, as in one buffer."""
+        while self._shares or self._drops or self._releases:
             shares, self._shares = self._shares[:self.ops.shares], self._shares[self.ops.shares:]
-            releases = [] if self._shares else self._releases[:self.ops.releases]
+            drops = [] if self._shares else self._drops[:self.ops.drops]
+            self._drops = self._drops[len(drops):]
+            releases = [] if self._shares or self._drops else self._releases[:self.ops.releases]
             self._releases = self._releases[len(releases):]
-            self.cache = self._page_ops(self.cache, self.ops.pack(shares, releases))
+            self.cache = self._page_ops(self.cache, self.ops.pack(shares, drops, releases))
 
     def _sampling(self, reqs: list[Request], width: int) -> SamplingArrays:
         pad = width - len(reqs)
@@ -481,7 +491,7 @@ class Engine:
         tokens/s at 64 rows), likely because XLA's autotuner timed its kernel candidates on a
         device shared by the other compiles. Still compiled lazily, with a log line: sampling
         with top-k / top-p, other pool sizes of an elastic pool, requests with many stop ids,
-        and the page drops of prefix-cache evictions. Returns the shape count."""
+        and the host tier's copies and page drops. Returns the shape count."""
         mixed, loops = self.step_shapes()
         calls = []
         for d, r, t in mixed:
@@ -661,6 +671,7 @@ class Engine:
         if self.has_work():
             return False
         self._apply_releases(self.scheduler.flush())
+        self._flush_ops()
         return True
 
     def stats(self) -> dict:

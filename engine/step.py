@@ -114,50 +114,57 @@ class PageOps:
 
     1. shares: one more holder for each page id (the prefix cache adopting a finished prefill's
        pages); 0, the trash page, is no page;
-    2. releases: rows freed, each as (row, keep_from, keep_to): the row's references to the
+    2. drops: one holder fewer for each page id (the prefix cache evicting), 0 is no page;
+    3. releases: rows freed, each as (row, keep_from, keep_to): the row's references to the
        pages in page-table columns [keep_from, keep_to) go to the prefix cache, the others are
        dropped; row -1 is no release;
-    3. admissions: `kvcache.admit_rows` over [admits, 4 + width] columns (row, layout code,
+    4. admissions: `kvcache.admit_rows` over [admits, 4 + width] columns (row, layout code,
        pages to reserve, prefix length, then the prefix's page ids); layout LAYOUT_NONE is no
        admission.
 
     Shares come first, so that a row released in the same launch cannot free a page the cache
-    is about to hold, and admissions last, so that they may take the pages released."""
+    is about to hold, and admissions last, so that they may take the pages freed."""
     shares: int
+    drops: int
     releases: int
     admits: int
     width: int              # page-table columns
 
     @property
     def size(self) -> int:
-        return self.shares + 3 * self.releases + self.admits * (4 + self.width)
+        return self.shares + self.drops + 3 * self.releases + self.admits * (4 + self.width)
 
-    def fits(self, shares: int, releases: int, admits: int = 0) -> bool:
-        return shares <= self.shares and releases <= self.releases and admits <= self.admits
+    def fits(self, shares: int, drops: int, releases: int, admits: int = 0) -> bool:
+        return (shares <= self.shares and drops <= self.drops and releases <= self.releases
+                and admits <= self.admits)
 
-    def pack(self, shares=(), releases=(), admits=None) -> np.ndarray:
+    def pack(self, shares=(), drops=(), releases=(), admits=None) -> np.ndarray:
         """The buffer, on the host. releases: (row, keep_from, keep_to) triples; admits: an
         [n, 4 + width] int32 array."""
         if admits is None:
             admits = np.zeros((0, 4 + self.width), np.int32)
-        if not self.fits(len(shares), len(releases), len(admits)):
-            raise ValueError(f"{len(shares)} shares, {len(releases)} releases and {len(admits)} "
-                             f"admissions do not fit in {self}")
+        if not self.fits(len(shares), len(drops), len(releases), len(admits)):
+            raise ValueError(f"{len(shares)} shares, {len(drops)} drops, {len(releases)} releases"
+                             f" and {len(admits)} admissions do not fit in {self}")
         share = np.zeros(self.shares, np.int32)
         share[:len(shares)] = shares
+        drop = np.zeros(self.drops, np.int32)
+        drop[:len(drops)] = drops
         release = np.full((self.releases, 3), -1, np.int32)
         release[:len(releases)] = np.asarray(releases, np.int32).reshape(-1, 3)
         admit = np.zeros((self.admits, 4 + self.width), np.int32)
         admit[:len(admits)] = admits
-        return np.concatenate([share, release.ravel(), admit.ravel()])
+        return np.concatenate([share, drop, release.ravel(), admit.ravel()])
 
     def apply(self, cache: kvcache.KVCache, buf):
         """Carries out the buffer's operations (in a jitted call). Returns (cache', ok [admits]:
         the admission got its reservation or was none, pages [admits, width]: the admission
         rows' page-table rows)."""
         shares, buf = buf[:self.shares], buf[self.shares:]
+        drops, buf = buf[:self.drops], buf[self.drops:]
         release, admit = buf[:3 * self.releases].reshape(-1, 3), buf[3 * self.releases:]
         cache = kvcache.share_pages(cache, shares, shares != kvcache.allocator.TRASH_PAGE)
+        cache = kvcache.drop_pages(cache, drops, drops != kvcache.allocator.TRASH_PAGE)
         col = jnp.arange(self.width)[None, :]
         keep = (col >= release[:, 1:2]) & (col < release[:, 2:3])
         cache = kvcache.release_rows(cache, jnp.maximum(release[:, 0], 0), release[:, 0] >= 0,

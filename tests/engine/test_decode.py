@@ -181,16 +181,17 @@ def test_a_packed_feed_opens_to_the_same_arrays():
 
 
 def test_page_ops_buffer_does_what_the_calls_it_packs_do():
-    """PageOps: one packed buffer (shares, releases with kept column ranges, admissions, all
-    padded) changes the cache exactly as share_pages, release_rows and admit_rows in turn; the
-    empty buffer changes nothing; too many operations are refused by name."""
+    """PageOps: one packed buffer (shares, drops, releases with kept column ranges, admissions,
+    all padded) changes the cache exactly as share_pages, drop_pages, release_rows and
+    admit_rows in turn; the empty buffer changes nothing; too many operations are refused by
+    name."""
     import kvcache
     from engine.step import PageOps
     rng = np.random.default_rng()
     spec = kvcache.PoolSpec(num_layers=1, num_pages=40, page_size=4, num_kv_heads=1, head_dim=2,
                             dtype="float32")
     rows, width = 6, 5
-    ops = PageOps(shares=8, releases=3, admits=2, width=width)
+    ops = PageOps(shares=8, drops=4, releases=3, admits=2, width=width)
     cache = kvcache.init_cache(spec, rows, width)
     # rows 0-3 hold 1..5 pages each; rows 4 and 5 are free
     held = rng.integers(1, width + 1, 4)
@@ -200,6 +201,7 @@ def test_page_ops_buffer_does_what_the_calls_it_packs_do():
     table = np.asarray(cache.page_table)
     shares = [int(p) for p in rng.choice(table[0][:held[0]], rng.integers(1, held[0] + 1),
                                          replace=False)]
+    drops = shares[:rng.integers(0, len(shares) + 1)][:ops.drops]   # evicted right after
     released = rng.choice(4, 2, replace=False)
     keep = [(int(a), int(a + rng.integers(0, held[r] - a + 1)))
             for r in released for a in [rng.integers(0, held[r] + 1)]]
@@ -211,9 +213,10 @@ def test_page_ops_buffer_does_what_the_calls_it_packs_do():
     admits[0, 4:4 + len(prefix)] = prefix
     admits[1, :4] = 5, kvcache.LAYOUT_STATIC, 3, 0
 
-    got, got_ok, got_rows = jax.jit(ops.apply)(cache, ops.pack(shares, releases, admits))
+    got, got_ok, got_rows = jax.jit(ops.apply)(cache, ops.pack(shares, drops, releases, admits))
 
     want = kvcache.share_pages(cache, jnp.asarray(shares, jnp.int32), jnp.ones(len(shares), bool))
+    want = kvcache.drop_pages(want, jnp.asarray(drops, jnp.int32), jnp.ones(len(drops), bool))
     keep_mask = np.zeros((2, width), bool)
     for i, (a, b) in enumerate(keep):
         keep_mask[i, a:b] = True
@@ -233,3 +236,5 @@ def test_page_ops_buffer_does_what_the_calls_it_packs_do():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="4 releases"):
         ops.pack(releases=[(0, 0, 0)] * 4)
+    with pytest.raises(ValueError, match="5 drops"):
+        ops.pack(drops=[1] * 5)
