@@ -7,13 +7,16 @@ without the radix cache and drives it with bench/serving.py.
 1. shared-prefix workload: output tokens/s with the radix cache vs --disable-radix-cache, and
    the hit rate against the optimum;
 2. no shared prefix (random prompts): the cost of the cache in output tokens/s (the mean of
-   3 measured passes per server);
+   4 measured passes per server);
 3. decode with 64 running requests: host time per model step not hidden behind the device,
    while all 64 decode (and, for reference, over the whole run with its prefill).
-Each workload runs twice on a server: a warm-up pass (the server compiled its step shapes at
-start-up; what compiles lazily, such as the page operations, compiles here), then, with the
-prefix cache emptied, the measured pass. A measured pass in which the server compiled timed the
-compiler: it is run again (up to 3 times; the JSON counts the passes dropped). Writes
+The two servers run side by side, each with 0.4 of the device's memory (their KV pools are
+capped at what 64 full contexts need either way), and take turns: for each workload a warm-up
+pass on each (the server compiled its step shapes at start-up; what compiles lazily, such as
+the page operations, compiles here), then measured passes alternating between them, each after
+emptying the prefix cache, so that whatever drifts over the run (the machine, the client) hits
+both alike. A measured pass in which the server compiled timed the compiler: it is run again
+(up to 3 times per server and workload; the JSON lists the passes dropped). Writes
 bench/results/serving-targets.json.
 """
 
@@ -73,31 +76,38 @@ def bench(url: str, dataset_args: list[str], seed: int) -> dict:
     return asyncio.run(serving.run_benchmark(args))
 
 
-def measure(url: str, dataset_args: list[str], seed: int, passes: int = 1,
-            retries: int = 3) -> dict:
-    """A warm-up pass of the workload that compiles what the server's start-up did not, then
-    `passes` measured passes, each after emptying the prefix cache; a pass in which the server
-    compiled is dropped and run again, `retries` times at most over the passes. Returns the
-    first kept pass's report with every kept pass's output tokens/s and XLA compiles, and the
-    dropped passes' output tokens/s, added. Each workload has its own seed, so no workload's
-    prompts share a prefix with another's."""
+def warm(url: str, dataset_args: list[str], seed: int) -> None:
+    """A warm-up pass of the workload: it compiles what the server's start-up did not. Each
+    workload has its own seed, so no workload's prompts share a prefix with another's."""
     start = time.monotonic()
     bench(url, dataset_args, seed=seed)
     print(f"warm-up pass: {time.monotonic() - start:.0f} s", flush=True)
-    reports, dropped = [], []
-    while len(reports) < passes:
+
+
+def measured_pass(url: str, dataset_args: list[str], seed: int, result: dict,
+                  retries: int = 3) -> None:
+    """One measured pass after emptying the prefix cache, added to result (its "reports" and
+    "dropped" lists); a pass in which the server compiled is dropped and run again, `retries`
+    times at most over the result's passes."""
+    while True:
         httpx.post(f"{url}/flush_cache", timeout=60).raise_for_status()
         report = bench(url, dataset_args, seed=seed)
         serving.print_report(report)
-        if report["metrics"]["server_compiles"] and len(dropped) < retries:
-            print("the server compiled in this pass: dropped, run again", flush=True)
-            dropped.append(report["metrics"]["output_throughput"])
-            continue
-        reports.append(report)
+        if not report["metrics"]["server_compiles"] or len(result["dropped"]) >= retries:
+            result["reports"].append(report)
+            return
+        print("the server compiled in this pass: dropped, run again", flush=True)
+        result["dropped"].append(report["metrics"]["output_throughput"])
+
+
+def summarize(result: dict) -> dict:
+    """The first kept pass's report with every kept pass's output tokens/s and XLA compiles,
+    and the dropped passes' output tokens/s, added."""
+    reports = result["reports"]
     return reports[0] | {"output_throughputs": [r["metrics"]["output_throughput"]
                                                 for r in reports],
                          "compiles_per_pass": [r["metrics"]["server_compiles"] for r in reports],
-                         "dropped_throughputs": dropped}
+                         "dropped_throughputs": result["dropped"]}
 
 
 def main(argv=None) -> None:
@@ -128,29 +138,38 @@ def main(argv=None) -> None:
              "512", "--random-output-len", "128", "--max-concurrency", "64", *vocab]
     decode = ["--dataset", "random", "--num-prompts", "64", "--random-input-len", "128",
               "--random-output-len", str(512 // scale), "--max-concurrency", "64", *vocab]
-    flags = ["--model", a.model, "--max-running-requests", "64", "--context-length", str(a.context_length),
-             "--chunked-prefill-size", "512", "--mem-fraction-static", "0.85",
-             *(["--skip-warmup"] if a.skip_warmup else [])]
+    flags = ["--model", a.model, "--max-running-requests", "64",
+             "--context-length", str(a.context_length), "--chunked-prefill-size", "512",
+             "--mem-fraction-static", "0.4", *(["--skip-warmup"] if a.skip_warmup else [])]
     logs = Path("/tmp")
     results = {}
-    for name, extra in [("radix", []), ("no_radix", ["--disable-radix-cache"])]:
-        start = time.monotonic()
-        server = Server(flags + extra, logs / f"serve-{name}.log")
-        print(f"{name} server up in {time.monotonic() - start:.0f} s", flush=True)
-        try:
-            # The random workload's passes differ by up to ~20% in output tokens/s on the
-            # H100 (at 256 prompts, 2.5-3 s a pass): its cost compares means of 3 passes of
-            # 768 prompts.
-            workloads = [("shared_prefix", shared, 10, 1), ("random", plain, 20, 3)]
-            if name == "radix":
-                workloads.append(("decode64", decode, 30, 1))
-            for workload, dataset, seed, passes in workloads:
-                if workload not in chosen:
-                    continue
-                print(f"\n=== {name}: {workload}", flush=True)
-                results[f"{name}/{workload}"] = measure(server.url, dataset, seed, passes)
-                Path(a.output_file).write_text(json.dumps({"partial": True, "runs": results}))
-        finally:
+    servers = {}
+    try:
+        for name, extra in [("radix", []), ("no_radix", ["--disable-radix-cache"])]:
+            start = time.monotonic()
+            servers[name] = Server(flags + extra, logs / f"serve-{name}.log")
+            print(f"{name} server up in {time.monotonic() - start:.0f} s", flush=True)
+        # The random workload's passes differ by up to ~20% in output tokens/s on the H100 (at
+        # 256 prompts, 2.5-3 s a pass): its cost compares means of 4 passes of 768 prompts.
+        workloads = [("shared_prefix", shared, 10, 1, ["radix", "no_radix"]),
+                     ("random", plain, 20, 4, ["radix", "no_radix"]),
+                     ("decode64", decode, 30, 1, ["radix"])]
+        for workload, dataset, seed, passes, names in workloads:
+            if workload not in chosen:
+                continue
+            runs = {name: {"reports": [], "dropped": []} for name in names}
+            for name in names:
+                print(f"\n=== {name}: {workload}, warm-up", flush=True)
+                warm(servers[name].url, dataset, seed)
+            for i in range(passes):
+                for name in names:
+                    print(f"\n=== {name}: {workload}, pass {i + 1}", flush=True)
+                    measured_pass(servers[name].url, dataset, seed, runs[name])
+            for name in names:
+                results[f"{name}/{workload}"] = summarize(runs[name])
+            Path(a.output_file).write_text(json.dumps({"partial": True, "runs": results}))
+    finally:
+        for server in servers.values():
             server.close()
 
     def tput(key):
