@@ -43,6 +43,7 @@ from engine import envs, parallel
 from engine.sampling import SamplingParams, filters
 from engine.scheduler import Plan, Request, Scheduler
 from engine.step import (
+    STATE_HEAD,
     PageOps,
     SamplingArrays,
     loop_launch,
@@ -446,7 +447,7 @@ class Engine:
     @staticmethod
     def _loop_shape(state: np.ndarray, filtering: bool, steps: int) -> tuple:
         """(rows, stop ids per row, filtering, steps) of a decode launch, its kind first."""
-        return ("decode loop", state.shape[0], state.shape[1] - 7, filtering, steps)
+        return ("decode loop", state.shape[0], state.shape[1] - STATE_HEAD, filtering, steps)
 
     def _log_shape(self, shape: tuple) -> None:
         if shape not in self._shapes:
@@ -516,9 +517,9 @@ class Engine:
         return len({key for key, *_ in calls})
 
     def _run_mixed(self, plan: Plan) -> _Flight:
-        """Queues one step: every decode row feeds one token (the one its row's next_token
-        holds), every chunk its prompt tokens; the queued page operations and plan's
-        admissions go first, in the same launch."""
+        """Queues one step: every decode row feeds one token (`_next_token`), every chunk its
+        prompt tokens; the queued page operations and plan's admissions go first, in the same
+        launch."""
         m = self.pages_per_row
         admits = np.zeros((len(plan.admit), 4 + m), np.int32)   # PageOps' admission columns
         for i, (req, hit, n) in enumerate(plan.admit):

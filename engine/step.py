@@ -85,26 +85,28 @@ def unpack_feed(ints, filtering: bool) -> Feed:
 @dataclasses.dataclass
 class DecodeState:
     rows: jax.Array       # [B] int32 cache rows
-    tokens: jax.Array     # [B] int32 last sampled token, not yet in the cache
+    tokens: jax.Array     # [B] int32 last sampled token, not yet in the cache (-1: next_token)
     active: jax.Array     # [B] bool, False for finished rows and padding
     remaining: jax.Array  # [B] int32 tokens each row may still produce
     stop_ids: jax.Array   # [B,E] int32 tokens that end a row (EOS included), -1 = none
     sampling: SamplingArrays
 
 
+STATE_HEAD = 7     # pack_state's columns before the stop ids
+
+
 def pack_state(rows, tokens, remaining, stop_ids, sampling: SamplingArrays) -> np.ndarray:
-    """A decode launch's DecodeState as [B, 7 + E] int32 on the host: rows, tokens (-1: the
-    row's next_token, like a Feed's), remaining (0: padding), pack_sampling's 4, then the stop
-    ids."""
+    """A decode launch's DecodeState as [B, STATE_HEAD + E] int32 on the host: rows, tokens
+    (-1: the row's next_token, as in a Feed), remaining (0: padding), pack_sampling's 4, then
+    the stop ids."""
     return np.concatenate([np.stack([rows, tokens, remaining], 1), pack_sampling(sampling),
                            stop_ids], 1).astype(np.int32)
 
 
-def unpack_state(ints, cache: kvcache.KVCache, filtering: bool) -> DecodeState:
-    rows, tokens = ints[:, 0], ints[:, 1]
-    return DecodeState(rows=rows, tokens=jnp.where(tokens < 0, cache.next_token[rows], tokens),
-                       active=ints[:, 2] > 0, remaining=ints[:, 2], stop_ids=ints[:, 7:],
-                       sampling=unpack_sampling(ints[:, 3:7], filtering))
+def unpack_state(ints, filtering: bool) -> DecodeState:
+    return DecodeState(rows=ints[:, 0], tokens=ints[:, 1], active=ints[:, 2] > 0,
+                       remaining=ints[:, 2], stop_ids=ints[:, STATE_HEAD:],
+                       sampling=unpack_sampling(ints[:, 3:STATE_HEAD], filtering))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,10 +305,10 @@ def split_mixed(out: np.ndarray, ops: PageOps, feeds, page_size: int):
 def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_buf, state, *, ops: PageOps,
                 filtering: bool, num_steps: int, attn_impl: str = "auto", mesh=None):
     """The engine's decode call: `ops` carried out (no admissions among them), then
-    `decode_loop` from state [B, 7 + E] int32 (pack_state's layout). Returns (out [B, 2 * steps
+    `decode_loop` from state [B, STATE_HEAD + E] int32 (pack_state's layout). Returns (out [B, 2 * steps
     + 1] int32: decode_loop's out, then its pages, then stalled; cache')."""
     cache, _, _ = ops.apply(cache, ops_buf)
     out, pages, cache, _, stalled = decode_loop(
-        graphdef, params, cache, unpack_state(state, cache, filtering), num_steps=num_steps,
+        graphdef, params, cache, unpack_state(state, filtering), num_steps=num_steps,
         attn_impl=attn_impl, mesh=mesh)
     return jnp.concatenate([out, pages, stalled[:, None].astype(jnp.int32)], 1), cache
