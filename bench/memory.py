@@ -14,7 +14,8 @@ static pool's size, the elastic pool's ceiling). In each process:
   burst 2 and idle again. For an elastic pool burst 1 is the warm-up (it compiles the steps for
   every pool size it meets) and burst 2 is the measured one.
 
-The workload (`workload`): chat requests (max_tokens 1024, most stop far earlier), short
+The workload (`workload`): chat requests (max_tokens 1024 by default, most stop far earlier;
+`--chat-max-tokens 0`: unset, as from a client that omits it, so the rest of the context), short
 completions (max_tokens 64, run to it) and long documents (8-24k prompt tokens), all arriving at
 once. A request that "stops" before max_tokens is ended by the driver at its drawn length, as an
 EOS token would end it (the random weights never choose to stop), and frees its pages the same
@@ -55,17 +56,21 @@ class Job:
     stop_at: int          # output length at which the request ends (an EOS, emulated)
 
 
-def workload(seed: int, n: int, context: int, vocab: int) -> list[Job]:
-    """n requests: 70% chat (prompt ~300 tokens, max_tokens 1024, output ~150 lognormal), 20%
-    short completions (prompt ~100, 64 tokens), 10% long documents (a quarter to three
-    quarters of the context, max_tokens 512, output ~200). Lengths are cut to fit `context`."""
+def workload(seed: int, n: int, context: int, vocab: int, chat_max_tokens: int = 1024
+             ) -> list[Job]:
+    """n requests: 70% chat (prompt ~300 tokens, max_tokens `chat_max_tokens`, 0 for the rest
+    of the context; output ~150 lognormal, at most 1024), 20% short completions (prompt ~100,
+    64 tokens), 10% long documents (a quarter to three quarters of the context, max_tokens 512,
+    output ~200). Lengths are cut to fit `context`. The draws do not depend on
+    chat_max_tokens."""
     rng = np.random.default_rng(seed)
     jobs = []
     for _ in range(n):
         kind = rng.choice(3, p=[0.7, 0.2, 0.1])
         if kind == 0:
             prompt = int(np.clip(rng.lognormal(np.log(300), 0.8), 16, context // 8))
-            cap, out = 1024, int(np.clip(rng.lognormal(np.log(150), 0.8), 8, 1024))
+            cap, out = chat_max_tokens or context, int(np.clip(rng.lognormal(np.log(150), 0.8),
+                                                               8, 1024))
         elif kind == 1:
             prompt, cap = int(np.clip(rng.lognormal(np.log(100), 0.5), 8, context // 8)), 64
             out = cap
@@ -181,6 +186,9 @@ def one_config(args, layout: str, pool: str) -> dict:
     if pool == "elastic":
         kvcache.elastic.use_returning_allocator()
     import jax
+    if args.compilation_cache_dir:     # shared by the configurations' processes
+        jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     from engine import Engine, EngineConfig
     engine = Engine(EngineConfig(
@@ -198,7 +206,8 @@ def one_config(args, layout: str, pool: str) -> dict:
                "driver_mib": sampler.driver_mib(),
                "kv_pool_bytes": engine.cache.num_pages * engine.spec.bytes_per_page,
                "memory_stats": stats}
-    jobs = workload(args.seed, args.requests, args.context, engine.model_config.vocab_size)
+    jobs = workload(args.seed, args.requests, args.context, engine.model_config.vocab_size,
+                    args.chat_max_tokens)
     bursts, after = [], []
     for b in range(2):
         begin = time.monotonic() - sampler.t0
@@ -287,6 +296,8 @@ def main():
     p.add_argument("--rows", type=int, default=128, help="max running requests")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--static-max-tokens", type=int, default=1024)
+    p.add_argument("--chat-max-tokens", type=int, default=1024,
+                   help="what chat requests ask for; 0: unset (the rest of the context)")
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--min-tokens", type=int, default=2048)
     p.add_argument("--growth", type=int, default=4)
@@ -294,6 +305,9 @@ def main():
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default=",".join(f"{a}/{b}" for a, b in CONFIGS))
+    p.add_argument("--compilation-cache-dir", type=Path,
+                   help="JAX's persistent compilation cache, so later configurations reuse the "
+                        "step shapes the first one compiled")
     p.add_argument("--one", help=argparse.SUPPRESS)   # layout/pool, in a subprocess
     args = p.parse_args()
     if args.plot:
