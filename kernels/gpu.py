@@ -12,8 +12,9 @@ arbitrary positions) in the same batch. A program owns one (row, KV head, query 
     rows of the program: block_t query tokens x Qp query heads of one KV head (GQA folded in)
     keys: the row's pages [split * pages_per_split, ...), ppb pages (one gather) at a time,
           stopping at the last position any of its queries can see
-    out:  unnormalised o, running max m and softmax sum per split (in base 2: the scale folds
-          log2(e) in and the kernel uses exp2); the splits merge in XLA
+    out:  with one split, o normalised, in q's dtype; with several, unnormalised o, running
+          max m and softmax sum per split (in base 2: the scale folds log2(e) in and the
+          kernel uses exp2), which merge in XLA
 
 Split-K gives a long sequence several programs when the batch alone cannot fill the GPU.
 """
@@ -31,8 +32,10 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum_ref, *,
+def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs,
             ppb: int, pages_per_split: int, scale: float, window: int | None, split_mask: bool):
+    """stat_refs: (m_ref, sum_ref) when the splits merge outside; none with one split, whose
+    o_ref takes the normalised output."""
     g = k_ref.shape[1]
     block_k = ppb * g
     kv_len = lens_ref[0]
@@ -86,7 +89,12 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, sum
     carry = jax.lax.fori_loop(0, num_full, functools.partial(block, masked=False), init)
     o, m, total = jax.lax.fori_loop(num_full, num_blocks, functools.partial(block, masked=True),
                                     carry)
-    o_ref[...] = jnp.where(live[:, None], o, 0.0)                      # padding rows: nothing
+    if not stat_refs:                  # one split: the output itself
+        o = o / jnp.where(total > 0, total, 1.0)[:, None]
+        o_ref[...] = jnp.where(live[:, None], o, 0.0).astype(o_ref.dtype)   # padding rows: 0
+        return
+    m_ref, sum_ref = stat_refs
+    o_ref[...] = jnp.where(live[:, None], o, 0.0)
     m_ref[...] = jnp.where(live, m, -jnp.inf)
     sum_ref[...] = jnp.where(live, total, 0.0)
 
@@ -133,7 +141,16 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
                                scale=math.log2(math.e) / math.sqrt(h), window=sliding_window,
                                split_mask=t > 1)
     part = (b, k, num_splits, t_pad * qp)
-    o, m, total = pl.pallas_call(
+    o_spec = pl.BlockSpec((None, None, None, rows, h), lambda i, j, r, s: (i, j, s, n_t - 1 - r, 0))
+    stat_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r))
+    if num_splits == 1:
+        out_specs, out_shape = [o_spec], [jax.ShapeDtypeStruct((*part, h), q.dtype)]
+    else:
+        out_specs = [o_spec, stat_spec, stat_spec]
+        out_shape = [jax.ShapeDtypeStruct((*part, h), jnp.float32),
+                     jax.ShapeDtypeStruct(part, jnp.float32),
+                     jax.ShapeDtypeStruct(part, jnp.float32)]
+    outs = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[
@@ -144,20 +161,14 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
             pl.BlockSpec((k_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
             pl.BlockSpec((v_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, h),
-                         lambda i, j, r, s: (i, j, s, n_t - 1 - r, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r)),
-            pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((*part, h), jnp.float32),
-                   jax.ShapeDtypeStruct(part, jnp.float32),
-                   jax.ShapeDtypeStruct(part, jnp.float32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="hybridkv_paged_attention",
     )(kv_lens.astype(jnp.int32), table, pos, qg, k_pages, v_pages)
-    return merge_splits(o, m, total).reshape(b, k, t_pad, qp, h)[:, :, :t, :q_per_kv] \
+    o = outs[0][:, :, 0] if num_splits == 1 else merge_splits(*outs)
+    return o.reshape(b, k, t_pad, qp, h)[:, :, :t, :q_per_kv] \
         .transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
 
 

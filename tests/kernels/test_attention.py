@@ -187,13 +187,36 @@ def test_bfloat16(impl, seed, q_per_kv, page_size, num_queries):
     assert not np.any(out[case["positions"] < 0])
 
 
+
+GPU_IMPLS = ["gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
+    """Decode rows with their keys split over several programs (merged in XLA) and in one
+    (normalised in the kernel), one page a key block, so splits of no key occur too."""
+    from kernels.gpu import paged_attention_gpu
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, q_per_kv=3, page_size=4, num_queries=1)
+    cast = lambda x: jnp.asarray(np.asarray(x, dtype))   # noqa: E731
+    out = paged_attention_gpu(cast(case["q"]), cast(case["k_pages"]), cast(case["v_pages"]),
+                              jnp.asarray(case["table"]), jnp.asarray(case["positions"]),
+                              jnp.asarray(case["lengths"]), interpret=impl == "gpu-interpret",
+                              pages_per_block=1, num_splits=num_splits)
+    assert out.dtype == jnp.dtype(dtype)
+    tol = F32_TOL if dtype == np.float32 else BF16_KERNEL_TOL
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected(case, dtype), **tol,
+                               err_msg=describe(seed, case, num_splits=num_splits))
+    assert not np.any(np.asarray(out)[case["positions"] < 0])
+
 # float16: as bfloat16 with a 10-bit significand: 2**-11 relative for the final cast and for
 # each softmax weight.
 FP16_KERNEL_TOL = dict(rtol=2.0**-10, atol=2.0**-11 * 4)
-MOSAIC_IMPLS = ["gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("impl", MOSAIC_IMPLS)
+@pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("q_per_kv,page_size,dtype", [(1, 16, jnp.bfloat16), (3, 8, jnp.float16),
                                                       (8, 32, jnp.bfloat16)])
 def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, monkeypatch):
