@@ -519,13 +519,14 @@ class Scheduler:
         if self.radix is None:
             return []
         full = req.num_tokens // self.g
-        adopted = self.radix.insert(req.tokens[:full * self.g], req.pages[:full])
+        tokens = tuple(req.tokens[:full * self.g])    # the tree keys on tuples: no more copies
+        adopted = self.radix.insert(tokens, req.pages[:full])
         self.ledger.share(adopted)
         if req.node is not None:
             self.radix.unlock(req.node)
         req.node = None
         if full:
-            _, req.node = self.radix.match(req.tokens[:full * self.g])
+            _, req.node = self.radix.match(tokens)
             self.radix.lock(req.node)
         return adopted
 

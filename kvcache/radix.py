@@ -29,6 +29,13 @@ sum incrementally. Eviction removes least-recently-used unlocked leaves, ordered
 clock bumped on every match and insert (deterministic, unlike wall time); a parent left without
 children becomes a leaf and may go in the same call. The root is never evicted.
 
+LRU order (`_LRU`): one heap per tier of (last_access, node), kept across calls rather than
+rebuilt from every leaf per eviction. A node is pushed whenever it becomes an unlocked leaf or
+is used while one; an entry whose node has since been used again, locked, or left the leaves
+is stale and skipped when it comes up. The leaves of one tier never share a last_access (a
+clock tick stamps one root path, and only its deepest node of a tier can be a leaf), so the
+order is exactly that of sorting the unlocked leaves.
+
 Host tier (host_pages > 0): a second level of the cache in host memory, as SGLang's HiCache.
 `evict` moves a victim's pages to host slots instead of dropping them while the tier has room
 (colder host leaves are dropped for good to make it); the node stays in the tree, host-resident
@@ -43,8 +50,11 @@ logged as a `HostMove`, and the caller (kvcache.offload) carries them out in ord
     match([a b c d]) -> ([1], X);  match_host([a b c d]) -> ([1], Y', [Y'])  (Y split: c d)
     load([Y'], [7]) -> Y' holds page 7; logs ("load", [7], [0])
 
-Cost: match and insert O(len(tokens)); lock and unlock O(depth); evict O(L log L) for L leaves
-(the leaf sets are kept up to date, so eviction never walks the whole tree).
+Tokens are compared as given: pass Python ints (numpy scalars hash and compare alike, but
+slower).
+
+Cost: match and insert O(len(tokens)); lock and unlock O(depth); evict O(log L) per node it
+takes for L leaves, amortized (it never walks the tree or the leaves).
 """
 
 import dataclasses
@@ -74,6 +84,36 @@ class Node:
     host: bool = False    # its pages are in the host tier
 
 
+class _LRU:
+    """The unlocked nodes of one tier's leaf set (`leaves`, which the tree keeps up to date),
+    least recently used first: a heap of (last_access, seq, node) with lazy deletion. `push`
+    every node that may have become an unlocked leaf or was used while one; `pop` skips the
+    entries that went stale since, and the heap is rebuilt from the leaves once stale entries
+    outnumber them, so it stays O(L)."""
+
+    def __init__(self, leaves: set[Node]):
+        self.leaves = leaves
+        self.heap: list[tuple[int, int, Node]] = []
+        self._seq = itertools.count()    # tie-break between entries of one node
+
+    def push(self, node: Node) -> None:
+        if node.lock_count == 0 and node in self.leaves:
+            heapq.heappush(self.heap, (node.last_access, next(self._seq), node))
+            if len(self.heap) > 2 * len(self.leaves) + 64:
+                self.heap = [(n.last_access, next(self._seq), n) for n in self.leaves
+                             if n.lock_count == 0]
+                heapq.heapify(self.heap)
+
+    def pop(self) -> Node | None:
+        """The least recently used unlocked leaf, or None; it stays a leaf: the caller removes
+        it (or moves it to another tier) before the next pop."""
+        while self.heap:
+            last_access, _, node = heapq.heappop(self.heap)
+            if last_access == node.last_access and node.lock_count == 0 and node in self.leaves:
+                return node
+        return None
+
+
 class RadixCache:
     def __init__(self, page_size: int, host_pages: int = 0):
         if not isinstance(page_size, int) or page_size < 1:
@@ -86,6 +126,8 @@ class RadixCache:
         self._root = Node((), [], None)
         self._leaves: set[Node] = set()       # device nodes (not the root) with no device child
         self._host_leaves: set[Node] = set()  # host nodes with no child
+        self._lru = _LRU(self._leaves)
+        self._host_lru = _LRU(self._host_leaves)
         self._cached = 0                 # device pages held by the tree
         self._evictable = 0              # device pages in nodes with lock_count 0
         self._host_free = list(range(host_pages - 1, -1, -1))  # pop() gives the lowest slot
@@ -129,7 +171,7 @@ class RadixCache:
         if len(tokens) < n:
             raise ValueError(f"insert of {len(pages)} pages needs at least {n} tokens at page_size "
                              f"{g}, got {len(tokens)}; pass fewer pages or more tokens")
-        tokens = tuple(map(int, tokens[:n]))
+        tokens = tuple(tokens[:n])
         pages = [int(p) for p in pages]
         now = self._tick()
         node, pos, taken = self._root, 0, []
@@ -142,7 +184,7 @@ class RadixCache:
             m = self._common_pages(child.key, tokens, pos)
             if m < len(child.value):
                 child = self._split(child, m)
-            child.last_access = now
+            self._touch(child, now)
             if child.host:
                 self._to_device(child, pages[pos // g:pos // g + m], "discard")
                 taken += child.value
@@ -166,6 +208,7 @@ class RadixCache:
             n.lock_count -= 1
             if n.lock_count == 0:
                 self._count(n, +1)
+                self._lru_of(n).push(n)
 
     # -- eviction and the host tier ---------------------------------------------------------
     def evict(self, num_pages: int) -> list[int]:
@@ -177,20 +220,16 @@ class RadixCache:
         Returns the freed ids: possibly more than asked (whole nodes go), fewer only when the
         cache ran out of evictable pages (then `evictable_pages()` is 0).
         """
-        seq = itertools.count()  # tie-break, so the heap never compares nodes
-        heap = [(n.last_access, next(seq), n) for n in self._leaves if n.lock_count == 0]
-        heapq.heapify(heap)
         freed: list[int] = []
-        while heap and len(freed) < num_pages:
-            _, _, leaf = heapq.heappop(heap)
-            parent = leaf.parent
+        while len(freed) < num_pages:
+            leaf = self._lru.pop()
+            if leaf is None:
+                break
             freed += leaf.value
             if self._host_room(len(leaf.value)):
                 self._to_host(leaf)
             else:
                 self._remove(leaf)
-            if parent in self._leaves and parent.lock_count == 0:
-                heapq.heappush(heap, (parent.last_access, next(seq), parent))
         return freed
 
     def load(self, nodes: list[Node], pages: Sequence[int]) -> list[int]:
@@ -233,6 +272,8 @@ class RadixCache:
         self._root.children.clear()
         self._leaves.clear()
         self._host_leaves.clear()
+        self._lru.heap.clear()
+        self._host_lru.heap.clear()
         self._cached = self._evictable = self._host_evictable = 0
         self._host_free = list(range(self.host_capacity - 1, -1, -1))
         return held
@@ -269,9 +310,11 @@ class RadixCache:
     def _walk(self, tokens, into_host: bool) -> tuple[list[int], Node, list[Node]]:
         g = self.page_size
         n = len(tokens) // g * g
-        tokens = tuple(map(int, tokens[:n]))
         now = self._tick()
         node, pos, pages, hosted = self._root, 0, [], []
+        if n and tuple(tokens[:g]) not in self._root.children:
+            return pages, node, hosted     # a miss at the first page: no copy of the tokens
+        tokens = tuple(tokens[:n])
         while pos < n:
             child = node.children.get(tokens[pos:pos + g])
             if child is None or (child.host and not into_host):
@@ -279,7 +322,7 @@ class RadixCache:
             m = self._common_pages(child.key, tokens, pos)
             if m < len(child.value):
                 child = self._split(child, m)
-            child.last_access = now
+            self._touch(child, now)
             if child.host:
                 hosted.append(child)
             else:
@@ -291,6 +334,13 @@ class RadixCache:
         self._clock += 1
         self._root.last_access = self._clock
         return self._clock
+
+    def _touch(self, node: Node, now: int) -> None:
+        node.last_access = now
+        self._lru_of(node).push(node)
+
+    def _lru_of(self, node: Node) -> _LRU:
+        return self._host_lru if node.host else self._lru
 
     def _common_pages(self, key: tuple[int, ...], tokens: tuple[int, ...], pos: int) -> int:
         """Whole pages shared by key and tokens[pos:] (both page-aligned in length). Compares
@@ -325,6 +375,7 @@ class RadixCache:
         parent.children[leaf.key[:self.page_size]] = leaf
         self._leaves.discard(parent)
         self._leaves.add(leaf)
+        self._lru.push(leaf)
         self._cached += len(leaf.value)
         self._evictable += len(leaf.value)
 
@@ -335,15 +386,8 @@ class RadixCache:
             return True
         if len(self._host_free) + self._host_evictable < num:
             return False
-        seq = itertools.count()
-        heap = [(n.last_access, next(seq), n) for n in self._host_leaves if n.lock_count == 0]
-        heapq.heapify(heap)
         while len(self._host_free) < num:
-            _, _, leaf = heapq.heappop(heap)
-            parent = leaf.parent
-            self._remove(leaf)
-            if parent in self._host_leaves and parent.lock_count == 0:
-                heapq.heappush(heap, (parent.last_access, next(seq), parent))
+            self._remove(self._host_lru.pop())
         return True
 
     def _to_host(self, leaf: Node) -> None:
@@ -357,9 +401,11 @@ class RadixCache:
         self._count(leaf, +1)
         if not leaf.children:
             self._host_leaves.add(leaf)
+            self._host_lru.push(leaf)
         parent = leaf.parent
         if parent is not self._root and all(c.host for c in parent.children.values()):
             self._leaves.add(parent)
+            self._lru.push(parent)
 
     def _to_device(self, node: Node, pages: list[int], op: str) -> None:
         """A host node (its parent on the device) now holds device `pages`; its slots are freed,
@@ -374,6 +420,7 @@ class RadixCache:
         self._cached += len(pages)
         self._host_leaves.discard(node)
         self._leaves.add(node)               # its children are host nodes
+        self._lru.push(node)
         self._leaves.discard(node.parent)
 
     def _remove(self, node: Node) -> None:
@@ -399,8 +446,10 @@ class RadixCache:
             return
         if parent.host and not parent.children:
             self._host_leaves.add(parent)
+            self._host_lru.push(parent)
         elif not parent.host and all(c.host for c in parent.children.values()):
             self._leaves.add(parent)
+            self._lru.push(parent)
 
     def _nodes(self) -> list[Node]:
         out, stack = [], [self._root]

@@ -18,6 +18,15 @@ def nodes_below(root) -> list:
     return out
 
 
+def assert_lru_current(lru) -> None:
+    """Every unlocked leaf of a kvcache.radix tier has an entry at its current last_access in
+    the tier's LRU heap (other entries are stale, skipped on pop): evictions see every
+    candidate, in LRU order."""
+    current = {node for last_access, _, node in lru.heap if last_access == node.last_access}
+    missing = [node for node in lru.leaves if not node.lock_count and node not in current]
+    assert not missing, f"unlocked leaves missing from the LRU heap: {missing}"
+
+
 def assert_cache_empty(cache, cached=()) -> None:
     """No row is taken and every page is free, but the trash page and `cached` (held once, by
     the prefix cache)."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import nodes_below
+from helpers import assert_lru_current, nodes_below
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -253,6 +253,8 @@ class TierMachine(RuleBasedStateMachine):
         assert self.cache._host_evictable == sum(len(n.value) for n in host if not n.lock_count)
         assert self.cache._leaves == {n for n in dev if all(c.host for c in n.children.values())}
         assert self.cache._host_leaves == {n for n in host if not n.children}
+        assert_lru_current(self.cache._lru)
+        assert_lru_current(self.cache._host_lru)
 
 
 TierMachine.TestCase.settings = settings(

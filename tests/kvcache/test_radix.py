@@ -9,7 +9,7 @@ brute-force recounts of pages, evictable pages and lock counts.
 """
 
 import pytest
-from helpers import nodes_below
+from helpers import assert_lru_current, nodes_below
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -113,6 +113,20 @@ def test_evict_takes_least_recently_used_leaves_and_then_their_parents():
     assert cache.evict(2) == [12, 10]                                # [1] is a leaf now, and next
     cache.insert([5, 6, 7], [15, 16, 17])
     assert cache.evict(1) == [15, 16, 17]                            # whole nodes go
+
+
+def test_lru_order_survives_many_uses_and_locks():
+    """Every use or unlock of a leaf queues it again in the LRU heap: the stale entries are
+    skipped and the heap is rebuilt before it outgrows the leaves."""
+    cache = RadixCache(1)
+    cache.insert([1], [10])
+    cache.insert([2], [20])
+    for _ in range(500):
+        _, node = cache.match([1])
+        cache.lock(node)
+        cache.unlock(node)
+    assert len(cache._lru.heap) <= 2 * 2 + 64 + 1
+    assert cache.evict(1) == [20] and cache.evict(1) == [10] and cache.evict(1) == []
 
 
 def test_unlock_without_lock_changes_nothing():
@@ -326,6 +340,7 @@ class RadixMachine(RuleBasedStateMachine):
         assert steps == sorted(set(steps)), "the LRU clock orders nodes unlike the model"
         assert self.cache.cached_pages() == sum(len(n.value) for n in nodes)
         assert self.cache.evictable_pages() == sum(len(n.value) for n in nodes if not n.lock_count)
+        assert_lru_current(self.cache._lru)
 
 
 # No explain phase: it traces every line while shrinking, and takes minutes to report a failure.
