@@ -10,8 +10,9 @@ without the radix cache and drives it with bench/serving.py.
    4 measured passes per server);
 3. decode with 64 running requests: host time per model step not hidden behind the device,
    while all 64 decode (and, for reference, over the whole run with its prefill).
-The two servers run side by side, each with 0.4 of the device's memory (their KV pools are
-capped at what 64 full contexts need either way), and take turns: for each workload a warm-up
+The two servers run side by side, each with 45% of the device's memory for XLA and 0.4 of
+that for weights and pool (their KV pools are capped at what 64 full contexts need either
+way), and take turns: for each workload a warm-up
 pass on each (the server compiled its step shapes at start-up; what compiles lazily, such as
 the page operations, compiles here), then measured passes alternating between them, each after
 emptying the prefix cache, so that whatever drifts over the run (the machine, the client) hits
@@ -23,6 +24,7 @@ bench/results/serving-targets.json.
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -48,8 +50,11 @@ class Server:
     def __init__(self, flags: list[str], log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # XLA takes 75% of the device at start-up by default: the second server would find
+        # too little. Each gets 45%, its KV pool and weights within (--mem-fraction-static).
+        env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
         self.proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(self.port),
-                                      "--log-level", "warning", *flags], cwd=ROOT,
+                                      "--log-level", "warning", *flags], cwd=ROOT, env=env,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while True:
