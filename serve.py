@@ -184,10 +184,8 @@ def main(argv=None) -> int:
     if args.kv_pool == "elastic":
         use_returning_allocator()      # before JAX starts its backend
     if args.compilation_cache_dir:
-        import jax
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.expanduser(args.compilation_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        from engine.engine import use_compilation_cache
+        use_compilation_cache(args.compilation_cache_dir)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

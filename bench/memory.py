@@ -186,11 +186,11 @@ def one_config(args, layout: str, pool: str) -> dict:
     if pool == "elastic":
         kvcache.elastic.use_returning_allocator()
     import jax
-    if args.compilation_cache_dir:     # shared by the configurations' processes
-        jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     from engine import Engine, EngineConfig
+    from engine.engine import use_compilation_cache
+    if args.compilation_cache_dir:     # shared by the configurations' processes
+        use_compilation_cache(args.compilation_cache_dir)
     engine = Engine(EngineConfig(
         model=args.model, layout=layout, static_max_tokens=args.static_max_tokens,
         kv_pool=pool, kv_pool_min_tokens=args.min_tokens, kv_pool_growth=args.growth,

@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import secrets
 import time
 
@@ -86,6 +87,13 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+def use_compilation_cache(path: str | os.PathLike) -> None:
+    """Turns on JAX's persistent compilation cache in `path` (~ expanded) for every compile,
+    however quick, so a later process with the same step shapes loads them instead."""
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(os.fspath(path)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def without_kv(cache: kvcache.KVCache) -> kvcache.KVCache:

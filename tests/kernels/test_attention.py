@@ -187,7 +187,6 @@ def test_bfloat16(impl, seed, q_per_kv, page_size, num_queries):
     assert not np.any(out[case["positions"] < 0])
 
 
-
 GPU_IMPLS = ["gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
@@ -210,6 +209,7 @@ def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
     np.testing.assert_allclose(np.asarray(out, np.float64), expected(case, dtype), **tol,
                                err_msg=describe(seed, case, num_splits=num_splits))
     assert not np.any(np.asarray(out)[case["positions"] < 0])
+
 
 # float16: as bfloat16 with a 10-bit significand: 2**-11 relative for the final cast and for
 # each softmax weight.
