@@ -9,7 +9,8 @@ next step if the Triton version cannot reach the bandwidth target (see BENCHMARK
 One kernel serves decode rows (one query token) and chunked-prefill rows (many query tokens at
 arbitrary positions) in the same batch. A program owns one (row, KV head, query block, split):
 
-    rows of the program: block_t query tokens x Qp query heads of one KV head (GQA folded in)
+    rows of the program: block_t query tokens x Qp query heads of one KV head (GQA folded in);
+          decode rows read their heads straight from q and, with one split, write o in place
     keys: the row's pages [split * pages_per_split, ...), ppb pages (one gather) at a time,
           stopping at the last position any of its queries can see
     out:  with one split, o normalised, in q's dtype; with several, unnormalised o, running
@@ -33,15 +34,28 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs,
-            ppb: int, pages_per_split: int, scale: float, window: int | None, split_mask: bool):
+            ppb: int, pages_per_split: int, scale: float, window: int | None, split_mask: bool,
+            group: tuple[int, int] | None):
     """stat_refs: (m_ref, sum_ref) when the splits merge outside; none with one split, whose
-    o_ref takes the normalised output."""
+    o_ref takes the normalised output.
+
+    group: None when q_ref, pos_ref and o_ref hold the program's own rows. For decode,
+    (Q, Qp): q_ref [N,H] and o_ref [N,H] hold the token's every head and pos_ref [1] its
+    position; the program reads query heads [KV head * Q, + Q) padded to Qp rows, and with one
+    split writes them straight into o_ref, so no XLA op regroups q or o around the call."""
     g = k_ref.shape[1]
     block_k = ppb * g
     kv_len = lens_ref[0]
-    pos = pos_ref[...]                                                 # [R]
+    if group is None:
+        pos = pos_ref[...]                                             # [R]
+        q = q_ref[...]                                                 # [R,H]
+    else:
+        q_per_kv, qp = group
+        heads = pl.ds(pl.program_id(1) * q_per_kv, qp)       # may run past N: masked
+        own = jnp.broadcast_to((jnp.arange(qp) < q_per_kv)[:, None], (qp, q_ref.shape[1]))
+        q = plgpu.load(q_ref.at[heads], mask=own, other=0)             # [Qp,H]
+        pos = jnp.broadcast_to(pos_ref[...], (qp,))
     live = pos >= 0
-    q = q_ref[...]                                                     # [R,H]
     exact = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # float32: no TF32
     rows, head_dim = q.shape
     split_start = pl.program_id(3) * pages_per_split
@@ -91,7 +105,11 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
                                     carry)
     if not stat_refs:                  # one split: the output itself
         o = o / jnp.where(total > 0, total, 1.0)[:, None]
-        o_ref[...] = jnp.where(live[:, None], o, 0.0).astype(o_ref.dtype)   # padding rows: 0
+        o = jnp.where(live[:, None], o, 0.0).astype(o_ref.dtype)     # padding rows: 0
+        if group is None:
+            o_ref[...] = o
+        else:                          # only the group's own heads
+            plgpu.store(o_ref.at[heads], o, mask=own)
         return
     m_ref, sum_ref = stat_refs
     o_ref[...] = jnp.where(live[:, None], o, 0.0)
@@ -119,7 +137,9 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
         qp = _pow2(q_per_kv)
         block_t = max(1, block_rows // qp)
         num_warps, num_stages = num_warps or 4, num_stages or 2
-    ppb = min(pages_per_block or max(1, 64 // g), _pow2(m_width))     # ~64 keys a block
+    # ~64 keys a block; never under 16, the smallest dot dimension Triton handles (measured on
+    # the H100: 4-key blocks in bfloat16 gave outputs 4x too large)
+    ppb = max(min(pages_per_block or max(1, 64 // g), _pow2(m_width)), pl.cdiv(16, g))
     t_pad = pl.cdiv(t, block_t) * block_t
     blocks = pl.cdiv(m_width, ppb)
     if num_splits is None:         # enough programs for ~4 waves over 132 SMs
@@ -127,6 +147,34 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     blocks_per_split = pl.cdiv(blocks, num_splits)
     pages_per_split = blocks_per_split * ppb
     table = jnp.pad(page_table, ((0, 0), (0, num_splits * pages_per_split - m_width)))
+
+    scale = math.log2(math.e) / math.sqrt(h)
+    kv_specs = [pl.BlockSpec((1,), lambda i, j, r, s: (i,)),                     # kv_lens
+                pl.BlockSpec((None, table.shape[1]), lambda i, j, r, s: (i, 0))]  # table
+    page_specs = [pl.BlockSpec((k_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
+                  pl.BlockSpec((v_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0))]
+    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+                  interpret=interpret, name="hybridkv_paged_attention")
+    lens = kv_lens.astype(jnp.int32)
+    if t == 1:                     # decode: q, positions and (one split) o as they are
+        kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
+                                   window=sliding_window, split_mask=False, group=(q_per_kv, qp))
+        token = pl.BlockSpec((None, None, n, h), lambda i, j, r, s: (i, 0, 0, 0))   # [N,H]
+        in_specs = [*kv_specs, pl.BlockSpec((None, 1), lambda i, j, r, s: (i, 0)), token,
+                    *page_specs]
+        if num_splits == 1:
+            return pl.pallas_call(kernel, grid=(b, k, 1, 1), in_specs=in_specs, out_specs=token,
+                                  out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), **params)(
+                lens, table, q_positions, q, k_pages, v_pages)
+        part = (b, k, num_splits, qp)
+        outs = pl.pallas_call(
+            kernel, grid=(b, k, 1, num_splits), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, None, None, qp, h), lambda i, j, r, s: (i, j, s, 0, 0)),
+                       *[pl.BlockSpec((None, None, None, qp), lambda i, j, r, s: (i, j, s, 0))] * 2],
+            out_shape=[jax.ShapeDtypeStruct((*part, h), jnp.float32),
+                       *[jax.ShapeDtypeStruct(part, jnp.float32)] * 2],
+            **params)(lens, table, q_positions, q, k_pages, v_pages)
+        return merge_splits(*outs)[:, :, :q_per_kv].reshape(b, 1, n, h).astype(q.dtype)
 
     rows = block_t * qp
     qg = q.reshape(b, t, k, q_per_kv, h).transpose(0, 2, 1, 3, 4)           # [B,K,T,Q,H]
@@ -136,10 +184,8 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     pos = jnp.repeat(pos, qp, axis=1)                                        # [B,Tp*Qp]
     # Later query blocks see more keys: launch them first so the short ones fill the tail.
     n_t = t_pad // block_t
-    grid = (b, k, n_t, num_splits)
-    kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split,
-                               scale=math.log2(math.e) / math.sqrt(h), window=sliding_window,
-                               split_mask=t > 1)
+    kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
+                               window=sliding_window, split_mask=True, group=None)
     part = (b, k, num_splits, t_pad * qp)
     o_spec = pl.BlockSpec((None, None, None, rows, h), lambda i, j, r, s: (i, j, s, n_t - 1 - r, 0))
     stat_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r))
@@ -152,21 +198,17 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
                      jax.ShapeDtypeStruct(part, jnp.float32)]
     outs = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(b, k, n_t, num_splits),
         in_specs=[
-            pl.BlockSpec((1,), lambda i, j, r, s: (i,)),                          # kv_lens
-            pl.BlockSpec((None, table.shape[1]), lambda i, j, r, s: (i, 0)),      # table
+            *kv_specs,
             pl.BlockSpec((None, rows), lambda i, j, r, s: (i, n_t - 1 - r)),      # positions
             pl.BlockSpec((None, None, rows, h), lambda i, j, r, s: (i, j, n_t - 1 - r, 0)),
-            pl.BlockSpec((k_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
-            pl.BlockSpec((v_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
+            *page_specs,
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="hybridkv_paged_attention",
-    )(kv_lens.astype(jnp.int32), table, pos, qg, k_pages, v_pages)
+        **params,
+    )(lens, table, pos, qg, k_pages, v_pages)
     o = outs[0][:, :, 0] if num_splits == 1 else merge_splits(*outs)
     return o.reshape(b, k, t_pad, qp, h)[:, :, :t, :q_per_kv] \
         .transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)

@@ -195,7 +195,7 @@ GPU_IMPLS = ["gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
     """Decode rows with their keys split over several programs (merged in XLA) and in one
-    (normalised in the kernel), one page a key block, so splits of no key occur too."""
+    (normalised in the kernel), 16 keys (4 pages) a key block, so splits of no key occur too."""
     from kernels.gpu import paged_attention_gpu
     rng = np.random.default_rng(seed)
     case = make_case(rng, q_per_kv=3, page_size=4, num_queries=1)
@@ -203,7 +203,7 @@ def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
     out = paged_attention_gpu(cast(case["q"]), cast(case["k_pages"]), cast(case["v_pages"]),
                               jnp.asarray(case["table"]), jnp.asarray(case["positions"]),
                               jnp.asarray(case["lengths"]), interpret=impl == "gpu-interpret",
-                              pages_per_block=1, num_splits=num_splits)
+                              pages_per_block=4, num_splits=num_splits)
     assert out.dtype == jnp.dtype(dtype)
     tol = F32_TOL if dtype == np.float32 else BF16_KERNEL_TOL
     np.testing.assert_allclose(np.asarray(out, np.float64), expected(case, dtype), **tol,
