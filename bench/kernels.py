@@ -211,13 +211,16 @@ def grid(**axes) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results/kernels.json")
-    p.add_argument("--quick", action="store_true", help="one config per shape")
+    p.add_argument("--quick", action="store_true",
+                   help="one config per shape: the kernels' defaults (what the engine runs)")
     p.add_argument("--commit", default=None, help="commit measured (default: git HEAD)")
     args = p.parse_args()
     rng = np.random.default_rng()
     if args.quick:
-        decode_sweep = [dict(pages_per_block=8, num_splits=None, num_warps=4, num_stages=2)]
-        prefill_sweep = [dict(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2)]
+        decode_sweep = [dict(pages_per_block=None, num_splits=None, num_warps=None,
+                             num_stages=None)]
+        prefill_sweep = [dict(block_rows=128, pages_per_block=None, num_warps=None,
+                              num_stages=None)]
         mosaic_sweep = [dict(block_kv=128, stages=2)]
     else:
         decode_sweep = grid(pages_per_block=[4, 8], num_splits=[None], num_warps=[2, 4],
