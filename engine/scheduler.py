@@ -69,10 +69,16 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
-    # These two, not `tokens`, on the per-step paths: `tokens` copies the whole sequence.
+    # These three, not `tokens`, on the per-step paths: `tokens` copies the whole sequence.
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    def prefix(self, n: int) -> tuple[int, ...]:
+        """tokens[:n] as a tuple, copied once: the prefix cache keys on tuples and takes one of
+        the exact length as is."""
+        p = len(self.prompt)
+        return tuple(self.prompt[:n]) if n <= p else (*self.prompt, *self.output[:n - p])
 
     @property
     def max_len(self) -> int:
@@ -112,10 +118,12 @@ class Ledger:
             raise RuntimeError(f"a page is named twice in one ledger call: {sorted(pages)}")
         return np.asarray(pages, np.int64)
 
+    # One gather and one scatter of the pages per call: these run on every admission, release,
+    # finished prefill and eviction.
     def take(self, pages) -> None:
         """Fresh pages the device allocator handed out."""
         pages = self._distinct(pages)
-        if np.any(self.refcount[pages] != 0):
+        if self.refcount[pages].any():
             raise RuntimeError(f"the device handed out pages that are not free: {pages}")
         self.refcount[pages] = 1
         self.free -= len(pages)
@@ -125,10 +133,11 @@ class Ledger:
 
     def drop(self, pages) -> None:
         pages = self._distinct(pages)
-        self.refcount[pages] -= 1
-        if np.any(self.refcount[pages] < 0):
+        held = self.refcount[pages] - 1
+        if len(held) and held.min() < 0:
             raise RuntimeError("a page was released more often than it was held")
-        self.free += int(np.count_nonzero(self.refcount[pages] == 0))
+        self.refcount[pages] = held
+        self.free += len(held) - int(np.count_nonzero(held))
 
     def resize(self, num_pages: int, src=(), dst=()) -> None:
         """The pool's new size, held pages src[i] moved to dst[i] first (kvcache.elastic)."""
@@ -261,7 +270,7 @@ class Scheduler:
                 self.radix.unlock(req.node)
             # A row planned past its stop token stored more than its tokens: those are garbage.
             full = min(req.computed, req.num_tokens) // self.g
-            adopted = self.radix.insert(req.tokens[:full * self.g], req.pages[:full])
+            adopted = self.radix.insert(req.prefix(full * self.g), req.pages[:full])
             release = Release(req.row, full - len(adopted), full)   # adopted: a suffix
         self.ledger.drop(req.pages[:release.keep_from] + req.pages[release.keep_to:])
         plan.release.append(release)
@@ -429,11 +438,11 @@ class Scheduler:
         (paged), evicting prefix-cache leaves as needed; the host tier's part of its prefix hit
         comes back into fresh pages (not while planning ahead: the host picks their ids). Returns
         the tokens of its first chunk, or None."""
-        tokens = req.tokens
+        num_tokens = req.num_tokens
         hit, node, hosted = [], None, []
         if self.radix is not None:
-            keep = (len(tokens) - 1) // self.g             # keep one token to feed
-            hit, node, hosted = self.radix.match_host(tokens[:keep * self.g])
+            keep = (num_tokens - 1) // self.g             # keep one token to feed
+            hit, node, hosted = self.radix.match_host(req.prefix(keep * self.g))
             if hosted and lookahead:
                 plan.wait = True
                 return None
@@ -446,7 +455,7 @@ class Scheduler:
         if layout == "static":
             reserve = need = self.worst_pages(req) - len(hit) - loads
         else:
-            reserve, need = 0, max(0, math.ceil(len(tokens) / self.g) - len(hit) - loads)
+            reserve, need = 0, max(0, math.ceil(num_tokens / self.g) - len(hit) - loads)
         if not self._make_room(need + loads, plan):
             if node is not None:
                 self.radix.unlock(node)
@@ -467,7 +476,7 @@ class Scheduler:
         self.ledger.share(hit)
         plan.admit.append((req, list(hit), reserve))
         self.running.append(req)
-        n = min(len(tokens) - req.computed, budget)
+        n = min(num_tokens - req.computed, budget)
         plan.chunks.append((req, n))
         return n
 
@@ -519,15 +528,11 @@ class Scheduler:
         if self.radix is None:
             return []
         full = req.num_tokens // self.g
-        tokens = tuple(req.tokens[:full * self.g])    # the tree keys on tuples: no more copies
-        adopted = self.radix.insert(tokens, req.pages[:full])
+        adopted, node = self.radix.insert_locked(req.prefix(full * self.g), req.pages[:full])
         self.ledger.share(adopted)
         if req.node is not None:
             self.radix.unlock(req.node)
-        req.node = None
-        if full:
-            _, req.node = self.radix.match(tokens)
-            self.radix.lock(req.node)
+        req.node = node if full else None
         return adopted
 
     def flush(self) -> Plan:

@@ -8,6 +8,7 @@ import pytest
 from helpers import assert_host_tier_consistent, assert_pool_clean
 
 from engine import Engine, EngineConfig, SamplingParams
+from engine.scheduler import Ledger, Request
 
 BASE = dict(model="tiny-random", dtype="float32", page_size=4, context_length=128,
             max_running_requests=8)
@@ -292,3 +293,25 @@ def test_host_tier_config_errors():
         EngineConfig(**BASE, host_kv_size=64, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="at least one page"):
         Engine(EngineConfig(**BASE, host_kv_size=3))
+
+
+def test_request_prefix_is_a_slice_of_its_tokens():
+    req = Request("r", [1, 2, 3], SamplingParams(), 0, ())
+    for output in ([], [4, 5]):
+        req.output = output
+        for n in range(len(req.tokens) + 2):
+            assert req.prefix(n) == tuple(req.tokens[:n])
+
+
+def test_ledger_counts_holders_and_refuses_miscounts():
+    ledger = Ledger(6)
+    ledger.take([1, 2, 3])
+    ledger.share([2, 3])
+    ledger.drop([1, 2])
+    assert ledger.refcount.tolist() == [1, 0, 1, 2, 0, 0] and ledger.free == 3
+    ledger.drop([])
+    for call, pages, match in ((ledger.take, [3], "not free"), (ledger.drop, [3, 1], "more often"),
+                               (ledger.share, [4, 4], "named twice")):
+        with pytest.raises(RuntimeError, match=match):
+            call(pages)
+        assert ledger.refcount.tolist() == [1, 0, 1, 2, 0, 0] and ledger.free == 3

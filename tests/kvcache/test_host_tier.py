@@ -171,13 +171,20 @@ class TierMachine(RuleBasedStateMachine):
         held = set(self.cache.pages())
         self.device = {p: c for p, c in self.device.items() if p in held}
 
-    @rule(data=st.data())
-    def insert(self, data):
+    @rule(data=st.data(), lock=st.booleans())
+    def insert(self, data, lock):
         tokens = self._tokens(data)
         full = len(tokens) // self.g
         k = data.draw(st.one_of(st.just(full), st.integers(0, full)), label="pages")
         pages = self._fresh(tokens, 0, k)
-        taken = self.cache.insert(tokens, pages)
+        if lock:        # insert_locked: the whole inserted prefix is on the device, locked
+            taken, node = self.cache.insert_locked(tokens, pages)
+            nodes = path_of(self.cache, node)[1]
+            assert path_of(self.cache, node)[0] == tokens[:k * self.g]
+            assert not any(n.host for n in nodes)
+            self.locks.append((node, [p for n in nodes for p in n.value]))
+        else:
+            taken = self.cache.insert(tokens, pages)
         assert taken == pages[k - len(taken):], "the taken pages are not a suffix"
         self._apply()
         self._drop_untracked()                    # the caller frees what the tree did not take

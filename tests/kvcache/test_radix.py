@@ -8,6 +8,8 @@ from each cached page-aligned prefix to its page id, and the step that last used
 brute-force recounts of pages, evictable pages and lock counts.
 """
 
+import random
+
 import pytest
 from helpers import assert_lru_current, nodes_below
 from hypothesis import HealthCheck, Phase, settings
@@ -62,6 +64,35 @@ def test_insert_returns_only_newly_owned_pages():
     assert cache.match([1, 2, 3, 4, 5, 6])[0] == [10, 11, 32]
     with pytest.raises(ValueError, match="at least 6 tokens"):
         cache.insert([1, 2, 3, 4, 5], [1, 2, 3])
+
+
+def test_insert_locked_equals_insert_match_lock():
+    """One walk in place of insert, match and lock: the same pages taken, the same node locked,
+    the same evictions in the same order afterwards."""
+    rng = random.Random(0)
+    one, three = RadixCache(2), RadixCache(2)
+    locked, next_page = [], 0
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.4:
+            tokens = [rng.randint(0, 1) for _ in range(rng.randint(0, 10))]
+            pages = list(range(next_page, next_page + len(tokens) // 2))
+            next_page += len(pages)
+            taken, node = one.insert_locked(tokens, pages)
+            assert taken == three.insert(tokens, pages)
+            _, same = three.match(tokens[:len(pages) * 2])
+            three.lock(same)
+            assert path_of(one, node) == path_of(three, same)
+            locked.append((node, same))
+        elif op < 0.7 and locked:
+            a, b = locked.pop(rng.randrange(len(locked)))
+            one.unlock(a)
+            three.unlock(b)
+        else:
+            want = rng.randint(0, 4)
+            assert one.evict(want) == three.evict(want)
+        assert one.evictable_pages() == three.evictable_pages()
+        assert sorted(one.pages()) == sorted(three.pages())
 
 
 def test_split_keeps_handles_locks_and_counts():
@@ -219,8 +250,8 @@ class RadixMachine(RuleBasedStateMachine):
         return [self.used[q] for q, p in self.model.items() if q not in parents and p not in locked]
 
     # -- rules ------------------------------------------------------------------------------
-    @rule(data=st.data())
-    def insert(self, data):
+    @rule(data=st.data(), lock=st.booleans())
+    def insert(self, data, lock):
         tokens = self._draw_tokens(data)
         full = len(tokens) // self.g
         k = data.draw(st.one_of(st.just(full), st.integers(0, full)), label="pages")
@@ -232,7 +263,13 @@ class RadixMachine(RuleBasedStateMachine):
             if prefix not in self.model:
                 self.model[prefix] = pages[i]
                 expect.append(pages[i])
-        taken = self.cache.insert(tokens, pages)
+        if lock:        # insert_locked: the node of the inserted prefix comes back locked
+            taken, node = self.cache.insert_locked(tokens, pages)
+            path = self._model_match(tokens[:k * self.g])
+            assert path_of(self.cache, node) == (tokens[:k * self.g], path)
+            self.locks.append((node, path))
+        else:
+            taken = self.cache.insert(tokens, pages)
         self._touch(tokens, k)
         assert taken == expect, f"insert {tokens} {pages}: took {taken}, want {expect}"
         assert taken == pages[k - len(taken):], "the taken pages are not a suffix"
