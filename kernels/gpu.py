@@ -34,13 +34,13 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs,
-            ppb: int, pages_per_split: int, scale: float, window: int | None, split_mask: bool,
+            ppb: int, pages_per_split: int, scale: float, window: int | None,
             group: tuple[int, int] | None):
     """stat_refs: (m_ref, sum_ref) when the splits merge outside; none with one split, whose
     o_ref takes the normalised output.
 
-    group: None when q_ref, pos_ref and o_ref hold the program's own rows. For decode,
-    (Q, Qp): q_ref [N,H] and o_ref [N,H] hold the token's every head and pos_ref [1] its
+    group: None for prefill rows: q_ref, pos_ref and o_ref hold the program's own rows. For
+    decode, (Q, Qp): q_ref [N,H] and o_ref [N,H] hold the token's every head and pos_ref [1] its
     position; the program reads query heads [KV head * Q, + Q) padded to Qp rows, and with one
     split writes them straight into o_ref, so no XLA op regroups q or o around the call."""
     g = k_ref.shape[1]
@@ -95,7 +95,7 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
     # diagonal, the end of the row, a sliding window) do. Decode keeps one loop: measured on
     # the H100, splitting it cost ~9% of its bandwidth (BENCHMARKS.md).
     num_full = 0
-    if window is None and split_mask:
+    if window is None and group is None:
         seen_by_all = jnp.minimum(jnp.min(jnp.where(live, pos, kv_len)) + 1, kv_len)
         num_full = jnp.clip((seen_by_all // g - start_page) // ppb, 0, num_blocks)
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -156,9 +156,10 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
                   interpret=interpret, name="hybridkv_paged_attention")
     lens = kv_lens.astype(jnp.int32)
+    kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
+                               window=sliding_window)
     if t == 1:                     # decode: q, positions and (one split) o as they are
-        kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
-                                   window=sliding_window, split_mask=False, group=(q_per_kv, qp))
+        kernel = functools.partial(kernel, group=(q_per_kv, qp))
         token = pl.BlockSpec((None, None, n, h), lambda i, j, r, s: (i, 0, 0, 0))   # [N,H]
         in_specs = [*kv_specs, pl.BlockSpec((None, 1), lambda i, j, r, s: (i, 0)), token,
                     *page_specs]
@@ -184,8 +185,7 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     pos = jnp.repeat(pos, qp, axis=1)                                        # [B,Tp*Qp]
     # Later query blocks see more keys: launch them first so the short ones fill the tail.
     n_t = t_pad // block_t
-    kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
-                               window=sliding_window, split_mask=True, group=None)
+    kernel = functools.partial(kernel, group=None)
     part = (b, k, num_splits, t_pad * qp)
     o_spec = pl.BlockSpec((None, None, None, rows, h), lambda i, j, r, s: (i, j, s, n_t - 1 - r, 0))
     stat_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r))
