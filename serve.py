@@ -9,6 +9,7 @@ Every flag is parsed here, before JAX starts its backend.
 
 import argparse
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import time
 
 from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
 from kvcache.elastic import use_returning_allocator
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,17 +136,15 @@ def generate(args) -> int:
     return 0
 
 
-def serve(args) -> int:
-    import uvicorn
-
+def start_engine(args):
+    """The Engine the server drives, built and warmed up in its own process
+    (engine.async_engine), which sets itself up as `python serve.py --prompt` does."""
     from engine import Engine
-    from engine.async_engine import AsyncEngine
-    from engine.metrics import Metrics
-    from engine.server import build_app
 
+    setup_process(args)
     log = logging.getLogger("hybridkv")
-    engine = AsyncEngine(Engine(engine_config(args)), Metrics())
-    spec, pages = engine.engine.spec, engine.engine.cache.num_pages
+    engine = Engine(engine_config(args))
+    spec, pages = engine.spec, engine.cache.num_pages
     log.info("KV pool (%s): %d pages of %d tokens (%.1f MiB), at most %d pages (%d tokens, "
              "%.1f MiB)", args.kv_pool, pages - 1, spec.page_size,
              pages * spec.bytes_per_page / 2**20, spec.num_pages - 1, spec.capacity_tokens,
@@ -152,8 +153,20 @@ def serve(args) -> int:
         log.info("step shapes compile lazily, once per batch bucket and pool size")
     else:
         start = time.perf_counter()
-        n = engine.engine.warmup()
+        n = engine.warmup()
         log.info("warmed up %d step shapes in %.1f s", n, time.perf_counter() - start)
+    return engine
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from engine.metrics import Metrics
+    from engine.server import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    engine = AsyncEngine(functools.partial(start_engine, args), Metrics())
     engine.start()
     app = build_app(engine, args.served_model_name or args.model)
     try:
@@ -178,18 +191,25 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
     return bool(mallopt and mallopt(m_mmap_threshold, threshold) == 1)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup_process(args) -> None:
+    """What the process that runs JAX needs before its backend starts: glibc's malloc set to
+    give memory back, the allocator an elastic pool needs, the compilation cache, logging."""
     return_freed_host_memory()
     if args.kv_pool == "elastic":
         use_returning_allocator()      # before JAX starts its backend
     if args.compilation_cache_dir:
         from engine.engine import use_compilation_cache
         use_compilation_cache(args.compilation_cache_dir)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        return generate(args) if args.prompt else serve(args)
+        if args.prompt:
+            setup_process(args)
+            return generate(args)
+        return serve(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

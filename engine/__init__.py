@@ -1,7 +1,8 @@
 """Request lifecycle, scheduling, sampling and the jitted steps; `LLM` is the offline entry
 point, `Engine` the one the server drives."""
 
-from engine.engine import Engine, EngineConfig, InvalidRequest
+from engine.engine import Engine, EngineConfig
+from engine.front import InvalidRequest
 from engine.llm import LLM, RequestOutput
 from engine.sampling import SamplingParams
 

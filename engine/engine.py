@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import math
 import os
-import secrets
 import time
 
 import jax
@@ -41,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 import kernels
 import kvcache
 from engine import envs, parallel
+from engine.front import Front
 from engine.sampling import SamplingParams, filters
 from engine.scheduler import Plan, Request, Scheduler
 from engine.step import (
@@ -79,14 +79,6 @@ class _Flight:
     out: jax.Array                      # its one int32 result
     plan: Plan                          # what it runs (plan.chunks: a mixed step, or a loop)
     feeds: tuple = ()                   # a mixed step's feed shapes (split_mixed)
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot serve; `param` names the field at fault."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 def use_compilation_cache(path: str | os.PathLike) -> None:
@@ -230,6 +222,11 @@ class Engine:
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
             decode_steps=c.decode_steps, radix_cache=not c.disable_radix_cache,
             host_pages=kvcache.host_tier_pages(c.host_kv_size, self.spec))
+        self.front = Front(tokenizer=self.tokenizer, vocab_size=cfg.vocab_size,
+                           eos_token_ids=tuple(cfg.eos_token_ids),
+                           context_length=self.context_length, page_size=c.page_size,
+                           bytes_per_page=self.spec.bytes_per_page,
+                           max_pages=self.scheduler.max_capacity)
         self.host = kvcache.HostStore(device, kvcache.host_memory_kind(device))
         # On a mesh every call returns the cache in the shardings it came in, so its donated
         # buffers are reused and no call reshards the pool.
@@ -282,47 +279,9 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
-        """Validates a prompt (text or token ids) against the model, the context and the pool;
-        raises ValueError naming what is wrong."""
-        if len(prompt) == 0:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest("this checkpoint has no tokenizer.json: pass token ids",
-                                     "prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}",
-                                 "prompt")
-        total = len(ids) + params.max_tokens
-        if len(ids) >= self.context_length:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context length is "
-                                 f"{self.context_length} (prompt + max_tokens)", "prompt")
-        if total > self.context_length:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens and max_tokens is "
-                                 f"{params.max_tokens}: {total} exceeds the context length "
-                                 f"{self.context_length}", "max_tokens")
-        eos = () if params.ignore_eos else self.model_config.eos_token_ids
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
-        req = Request(rid, ids, params, seed, params.stop_token_ids + eos)
-        worst, most = self.scheduler.worst_pages(req), self.scheduler.max_capacity
-        if worst > most:
-            g, page = self.config.page_size, self.spec.bytes_per_page
-            raise InvalidRequest(
-                f"the request may hold {total - 1} tokens ({worst} pages of {g}, "
-                f"{worst * page:,} bytes of KV) but the KV pool holds at most {most} pages "
-                f"({most * g} tokens, {most * page:,} bytes); raise --max-total-tokens or "
-                "--mem-fraction-static, or lower max_tokens", "max_tokens")
-        return req
-
-    def default_max_tokens(self, prompt_len: int) -> int:
-        """What a request without max_tokens may produce: up to the context and the pool."""
-        room = min(self.context_length, self.scheduler.max_capacity * self.config.page_size + 1)
-        return max(room - prompt_len, 1)
+        """Validates a prompt (text or token ids) against the model, the context and the pool
+        (engine.front.Front); raises InvalidRequest naming what is wrong."""
+        return self.front.make_request(rid, prompt, params)
 
     def add(self, req: Request) -> None:
         if req.rid in self.requests:

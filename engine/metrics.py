@@ -1,7 +1,7 @@
 """Prometheus metrics of one server, in its own registry (several servers may share a process).
 
-Pool and queue figures are read from a snapshot the engine thread takes after every step, so a
-scrape never touches the engine while it runs.
+Pool and queue figures are read from the statistics the engine's process sends after every step
+(engine.async_engine), so a scrape never waits for the engine.
 """
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -27,7 +27,6 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(self)
 
-    # -- engine thread ----------------------------------------------------------------------
     def step(self, seconds: float) -> None:
         self.step_time.observe(seconds)
 
@@ -38,8 +37,8 @@ class Metrics:
         for _ in range(count):
             self.itl.observe(gap / max(count, 1))
 
-    def snapshot(self, engine) -> None:
-        self._stats = engine.stats()
+    def snapshot(self, stats: dict) -> None:
+        self._stats = stats
 
     # -- scrape -----------------------------------------------------------------------------
     def collect(self):

@@ -42,6 +42,11 @@ from kvcache.policy import LayoutPolicy
 from kvcache.radix import HostMove, RadixCache
 
 
+def worst_pages(req: "Request", page_size: int) -> int:
+    """Pages the request can ever hold: its last sampled token is never stored."""
+    return math.ceil((req.max_len - 1) / page_size)
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Request:
     rid: str
@@ -213,8 +218,7 @@ class Scheduler:
 
     # -- queue ------------------------------------------------------------------------------
     def worst_pages(self, req: Request) -> int:
-        """Pages the request can ever hold: its last sampled token is never stored."""
-        return math.ceil((req.max_len - 1) / self.g)
+        return worst_pages(req, self.g)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine
-from engine.engine import InvalidRequest
+from engine.front import InvalidRequest
 from engine.protocol import ChatRequest, CompletionRequest, GenerateRequest
 from engine.sampling import SamplingParams
 
@@ -81,7 +81,7 @@ def sse(obj) -> str:
 
 
 def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    core = engine.engine
+    core = engine.front
     app = FastAPI(title="hybridkv", version="0.1")
 
     @app.exception_handler(RequestValidationError)
@@ -343,7 +343,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.post("/flush_cache")
     async def flush_cache():
-        if not await engine.call(core.flush_cache):
+        if not await engine.call("flush_cache"):
             return error(409, "requests are queued or running; flush the cache when idle", None,
                          "conflict")
         return {"flushed": True}

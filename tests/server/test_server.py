@@ -3,7 +3,9 @@
 the prefix cache, and no request is left running or queued."""
 
 import asyncio
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -259,13 +261,25 @@ def resident_kib(pid: int) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(VmRSS|RssAnon|RssFile):\s+(\d+) kB", status)}
 
 
+def engine_pid(pid: int) -> int:
+    """The engine's process (engine.async_engine): the server's child started by
+    multiprocessing's spawn (beside it, multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    engines = [int(c) for c in children
+               if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(engines) == 1, children
+    return engines[0]
+
+
 def test_soak_no_page_leak_and_flat_memory(server):
     """Rounds of 60 short requests, 16 at a time: every page comes back after each round, and
     once a round compiles nothing (the step shapes were compiled at start-up, but page
     operations compile lazily, per bucket, and which buckets a round meets depends on timing),
-    that round leaves the process's anonymous resident memory flat. (serve.py has glibc give
-    large freed blocks back: see serve.return_freed_host_memory.)"""
+    that round leaves the anonymous resident memory of both the server's process and the
+    engine's flat. (The engine's process has glibc give large freed blocks back: see
+    serve.return_freed_host_memory.)"""
     url, proc, _ = server
+    pids = {"server": proc.pid, "engine": engine_pid(proc.pid)}
 
     async def round_(seed: int):
         aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -287,14 +301,15 @@ def test_soak_no_page_leak_and_flat_memory(server):
     for seed in range(8):
         asyncio.run(round_(seed))
         m = wait_idle(url)
-        rss.append(resident_kib(proc.pid))
+        rss.append({name: resident_kib(pid) for name, pid in pids.items()})
         compiles.append(m["hybridkv_xla_compiles_total"])
         if seed >= 4 and compiles[-1] == compiles[-2]:
             break
     assert compiles[-1] == compiles[-2], f"every round compiled something: {compiles}"
-    growth = (rss[-1]["RssAnon"] - rss[-2]["RssAnon"]) / rss[-2]["RssAnon"]
-    assert growth < 0.01, f"anonymous resident memory grew {growth:.1%} over a round that " \
-        f"compiled nothing: {rss} KiB, XLA compiles {compiles}"
+    for name in pids:
+        growth = (rss[-1][name]["RssAnon"] - rss[-2][name]["RssAnon"]) / rss[-2][name]["RssAnon"]
+        assert growth < 0.01, f"the {name} process's anonymous resident memory grew " \
+            f"{growth:.1%} over a round that compiled nothing: {rss} KiB, XLA compiles {compiles}"
 
 
 def test_server_warmed_up_every_step_shape_at_start(server):
@@ -378,3 +393,26 @@ def test_host_tier_serves_a_prefix_the_pool_evicted(host_tier_server):
     assert m["hybridkv_host_pages_loaded_total"] == 16 and m["hybridkv_host_pool_pages"] == 128
     assert m["hybridkv_host_pages_cached"] > 0 and m["hybridkv_host_tier_bytes"] > 0
     assert proc.poll() is None and "Traceback" not in log.read_text()
+
+
+@pytest.fixture
+def lone_server(tmp_path_factory):
+    yield from start_server(tmp_path_factory, [*FLAGS, "--skip-warmup"])
+
+
+def test_engine_process_death_is_reported(lone_server):
+    """The engine runs in a process of its own: if it dies, the server's process stays up,
+    /health turns 503 and new requests get a 503 JSON error instead of waiting forever."""
+    url, proc, _ = lone_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                      **GREEDY).choices[0].finish_reason == "length"
+    os.kill(engine_pid(proc.pid), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health did not notice the engine's death"
+        time.sleep(0.2)
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi",
+                                                  "max_tokens": 2})
+    assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+    assert proc.poll() is None
