@@ -90,10 +90,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._proc.is_alive() and self.error is None
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     # -- asyncio side -----------------------------------------------------------------------
     async def generate(self, req: Request):
         """Submits req and yields its Updates until it finishes. Cancelling the iteration (a
@@ -102,7 +98,7 @@ class AsyncEngine:
             raise RuntimeError("the engine has stopped")
         self._loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        self._streams[req.rid] = (req, updates, [time.monotonic(), 0])
+        self._streams[req.rid] = (req, updates, [time.monotonic()])
         self._send(("add", req))
         finished = False
         try:
@@ -139,10 +135,10 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
-            req, queue, seen = stream         # seen: [time of the last update, tokens sent]
+            req, queue, last = stream         # last: [time of the last update]
             if tokens:
-                self.metrics.tokens(now - seen[0], len(tokens), first=seen[1] == 0)
-            seen[0], seen[1] = now, seen[1] + len(tokens)
+                self.metrics.tokens(now - last[0], len(tokens), first=not req.output)
+            last[0] = now
             req.output += tokens
             if reason is not None:
                 req.finish_reason = reason
@@ -169,7 +165,9 @@ class AsyncEngine:
     # -- reader thread ----------------------------------------------------------------------
     def _read(self) -> None:
         """Reads the engine's messages: step statistics go to the metrics here, updates and
-        call results to the event loop."""
+        call results to the event loop. Ends when the engine fails or its process exits, and
+        then fails every waiter."""
+        error = RuntimeError("the engine process has exited")
         try:
             while True:
                 message = self._conn.recv()
@@ -185,12 +183,13 @@ class AsyncEngine:
                 elif kind == "result":
                     self._loop.call_soon_threadsafe(self._resolve, *message[1:])
                 elif kind == "error":
-                    raise RuntimeError(f"the engine failed: {message[1]}")
-        except (EOFError, OSError, RuntimeError) as e:
-            self.error = e if isinstance(e, RuntimeError) else RuntimeError(
-                "the engine process has exited")
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._fail, self.error)
+                    error = RuntimeError(f"the engine failed: {message[1]}")
+                    break
+        except (EOFError, OSError):
+            pass
+        self.error = error
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail, error)
 
 
 # -- the engine's process -------------------------------------------------------------------
