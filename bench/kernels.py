@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels.gpu import paged_attention_gpu  # noqa: E402
-from kernels.mgpu import paged_prefill_mgpu  # noqa: E402
+from kernels.mgpu import decode_splits, paged_decode_mgpu, paged_prefill_mgpu  # noqa: E402
 from kernels.reference import paged_attention_reference  # noqa: E402
 
 N_HEADS, K_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -88,7 +88,8 @@ def sweep_ours(sweep, args, reference, work, rate_key, err_key, iters=20,
     return rows, min(rows, key=lambda row: row["seconds"])
 
 
-def decode_case(batch: int, seq: int, sweep: list[dict], rng: np.random.Generator) -> dict:
+def decode_case(batch: int, seq: int, sweep: list[dict], triton_sweep: list[dict],
+                rng: np.random.Generator) -> dict:
     import torch
     import torch.nn.functional as F
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -112,13 +113,17 @@ def decode_case(batch: int, seq: int, sweep: list[dict], rng: np.random.Generato
                                                    lengths)
     args = (q, k_pages, v_pages, scattered, positions, lengths)
     result = {"batch": batch, "seq": seq, "kv_bytes": kv_bytes}
-    result["ours"], best = sweep_ours(sweep, args, reference, kv_bytes, "tb_s", "rel_err")
+    result["ours"], best = sweep_ours(sweep, args, reference, kv_bytes, "tb_s", "rel_err",
+                                      kernel=paged_decode_mgpu)
     result["best"] = best
-    fn = functools.partial(paged_attention_gpu, **{k: best[k] for k in sweep[0]})
+    fn = functools.partial(paged_decode_mgpu, **{k: best[k] for k in sweep[0]})
     out_s = fn(*args)
     out_c = fn(q, k_pages, v_pages, contiguous, positions, lengths)
     seconds = time_jax(fn, q, k_pages, v_pages, contiguous, positions, lengths)
-    result["ours_contiguous_table"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12}
+    result["ours_contiguous_table"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12,
+                                       "rel_err": rel_err(out_c, reference)}
+    result["ours_triton"], result["best_triton"] = sweep_ours(triton_sweep, args, reference,
+                                                              kv_bytes, "tb_s", "rel_err")
 
     # JAX's own paged kernel wants [K,P,G,H] pages.
     kh, vh = jnp.transpose(k_pages, (2, 0, 1, 3)), jnp.transpose(v_pages, (2, 0, 1, 3))
@@ -217,13 +222,13 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng()
     if args.quick:
-        decode_sweep = [dict(pages_per_block=None, num_splits=None, num_warps=None,
+        triton_sweep = [dict(pages_per_block=None, num_splits=None, num_warps=None,
                              num_stages=None)]
         prefill_sweep = [dict(block_rows=128, pages_per_block=None, num_warps=None,
                               num_stages=None)]
         mosaic_sweep = [dict(block_kv=128, stages=2)]
     else:
-        decode_sweep = grid(pages_per_block=[4, 8], num_splits=[None], num_warps=[2, 4],
+        triton_sweep = grid(pages_per_block=[4, 8], num_splits=[None], num_warps=[2, 4],
                             num_stages=[3, 4])
         prefill_sweep = grid(block_rows=[128, 256], pages_per_block=[4, 8], num_warps=[4, 8],
                              num_stages=[2, 3])
@@ -236,17 +241,24 @@ def main() -> None:
               "command": "python bench/kernels.py" + (" --quick" if args.quick else ""),
               "decode": [], "prefill": []}
     for batch, seq in [(64, 4096), (8, 32768), (1, 131072)]:
-        report["decode"].append(decode_case(batch, seq, decode_sweep, rng))
+        # Mosaic GPU decode: the default (None: what the engine runs), then twice the splits
+        # (two programs an SM), each with one and two slots of pages in flight.
+        splits = decode_splits(batch, seq // PAGE)
+        decode_sweep = [dict(num_splits=None, stages=None)]
+        if not args.quick:
+            decode_sweep += grid(num_splits=[splits, 2 * splits], stages=[1, 2])
+        report["decode"].append(decode_case(batch, seq, decode_sweep, triton_sweep, rng))
         print(json.dumps(report["decode"][-1]["best"]), flush=True)
     report["prefill"].append(prefill_case(8192, prefill_sweep, mosaic_sweep, rng))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\n{report['device']}  jax {report['jax']}  {report['date']}  {commit}")
-    print(f"{'decode B x S':>16} {'ours':>7} {'contig':>7} {'jax pg':>7} {'sdpa':>7} "
-          f"{'copy':>7}  TB/s (copy: read+write)")
+    print(f"{'decode B x S':>16} {'ours':>7} {'default':>7} {'contig':>7} {'triton':>7} "
+          f"{'jax pg':>7} {'sdpa':>7} {'copy':>7}  TB/s (copy: read+write)")
     for r in report["decode"]:
         print(f"{r['batch']:>6} x {r['seq']:<7} {r['best']['tb_s']:7.2f} "
-              f"{r['ours_contiguous_table']['tb_s']:7.2f} {r['jax_paged']['tb_s']:7.2f} "
+              f"{r['ours'][0]['tb_s']:7.2f} {r['ours_contiguous_table']['tb_s']:7.2f} "
+              f"{r['best_triton']['tb_s']:7.2f} {r['jax_paged']['tb_s']:7.2f} "
               f"{r['torch_sdpa']['tb_s']:7.2f} {r['device_copy']['tb_s_read_write']:7.2f}")
     for r in report["prefill"]:
         mosaic = r["jax_mosaic_attention"].get("tflop_s", float("nan"))

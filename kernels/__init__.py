@@ -56,9 +56,10 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     the new ones included). Key s is visible from query position t iff s <= t, s < kv_len and,
     with a sliding window W, t - s < W. Returns [B,T,N,H] in q's dtype; padding rows are zero.
 
-    On a GPU, calls with more than one query token a row go to the Mosaic GPU kernel
-    (kernels/mgpu.py) where it applies (Hopper or later, fp16/bf16, head_dim 64/128, no
-    window), and everything else to the Triton-lowered kernel (kernels/gpu.py).
+    On a GPU (Hopper or later), decode calls (one query token a row) and calls of more go to
+    the Mosaic GPU kernels of kernels/mgpu.py where they apply (fp16/bf16, head_dim 64/128; see
+    mgpu.supports_decode and mgpu.supports), everything else to the Triton-lowered kernel
+    (kernels/gpu.py).
     """
     impl = resolve_impl(impl)
     args = (q, k_pages, v_pages, page_table, q_positions, kv_lens)
@@ -67,9 +68,12 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     if impl.startswith("gpu"):
         interpret = impl == "gpu-interpret"
         from kernels import mgpu
-        if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window) and (
-                interpret or _hopper_or_newer()):
-            return mgpu.paged_prefill_mgpu(*args, interpret=interpret)
+        if interpret or _hopper_or_newer():
+            if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages):
+                return mgpu.paged_decode_mgpu(*args, sliding_window=sliding_window,
+                                              interpret=interpret)
+            if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window):
+                return mgpu.paged_prefill_mgpu(*args, interpret=interpret)
         from kernels.gpu import paged_attention_gpu
         return paged_attention_gpu(*args, sliding_window=sliding_window, interpret=interpret)
     from kernels.tpu import paged_attention_tpu

@@ -1,30 +1,50 @@
-"""Paged attention for rows of many query tokens (chunked prefill, mixed batches) on Hopper, in
-Pallas Mosaic GPU.
+"""Paged attention on Hopper in Pallas Mosaic GPU: chunked prefill (rows of many query tokens)
+and decode (one query token a row).
 
-Why a second GPU kernel: the Triton-lowered kernel (kernels/gpu.py) gathers a block of pages
-with pointer loads, so its tensor-core matmuls are not fed the way a contiguous kernel's are;
-on the H100 its 8192-token prefill reached 63% of PyTorch SDPA (BENCHMARKS.md). Here each page
-of a key block arrives in shared memory by its own TMA copy, issued by a producer warpgroup
-while two consumer warpgroups run wgmma on the block before it: the FlashAttention-3 plan,
-with a page table between the producer and the pool.
+Why Mosaic GPU kernels beside the Triton-lowered one (kernels/gpu.py): Triton gathers a block of
+pages with pointer loads. For prefill that does not feed the tensor cores as a contiguous kernel
+does (its 8192-token prefill reached 63% of PyTorch SDPA on the H100); for decode its load loop
+stopped at ~2.8 TB/s however it was tuned (BENCHMARKS.md). Here pages arrive in shared memory by
+TMA copies, issued by a producer warpgroup into a ring of slots while consumer warpgroups run
+wgmma on the slots before: the FlashAttention-3 plan, with a page table between the producer
+and the pool.
 
-A program owns one (row, KV head, tile of 2 x BLOCK_Q query rows); query rows are tokens x
-the Q heads of one KV head (GQA folded into rows, as in kernels/gpu.py):
+Prefill (`paged_prefill_mgpu`). A program owns one (row, KV head, tile of 2 x BLOCK_Q query
+rows); query rows are tokens x the Q heads of one KV head (GQA folded into rows):
 
-    producer warpgroup: for each key block (BLOCK_KV keys = BLOCK_KV / G pages), one TMA per
-        page for K, then one per page for V, into a ring of STAGES slots
+    producer warpgroup: for each key block (block_kv keys = block_kv / G pages), one TMA per
+        page for K, then one per page for V, into a ring of `stages` slots
     consumer warpgroup w (0, 1): its BLOCK_Q rows; blocks every live row sees whole run
         unmasked, the rest with the causal mask (key s visible from position t iff s <= t);
         online softmax in base 2; the output is normalised and stored by TMA
 
 The two consumers take turns on the tensor cores (a shared barrier), so one's softmax overlaps
 the other's matmuls. Constraints, checked by `supports`: fp16/bf16, head_dim 64 or 128, page
-size a multiple of 8 dividing BLOCK_KV, no sliding window; other calls use kernels/gpu.py.
-CI runs this kernel on a CPU in Mosaic GPU interpret mode (`InterpretGPUParams` with race
-detection on), which simulates the warpgroups, barriers and TMA copies. Two differences from the
-GPU: the interpreter's wgmma takes both operands from shared memory, so the softmax weights P
-go through shared memory there (on the H100, P in registers measured 4% faster on the 8192-token
-prefill); and jax 0.11.2's race detector does not track wgmma's reads of shared memory.
+size a multiple of 8 dividing block_kv, no sliding window.
+
+Decode (`paged_decode_mgpu`). A program owns one (row, split of the row's pages) and all its
+heads. A page of the pool, [G,K,H], is one contiguous [G*K, H] matrix (rows: slot x KV head), so
+each page is a single TMA copy of G*K*H elements (32 KB for G=16, K=8, H=128):
+
+    producer warpgroup: the split's page ids, read one step ahead; per key block of pages, one
+        TMA per page for K and one for V into a ring of `stages` slots
+    consumer warpgroup: S = Q' K_page^T with Q' [64, H] the row's N query heads repeated down
+        one wgmma tile, so S is [64, G*K]; column (slot, KV head) is kept for row r only if
+        the KV head is r's own (r % N // Q) and the slot holds a visible key; online softmax
+        over the kept columns, then O += P V_page, where the zeroed columns make every row
+        take its own head's values. Partials of several splits merge in XLA (log-sum-exp).
+
+The tensor cores do 16x the useful multiply-adds (8 KV heads x 2 for the repeated rows), about
+190 TFLOP/s at 3 TB/s, which the H100 has to spare; in exchange the copies are the largest
+contiguous runs the pool holds. Constraints, checked by `supports_decode`: fp16/bf16, head_dim
+64 or 128, N <= 64 query heads in a multiple of 8, 8 <= G*K <= 256 dividing 64 or divided by it.
+
+Every other call goes to kernels/gpu.py. CI runs these kernels on a CPU in Mosaic GPU interpret
+mode (`InterpretGPUParams` with race detection on), which simulates the warpgroups, barriers and
+TMA copies. Two differences from the GPU: the interpreter's wgmma takes both operands from
+shared memory, so the softmax weights P go through shared memory there (on the H100, P in
+registers measured 4% faster on the 8192-token prefill); and jax 0.11.2's race detector does not
+track wgmma's reads of shared memory.
 """
 
 import functools
@@ -270,3 +290,250 @@ def paged_prefill_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
     )(qg, pos, bounds, table, k_pages, v_pages)
     out = jnp.where(live[:, None, :, None], out, 0)[:, :, :t * q_per_kv]
     return out.reshape(b, k, t, q_per_kv, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
+ROWS = 64           # wgmma M tile: a decode program's query heads, repeated to fill it
+
+
+def supports_decode(q, k_pages) -> bool:
+    """Whether paged_decode_mgpu takes a decode call (one query token a row) with these operands:
+    fp16/bf16, head_dim 64/128, at most 64 query heads in a multiple of 8, and a page of all KV
+    heads (G * K slots x heads) of 8 to 256 rows that divides 64 or that 64 divides."""
+    n, h = q.shape[-2:]
+    _, g, k, _ = k_pages.shape
+    cols = g * k
+    return (q.dtype in (jnp.float16, jnp.bfloat16) and k_pages.dtype == q.dtype
+            and h in (64, 128) and n <= ROWS and n % 8 == 0
+            and 8 <= cols <= 256 and (64 % cols == 0 or cols % 64 == 0))
+
+
+def decode_splits(batch: int, table_width: int, pages_per_block: int = 1) -> int:
+    """Programs a row for paged_decode_mgpu's default: rows x splits fill one wave of the
+    GPU's SMs (one program an SM), and no split is shorter than a key block."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132     # an H100 SXM's, off-GPU
+    return max(1, min(table_width // pages_per_block, sms // batch))
+
+
+def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
+                   g: int, q_per_kv: int, ppb: int, pages_per_split: int, stages: int,
+                   window: int | None):
+    (q_smem, p_smem, ring), (k_full, v_full, q_full), (k_free, v_free) = scoped
+    # With splits, the partial's staging shares its memory with the copy ring (used once the
+    # ring is done), which leaves room for a third slot.
+    (k_smem, v_smem), (o_smem, lse_smem) = (ring, (None, None)) if lse_ref is None else ring
+    b = lax.axis_index("rows")
+    split = lax.axis_index("splits")
+    wg = lax.axis_index("wg")
+    n, head_dim = q_ref.shape[1:]
+    page_cols = k_ref.shape[1]                         # G * K: (slot, KV head) pairs a page
+    kv_heads = page_cols // g
+    cols = ppb * page_cols
+    dtype = q_ref.dtype
+    scale = math.log2(math.e) / math.sqrt(head_dim)    # logits in base-2 units
+
+    # Keys the row's query sees, cut to this split's pages: [first, last).
+    pos = pos_ref[b, 0]
+    last = jnp.minimum(pos + 1, lens_ref[b])
+    first = jnp.int32(0) if window is None else jnp.maximum(pos - window + 1, 0)
+    lo = jnp.maximum(first // g, split * pages_per_split)
+    hi = jnp.minimum(pl.cdiv(last, g), (split + 1) * pages_per_split)
+    steps = jnp.maximum(pl.cdiv(hi - lo, ppb), 0)
+    first = jnp.maximum(first, lo * g)
+    last = jnp.minimum(last, hi * g)
+
+    @pl.when(wg == 0)
+    def _consumer():
+        for off in range(0, ROWS, n):                  # the heads, repeated down the tile
+            rows = min(n, ROWS - off)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(0, rows)], q_smem.at[pl.ds(off, rows)],
+                                    q_full)
+        plgpu.barrier_wait(q_full)
+
+        # Column c of a key block is (page c // (G*K), slot c % (G*K) // K, KV head c % K); row
+        # r is query head r % N, of KV head r % N // Q. A row keeps only its own KV head's keys.
+        shape = (ROWS, cols)
+        row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+        own = lax.rem(col, kv_heads) == lax.div(lax.rem(row, n), q_per_kv)
+        key_of_col = lax.div(col, page_cols) * g + lax.div(lax.rem(col, page_cols), kv_heads)
+
+        def block(step, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_full.at[slot])
+
+            def logits_of(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(logits_of, plgpu.ACC(shape, jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:                 # a block that holds first or last
+                key = key_of_col + (lo + step * ppb) * g
+                visible = own & (key < last) & (key >= first)
+            else:
+                visible = own
+            s = jnp.where(visible, s * scale, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            if p_smem is not None:
+                p_smem[...] = p16
+                plgpu.commit_smem()
+            plgpu.barrier_wait(v_full.at[slot])
+
+            def weigh_values(pv_ref):
+                plgpu.wgmma(pv_ref, p16 if p_smem is None else p_smem, v_smem.at[slot])
+                return pv_ref[...]
+
+            pv = pl.run_scoped(weigh_values, plgpu.ACC((ROWS, head_dim), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+            return acc, m_new, l_i
+
+        rows_layout = plgpu.Layout.WGMMA.reduce(1)
+        carry = (
+            plgpu.layout_cast(jnp.full((ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), rows_layout),
+            plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), rows_layout))
+        # Only blocks that hold the first or the last visible key need the key mask.
+        inner_lo = jnp.minimum((first > lo * g).astype(jnp.int32), steps)
+        inner_hi = jnp.maximum(steps - (last < (lo + steps * ppb) * g).astype(jnp.int32),
+                               inner_lo)
+        masked = functools.partial(block, masked=True)
+        carry = lax.fori_loop(0, inner_lo, masked, carry)
+        carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(block, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(inner_hi, steps, masked, carry)
+        acc /= lax.broadcast_in_dim(jnp.where(l_i > 0, l_i, 1.0), acc.shape, [0])
+        if lse_ref is None:            # one split: the output itself, in q's dtype
+            q_smem[...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)], o_ref.at[b])
+        else:                          # normalised partial and its log2-sum-exp2, merged in XLA
+            o_smem[...] = acc
+            lse_smem[...] = m_i + jnp.log2(l_i)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, n)], o_ref.at[b, split])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, n)], lse_ref.at[b, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _producer():
+        def pages_of(step):
+            # Pages past the split's last are replaced by its first: their keys are masked
+            # and their values meet weights of 0 (an unused page may hold NaN). Reads ahead of
+            # the last step stay inside the table.
+            idx = [lo + step * ppb + j for j in range(ppb)]
+            return tuple(table_ref[b, jnp.minimum(jnp.where(i < hi, i, lo), table_ref.shape[1] - 1)]
+                         for i in idx)
+
+        def fetch(ref, smem, barrier, pages, slot):
+            for j, page in enumerate(pages):
+                plgpu.copy_gmem_to_smem(ref.at[page], smem.at[slot, pl.ds(j * page_cols,
+                                                                          page_cols)],
+                                        barrier.at[slot])
+
+        def fill(i):
+            pages = pages_of(i)
+            fetch(k_ref, k_smem, k_full, pages, i)
+            fetch(v_ref, v_smem, v_full, pages, i)
+
+        for i in range(stages):
+            pl.when(i < steps)(functools.partial(fill, i))
+
+        def refill(step, pages):
+            # The next step's page ids are read before this step waits for its slot, so the
+            # table read's latency hides behind the wait.
+            ahead = pages_of(step + 1)
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            fetch(k_ref, k_smem, k_full, pages, slot)
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(v_ref, v_smem, v_full, pages, slot)
+            return ahead
+
+        lax.fori_loop(stages, steps, refill, pages_of(stages))
+
+        # Observe the consumer's last releases, so every barrier phase is seen before the
+        # barriers go away (the interpreter checks this).
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _(step):
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "interpret", "num_splits",
+                                             "stages", "p_in_smem"))
+def paged_decode_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+                      sliding_window=None, interpret=False, num_splits=None, stages=None,
+                      p_in_smem=None):
+    """Same contract as kernels.paged_attention (see there), for decode calls (T = 1) that
+    `supports_decode` accepts.
+
+    num_splits: programs a row (its pages cut into that many runs, merged in XLA; default:
+    enough programs for one wave over the GPU's SMs); stages: key blocks in flight."""
+    b, t, n, h = q.shape
+    p, g, k, _ = k_pages.shape
+    assert t == 1, "paged_decode_mgpu takes one query token a row"
+    m_width = page_table.shape[1]
+    page_cols = g * k
+    ppb = max(1, 64 // page_cols)
+    num_splits = num_splits or decode_splits(b, m_width, ppb)
+    pages_per_split = pl.cdiv(pl.cdiv(m_width, num_splits), ppb) * ppb
+    split = num_splits > 1
+    # Measured on the H100 (BENCHMARKS.md): with splits, one slot a program reads as fast as
+    # two or more (the programs of a wave keep enough in flight between them); without, two.
+    stages = stages or (1 if split else 2)
+    # [P,G,K,H] -> [P,G*K,H]: a page of all KV heads is one contiguous TMA copy.
+    k_flat, v_flat = k_pages.reshape(p, page_cols, h), v_pages.reshape(p, page_cols, h)
+
+    def entry(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse_ref=None):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        cols = ppb * page_cols
+        ring = [plgpu.SMEM((stages, cols, h), q.dtype, transforms=tiled)] * 2   # K, V
+        if split:
+            ring = plgpu.RefUnion(ring, [plgpu.SMEM((ROWS, h), jnp.float32),
+                                         plgpu.SMEM((ROWS,), jnp.float32)])
+        smem = (
+            plgpu.SMEM((ROWS, h), q.dtype, transforms=tiled),
+            plgpu.SMEM((ROWS, cols), q.dtype, transforms=tiled)
+            if (interpret if p_in_smem is None else p_in_smem) else None,
+            ring,
+        )
+        full = (plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=pl.cdiv(ROWS, n)))
+        free = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
+        pl.run_scoped(
+            lambda *scoped: _decode_kernel(
+                q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, scoped,
+                g=g, q_per_kv=n // k, ppb=ppb, pages_per_split=pages_per_split, stages=stages,
+                window=sliding_window),
+            smem, full, free, collective_axes="wg")
+
+    if split:
+        out_type = (jax.ShapeDtypeStruct((b, num_splits, n, h), jnp.float32),
+                    jax.ShapeDtypeStruct((b, num_splits, n), jnp.float32))
+    else:
+        out_type = jax.ShapeDtypeStruct((b, n, h), q.dtype)
+    out = plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(b, num_splits),
+        grid_names=("rows", "splits"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
+    )(q.reshape(b, n, h), q_positions.astype(jnp.int32), kv_lens.astype(jnp.int32),
+      page_table.astype(jnp.int32), k_flat, v_flat)
+    if not split:
+        return out.reshape(b, 1, n, h)
+    o, lse = out
+    peak = jnp.max(lse, axis=1, keepdims=True)
+    w = jnp.exp2(lse - jnp.where(peak == -jnp.inf, 0.0, peak))              # [B,S,N]
+    o = jnp.sum(w[..., None] * o, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-30)[..., None]
+    return o.reshape(b, 1, n, h).astype(q.dtype)

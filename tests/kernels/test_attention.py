@@ -255,6 +255,41 @@ def test_mosaic_consumers_need_different_key_counts(seed):
                                err_msg=describe(seed, case))
 
 
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("q_per_kv,page_size,dtype,window,num_splits,stages", [
+    (4, 16, jnp.bfloat16, None, None, None),     # 8 heads; 2 pages a key block
+    (12, 8, jnp.float16, 7, 3, 1),               # 24 heads, not a power of 2; one slot
+    (8, 4, jnp.bfloat16, 30, 2, 2),              # 8 pages a key block; window over blocks
+    (32, 32, jnp.float16, None, 5, 1),           # 64 heads fill the tile; empty splits
+])
+def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, num_splits, stages,
+                       monkeypatch):
+    """Decode rows in fp16/bf16 with head_dim 64 go to the Mosaic GPU decode kernel
+    (kernels/mgpu.py), in interpret mode on a CPU: rows of 0, 1, an odd number and many key
+    blocks of keys (the copy ring wraps), with and without a sliding window, keys split over
+    programs (some of which see no key) and merged, and NaN in every page that holds no live
+    token. The default configuration runs through kernels.paged_attention; the others call the
+    kernel with their splits and slots."""
+    from kernels import mgpu
+    if impl == "gpu" and not kernels._hopper_or_newer():
+        pytest.skip("the Mosaic GPU kernel needs compute capability 9.0 or later")
+    rng = np.random.default_rng(seed)
+    odd = int(rng.integers(1, 4)) * page_size + int(rng.integers(1, page_size))
+    lengths = rng.permutation([0, 1, odd, int(rng.integers(150, 260))]).tolist()
+    case = poisoned(make_case(rng, q_per_kv=q_per_kv, page_size=page_size, num_queries=1,
+                              head_dim=64, lengths=lengths), ["k_pages", "v_pages"])
+    calls = []
+    kernel = mgpu.paged_decode_mgpu
+    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append(kw) or kernel(
+        *a, **kw, num_splits=num_splits, stages=stages))
+    out = run(case, dtype=dtype, window=window, impl=impl)
+    assert calls == [{"sliding_window": window, "interpret": impl == "gpu-interpret"}]
+    tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
+    np.testing.assert_allclose(out, expected(case, dtype, window), **tol,
+                               err_msg=describe(seed, case, num_splits=num_splits))
+    assert not np.any(out[case["positions"] < 0])
+
+
 def poisoned(case, which):
     """Every page that holds no live token (the trash page and the spare pages) set to NaN."""
     case = dict(case)
