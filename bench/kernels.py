@@ -120,8 +120,7 @@ def decode_case(batch: int, seq: int, sweep: list[dict], triton_sweep: list[dict
     out_s = fn(*args)
     out_c = fn(q, k_pages, v_pages, contiguous, positions, lengths)
     seconds = time_jax(fn, q, k_pages, v_pages, contiguous, positions, lengths)
-    result["ours_contiguous_table"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12,
-                                       "rel_err": rel_err(out_c, reference)}
+    result["ours_contiguous_table"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12}
     result["ours_triton"], result["best_triton"] = sweep_ours(triton_sweep, args, reference,
                                                               kv_bytes, "tb_s", "rel_err")
 
