@@ -69,7 +69,7 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
         interpret = impl == "gpu-interpret"
         from kernels import mgpu
         if interpret or _hopper_or_newer():
-            if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages):
+            if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages, page_table):
                 return mgpu.paged_decode_mgpu(*args, sliding_window=sliding_window,
                                               interpret=interpret)
             if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window):

@@ -37,7 +37,8 @@ each page is a single TMA copy of G*K*H elements (32 KB for G=16, K=8, H=128):
 The tensor cores do 16x the useful multiply-adds (8 KV heads x 2 for the repeated rows), about
 190 TFLOP/s at 3 TB/s, which the H100 has to spare; in exchange the copies are the largest
 contiguous runs the pool holds. Constraints, checked by `supports_decode`: fp16/bf16, head_dim
-64 or 128, N <= 64 query heads in a multiple of 8, 8 <= G*K <= 256 dividing 64 or divided by it.
+64 or 128, N <= 64 query heads in a multiple of 8, 8 <= G*K <= 256 dividing 64 or divided by it,
+and a page table of at least DECODE_MIN_KEYS key slots (smaller calls are faster on Triton).
 
 Every other call goes to kernels/gpu.py. CI runs these kernels on a CPU in Mosaic GPU interpret
 mode (`InterpretGPUParams` with race detection on), which simulates the warpgroups, barriers and
@@ -295,16 +296,24 @@ def paged_prefill_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
 ROWS = 64           # wgmma M tile: a decode program's query heads, repeated to fill it
 
 
-def supports_decode(q, k_pages) -> bool:
+# Below this many key slots a decode call (rows x pages a row x page size), the Triton kernel's
+# smaller fixed cost wins. Per call on the H100, 32 query heads, 8 KV heads, page 16: 1 row x
+# 2048 keys 12.9 us (Triton) vs 14.7; 2 x 2048 16.9 vs 15.8; 1 x 4096 17.7 vs 16.3.
+DECODE_MIN_KEYS = 4096
+
+
+def supports_decode(q, k_pages, page_table) -> bool:
     """Whether paged_decode_mgpu takes a decode call (one query token a row) with these operands:
-    fp16/bf16, head_dim 64/128, at most 64 query heads in a multiple of 8, and a page of all KV
-    heads (G * K slots x heads) of 8 to 256 rows that divides 64 or that 64 divides."""
+    fp16/bf16, head_dim 64/128, at most 64 query heads in a multiple of 8, a page of all KV heads
+    (G * K slots x heads) of 8 to 256 rows that divides 64 or that 64 divides, and a table of at
+    least DECODE_MIN_KEYS key slots."""
     n, h = q.shape[-2:]
     _, g, k, _ = k_pages.shape
     cols = g * k
     return (q.dtype in (jnp.float16, jnp.bfloat16) and k_pages.dtype == q.dtype
             and h in (64, 128) and n <= ROWS and n % 8 == 0
-            and 8 <= cols <= 256 and (64 % cols == 0 or cols % 64 == 0))
+            and 8 <= cols <= 256 and (64 % cols == 0 or cols % 64 == 0)
+            and q.shape[0] * page_table.shape[1] * g >= DECODE_MIN_KEYS)
 
 
 def decode_splits(batch: int, table_width: int, pages_per_block: int = 1) -> int:

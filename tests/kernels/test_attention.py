@@ -282,12 +282,32 @@ def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, num_split
     kernel = mgpu.paged_decode_mgpu
     monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append(kw) or kernel(
         *a, **kw, num_splits=num_splits, stages=stages))
+    monkeypatch.setattr(mgpu, "DECODE_MIN_KEYS", 0)     # small shapes, to keep interpret fast
     out = run(case, dtype=dtype, window=window, impl=impl)
     assert calls == [{"sliding_window": window, "interpret": impl == "gpu-interpret"}]
     tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
     np.testing.assert_allclose(out, expected(case, dtype, window), **tol,
                                err_msg=describe(seed, case, num_splits=num_splits))
     assert not np.any(out[case["positions"] < 0])
+
+
+@pytest.mark.parametrize("rows,width,page_size,kernel", [
+    (1, 128, 16, "triton"), (2, 128, 16, "mosaic"), (1, 256, 16, "mosaic"),
+    (4, 64, 8, "triton"), (8, 64, 8, "mosaic")])
+def test_decode_dispatch_by_table_size(rows, width, page_size, kernel, monkeypatch):
+    """Decode calls with a page table of fewer than mgpu.DECODE_MIN_KEYS key slots go to the
+    Triton kernel (its fixed cost per call is smaller), larger ones to the Mosaic GPU kernel."""
+    from kernels import gpu, mgpu
+    calls = []
+    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append("mosaic"))
+    monkeypatch.setattr(gpu, "paged_attention_gpu", lambda *a, **kw: calls.append("triton"))
+    q = jnp.zeros((rows, 1, 32, 128), jnp.bfloat16)
+    pages = jnp.zeros((4, page_size, 8, 128), jnp.bfloat16)
+    table = jnp.zeros((rows, width), jnp.int32)
+    kernels.paged_attention(q, pages, pages, table, jnp.zeros((rows, 1), jnp.int32),
+                            jnp.ones((rows,), jnp.int32), impl="gpu-interpret")
+    assert calls == [kernel]
+    assert mgpu.DECODE_MIN_KEYS == 4096
 
 
 def poisoned(case, which):
