@@ -327,8 +327,8 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse
                    g: int, q_per_kv: int, ppb: int, pages_per_split: int, stages: int,
                    window: int | None):
     (q_smem, p_smem, ring), (k_full, v_full, q_full), (k_free, v_free) = scoped
-    # With splits, the partial's staging shares its memory with the copy ring (used once the
-    # ring is done), which leaves room for a third slot.
+    # With splits, the partial's staging shares its memory with the copy ring (it is written
+    # only once the ring is done), so a program needs no more than the ring and Q.
     (k_smem, v_smem), (o_smem, lse_smem) = (ring, (None, None)) if lse_ref is None else ring
     b = lax.axis_index("rows")
     split = lax.axis_index("splits")
