@@ -57,6 +57,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.gpu import merge_splits
+
 BLOCK_Q = 64        # query rows per consumer warpgroup (one wgmma M tile)
 
 
@@ -542,7 +544,5 @@ def paged_decode_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
     if not split:
         return out.reshape(b, 1, n, h)
     o, lse = out
-    peak = jnp.max(lse, axis=1, keepdims=True)
-    w = jnp.exp2(lse - jnp.where(peak == -jnp.inf, 0.0, peak))              # [B,S,N]
-    o = jnp.sum(w[..., None] * o, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-30)[..., None]
-    return o.reshape(b, 1, n, h).astype(q.dtype)
+    # Normalised partials: lse is their max and their sum is 1 (the Triton kernel's merge).
+    return merge_splits(o, lse, jnp.ones_like(lse)).reshape(b, 1, n, h).astype(q.dtype)

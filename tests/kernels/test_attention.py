@@ -216,6 +216,20 @@ def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
 FP16_KERNEL_TOL = dict(rtol=2.0**-10, atol=2.0**-11 * 4)
 
 
+def mosaic_case(impl, seed, *, q_per_kv, page_size, num_queries, longest):
+    """A case for the Mosaic GPU kernels (the compiled run skipped before Hopper): head_dim 64,
+    rows of 0, 1, an odd number and `longest` = [lo, hi) keys in random order, and NaN in every
+    page that holds no live token."""
+    if impl == "gpu" and not kernels._hopper_or_newer():
+        pytest.skip("the Mosaic GPU kernel needs compute capability 9.0 or later")
+    rng = np.random.default_rng(seed)
+    odd = int(rng.integers(1, 4)) * page_size + int(rng.integers(1, page_size))
+    lengths = rng.permutation([0, 1, odd, int(rng.integers(*longest))]).tolist()
+    return poisoned(make_case(rng, q_per_kv=q_per_kv, page_size=page_size,
+                              num_queries=num_queries, head_dim=64, lengths=lengths),
+                    ["k_pages", "v_pages"])
+
+
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("q_per_kv,page_size,dtype", [(1, 16, jnp.bfloat16), (3, 8, jnp.float16),
                                                       (8, 32, jnp.bfloat16)])
@@ -225,13 +239,8 @@ def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, monkeypatch):
     128-key blocks of keys (the copy ring wraps), chunk and decode-like rows in one batch,
     query tiles that span several GQA groups, and NaN in every page that holds no live token."""
     from kernels import mgpu
-    if impl == "gpu" and not kernels._hopper_or_newer():
-        pytest.skip("the Mosaic GPU kernel needs compute capability 9.0 or later")
-    rng = np.random.default_rng(seed)
-    odd = int(rng.integers(1, 4)) * page_size + int(rng.integers(1, page_size))
-    lengths = rng.permutation([0, 1, odd, int(rng.integers(257, 400))]).tolist()
-    case = poisoned(make_case(rng, q_per_kv=q_per_kv, page_size=page_size, num_queries=40,
-                              head_dim=64, lengths=lengths), ["k_pages", "v_pages"])
+    case = mosaic_case(impl, seed, q_per_kv=q_per_kv, page_size=page_size, num_queries=40,
+                       longest=(257, 400))
     calls = []
     kernel = mgpu.paged_prefill_mgpu
     monkeypatch.setattr(mgpu, "paged_prefill_mgpu",
@@ -271,13 +280,8 @@ def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, num_split
     token. The default configuration runs through kernels.paged_attention; the others call the
     kernel with their splits and slots."""
     from kernels import mgpu
-    if impl == "gpu" and not kernels._hopper_or_newer():
-        pytest.skip("the Mosaic GPU kernel needs compute capability 9.0 or later")
-    rng = np.random.default_rng(seed)
-    odd = int(rng.integers(1, 4)) * page_size + int(rng.integers(1, page_size))
-    lengths = rng.permutation([0, 1, odd, int(rng.integers(150, 260))]).tolist()
-    case = poisoned(make_case(rng, q_per_kv=q_per_kv, page_size=page_size, num_queries=1,
-                              head_dim=64, lengths=lengths), ["k_pages", "v_pages"])
+    case = mosaic_case(impl, seed, q_per_kv=q_per_kv, page_size=page_size, num_queries=1,
+                       longest=(150, 260))
     calls = []
     kernel = mgpu.paged_decode_mgpu
     monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append(kw) or kernel(
