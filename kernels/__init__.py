@@ -48,13 +48,15 @@ def _hopper_or_newer() -> bool:
 
 
 def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, impl="auto",
-                    sliding_window=None):
+                    sliding_window=None, logit_softcap=None):
     """Attention of query tokens over the pages of their rows.
 
     q [B,T,N,H]; k_pages, v_pages [P,G,K,H]; page_table [B,M] int32; q_positions [B,T] int32
     (absolute position of each query token, -1 for padding); kv_lens [B] int32 (tokens stored,
     the new ones included). Key s is visible from query position t iff s <= t, s < kv_len and,
-    with a sliding window W, t - s < W. Returns [B,T,N,H] in q's dtype; padding rows are zero.
+    with a sliding window W, t - s < W. With a logit soft-cap c (Gemma 2's
+    attn_logit_softcapping), a logit x = q.k / sqrt(H) becomes c * tanh(x / c) before the
+    softmax. Returns [B,T,N,H] in q's dtype; padding rows are zero.
 
     On a GPU (Hopper or later), decode calls (one query token a row) and calls of more go to
     the Mosaic GPU kernels of kernels/mgpu.py where they apply (fp16/bf16, head_dim 64/128; see
@@ -62,20 +64,23 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     (kernels/gpu.py).
     """
     impl = resolve_impl(impl)
+    for name, value in (("sliding_window", sliding_window), ("logit_softcap", logit_softcap)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be None or a positive number, got {value!r}")
     args = (q, k_pages, v_pages, page_table, q_positions, kv_lens)
+    options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     if impl == "reference":
-        return paged_attention_reference(*args, sliding_window=sliding_window)
+        return paged_attention_reference(*args, **options)
     if impl.startswith("gpu"):
         interpret = impl == "gpu-interpret"
         from kernels import mgpu
         if interpret or _hopper_or_newer():
             if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages, page_table):
-                return mgpu.paged_decode_mgpu(*args, sliding_window=sliding_window,
-                                              interpret=interpret)
+                return mgpu.paged_decode_mgpu(*args, **options, interpret=interpret)
             if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window):
-                return mgpu.paged_prefill_mgpu(*args, interpret=interpret)
+                return mgpu.paged_prefill_mgpu(*args, logit_softcap=logit_softcap,
+                                               interpret=interpret)
         from kernels.gpu import paged_attention_gpu
-        return paged_attention_gpu(*args, sliding_window=sliding_window, interpret=interpret)
+        return paged_attention_gpu(*args, **options, interpret=interpret)
     from kernels.tpu import paged_attention_tpu
-    return paged_attention_tpu(*args, sliding_window=sliding_window,
-                               interpret=impl == "tpu-interpret")
+    return paged_attention_tpu(*args, **options, interpret=impl == "tpu-interpret")

@@ -34,15 +34,17 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs,
-            ppb: int, pages_per_split: int, scale: float, window: int | None,
-            group: tuple[int, int] | None):
+            ppb: int, pages_per_split: int, scale: float, cap: float | None,
+            window: int | None, group: tuple[int, int] | None):
     """stat_refs: (m_ref, sum_ref) when the splits merge outside; none with one split, whose
     o_ref takes the normalised output.
 
     group: None for prefill rows: q_ref, pos_ref and o_ref hold the program's own rows. For
     decode, (Q, Qp): q_ref [N,H] and o_ref [N,H] hold the token's every head and pos_ref [1] its
     position; the program reads query heads [KV head * Q, + Q) padded to Qp rows, and with one
-    split writes them straight into o_ref, so no XLA op regroups q or o around the call."""
+    split writes them straight into o_ref, so no XLA op regroups q or o around the call.
+
+    Logits are q.k * scale, or with a soft-cap cap * tanh(q.k * scale): both in log2 units."""
     g = k_ref.shape[1]
     block_k = ppb * g
     kv_len = lens_ref[0]
@@ -75,6 +77,8 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
         k = k_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
         v = v_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
         logits = plgpu.dot(q, k.T, precision=exact).astype(jnp.float32) * scale   # log2 units
+        if cap is not None:
+            logits = cap * jnp.tanh(logits)
         if masked:
             s_pos = first * g + jnp.arange(block_k, dtype=jnp.int32)   # [BK]
             stored = s_pos < kv_len
@@ -117,11 +121,12 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
     sum_ref[...] = jnp.where(live, total, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "interpret", "pages_per_block",
-                                             "num_splits", "block_rows", "num_warps",
-                                             "num_stages"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "interpret",
+                                             "pages_per_block", "num_splits", "block_rows",
+                                             "num_warps", "num_stages"))
 def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                        sliding_window=None, interpret=False, pages_per_block=None,
+                        sliding_window=None, logit_softcap=None, interpret=False,
+                        pages_per_block=None,
                         num_splits=None, block_rows=128, num_warps=None, num_stages=None):
     """Same contract as kernels.paged_attention (see there). The tuning knobs default to the
     best of bench/kernels.py's sweep on the H100 (BENCHMARKS.md); block_rows: query rows
@@ -148,7 +153,7 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     pages_per_split = blocks_per_split * ppb
     table = jnp.pad(page_table, ((0, 0), (0, num_splits * pages_per_split - m_width)))
 
-    scale = math.log2(math.e) / math.sqrt(h)
+    scale, cap = log2_logits(h, logit_softcap)
     kv_specs = [pl.BlockSpec((1,), lambda i, j, r, s: (i,)),                     # kv_lens
                 pl.BlockSpec((None, table.shape[1]), lambda i, j, r, s: (i, 0))]  # table
     page_specs = [pl.BlockSpec((k_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
@@ -157,7 +162,7 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
                   interpret=interpret, name="hybridkv_paged_attention")
     lens = kv_lens.astype(jnp.int32)
     kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
-                               window=sliding_window)
+                               cap=cap, window=sliding_window)
     if t == 1:                     # decode: q, positions and (one split) o as they are
         kernel = functools.partial(kernel, group=(q_per_kv, qp))
         token = pl.BlockSpec((None, None, n, h), lambda i, j, r, s: (i, 0, 0, 0))   # [N,H]
@@ -212,6 +217,15 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     o = outs[0][:, :, 0] if num_splits == 1 else merge_splits(*outs)
     return o.reshape(b, k, t_pad, qp, h)[:, :, :t, :q_per_kv] \
         .transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def log2_logits(head_dim: int, logit_softcap: float | None) -> tuple[float, float | None]:
+    """(scale, cap) with which a kernel turns q.k into logits in log2 units (for exp2): x * scale
+    without a soft-cap c; with one, cap * tanh(x * scale), which is log2(e) * c * tanh(x /
+    (sqrt(H) * c))."""
+    if logit_softcap is None:
+        return math.log2(math.e) / math.sqrt(head_dim), None
+    return 1 / (math.sqrt(head_dim) * logit_softcap), math.log2(math.e) * logit_softcap
 
 
 def merge_splits(o, m, total):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                              sliding_window=None):
+                              sliding_window=None, logit_softcap=None):
     b, t, n, h = q.shape
     _, g, k, _ = k_pages.shape
     m = page_table.shape[1]
@@ -15,6 +15,8 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_l
     exact = jax.lax.Precision.HIGHEST      # no TF32 on GPUs: this is the numerical reference
     logits = jnp.einsum("btkqh,bskh->btkqs", qg.astype(jnp.float32),
                         keys.astype(jnp.float32), precision=exact) * (h ** -0.5)
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     s_idx = jnp.arange(m * g)[None, None, :]              # [1,1,S]
     t_pos = q_positions[:, :, None]                       # [B,T,1]
     visible = (s_idx <= t_pos) & (s_idx < kv_lens[:, None, None]) & (t_pos >= 0)

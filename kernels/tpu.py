@@ -73,7 +73,7 @@ def _kernel(table_ref, lens_ref, lo_ref, hi_ref,          # SMEM, scalar-prefetc
             q_ref, pos_ref, k_hbm, v_hbm,                 # [R,H], [R,1], [P,G,K,H] x2
             o_ref,                                        # [R,H]
             k_buf, v_buf, sems, slot_ref, m_ref, l_ref, acc_ref,
-            *, page_size, pages_per_row, ppb, window, mxu_dtype):
+            *, page_size, pages_per_row, ppb, window, softcap, mxu_dtype):
     g, m, bk = page_size, pages_per_row, ppb * page_size
     b, kh, ti = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_b, num_k, num_t = pl.num_programs(0), pl.num_programs(1), pl.num_programs(2)
@@ -153,6 +153,8 @@ def _kernel(table_ref, lens_ref, lo_ref, hi_ref,          # SMEM, scalar-prefetc
         keys = k_buf[slot].astype(mxu_dtype)                  # [bk,H]
         logits = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * scale   # [R,bk]
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
         cols = base + lax.broadcasted_iota(jnp.int32, (1, bk), 1)             # [1,bk]
         visible = (cols <= pos) & (cols < kv_len) & (pos >= 0)              # [R,bk]
         if window is not None:
@@ -197,20 +199,21 @@ def _block_sizes(t, q_per_kv, g, pages_per_block, tokens_per_block):
     return ppb, bt
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "interpret", "pages_per_block",
-                                             "tokens_per_block"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "interpret",
+                                             "pages_per_block", "tokens_per_block"))
 def paged_attention_tpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                        sliding_window=None, interpret=False, pages_per_block=None,
-                        tokens_per_block=None):
+                        sliding_window=None, logit_softcap=None, interpret=False,
+                        pages_per_block=None, tokens_per_block=None):
     """Attention of query tokens over the pages of their rows, as one Mosaic TPU kernel call.
 
     Same contract as `kernels.reference.paged_attention_reference`: q [B,T,N,H]; k_pages,
     v_pages [P,G,K,H] (one layer; page 0 is the trash page); page_table [B,M] int32;
     q_positions [B,T] int32 (-1: padding, whose output row is 0); kv_lens [B] int32. Key s is
-    visible from a query at position t iff s <= t, s < kv_len and (with a window W) t - s < W.
-    Returns [B,T,N,H] in q's dtype. DMAs only pages holding a key visible to some query of the
-    query block; whatever other pages (or unwritten slots of read pages) hold, NaN included,
-    does not reach the output. Page ids must be < P for those pages only.
+    visible from a query at position t iff s <= t, s < kv_len and (with a window W) t - s < W;
+    a soft-cap c turns a logit x into c * tanh(x / c). Returns [B,T,N,H] in q's dtype. DMAs
+    only pages holding a key visible to some query of the query block; whatever other pages (or
+    unwritten slots of read pages) hold, NaN included, does not reach the output. Page ids must
+    be < P for those pages only.
 
     interpret: False (compile for TPU), True (TPU interpreter with race detection) or a
     `pltpu.InterpretParams`. pages_per_block / tokens_per_block: key / query block sizes
@@ -237,7 +240,8 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     mxu_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
 
     kernel = functools.partial(_kernel, page_size=g, pages_per_row=m, ppb=ppb,
-                               window=sliding_window, mxu_dtype=mxu_dtype)
+                               window=sliding_window, softcap=logit_softcap,
+                               mxu_dtype=mxu_dtype)
     q_spec = pl.BlockSpec((None, None, rows, h), lambda bi, ki, ti, *_: (bi, ki, ti, 0))
     out = pl.pallas_call(
         kernel,

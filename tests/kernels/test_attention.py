@@ -84,8 +84,9 @@ def make_case(rng, *, q_per_kv, page_size, num_queries, fill=GARBAGE, spare_page
                 unused_pages=[p for p in range(num_pages) if p not in live_pages])
 
 
-def dense_attention(q, k_dense, v_dense, positions, window=None):
-    """Naive float64 attention: query at position t sees keys s with t - W < s <= t."""
+def dense_attention(q, k_dense, v_dense, positions, window=None, softcap=None):
+    """Naive float64 attention: query at position t sees keys s with t - W < s <= t; a
+    soft-cap c maps each logit x to c * tanh(x / c)."""
     b, t_max, n, h = q.shape
     q_per_kv = n // K_HEADS
     out = np.zeros((b, t_max, n, h))
@@ -99,17 +100,19 @@ def dense_attention(q, k_dense, v_dense, positions, window=None):
             for head in range(n):
                 kv = head // q_per_kv
                 logits = keys[:, kv] @ q[row, t, head] / math.sqrt(h)            # [S]
+                if softcap is not None:
+                    logits = softcap * np.tanh(logits / softcap)
                 p = np.exp(logits - logits.max())
                 out[row, t, head] = (p / p.sum()) @ values[:, kv]
     return out
 
 
-def run(case, dtype=np.float32, window=None, impl="reference"):
+def run(case, dtype=np.float32, window=None, impl="reference", softcap=None):
     cast = lambda x: jnp.asarray(np.asarray(x, dtype))   # noqa: E731
     out = kernels.paged_attention(cast(case["q"]), cast(case["k_pages"]), cast(case["v_pages"]),
                                   jnp.asarray(case["table"]), jnp.asarray(case["positions"]),
                                   jnp.asarray(case["lengths"]), impl=impl,
-                                  sliding_window=window)
+                                  sliding_window=window, logit_softcap=softcap)
     assert out.shape == case["q"].shape and out.dtype == jnp.dtype(dtype)
     return np.asarray(out, np.float64)
 
@@ -123,9 +126,10 @@ def rounded(case, dtype):
     return out
 
 
-def expected(case, dtype=np.float32, window=None):
+def expected(case, dtype=np.float32, window=None, softcap=None):
     r = rounded(case, dtype)
-    return dense_attention(r["q"], r["k_dense"], r["v_dense"], case["positions"], window)
+    return dense_attention(r["q"], r["k_dense"], r["v_dense"], case["positions"], window,
+                           softcap)
 
 
 def describe(seed, case, **kw):
@@ -162,6 +166,21 @@ def test_sliding_window(impl, seed, page_size, window):
     np.testing.assert_allclose(out, want, **F32_TOL, err_msg=describe(seed, case, window=window))
     if window == 100:   # wider than every row: the same as no window
         np.testing.assert_array_equal(out, run(case, impl=impl))
+
+
+@pytest.mark.parametrize("num_queries,window", [(1, None), (6, None), (6, 5)],
+                         ids=["decode", "chunk", "chunk-window"])
+def test_logit_softcap(impl, seed, num_queries, window):
+    """Gemma-style soft-cap c * tanh(logit / c), with c in [0.5, 2) on logits of unit scale: it
+    moves the outputs far beyond the tolerance (checked), so a kernel that ignores the cap, or
+    caps after masking (tanh(-inf) = -1), fails."""
+    rng = np.random.default_rng(seed)
+    cap = float(rng.uniform(0.5, 2.0))
+    case = make_case(rng, q_per_kv=3, page_size=4, num_queries=num_queries)
+    want = expected(case, window=window, softcap=cap)
+    assert np.abs(want - expected(case, window=window)).max() > 0.05
+    np.testing.assert_allclose(run(case, window=window, impl=impl, softcap=cap), want,
+                               **F32_TOL, err_msg=describe(seed, case, cap=cap))
 
 
 # bfloat16: inputs are rounded to bf16 before both computations, so the only extra error is the
@@ -231,13 +250,14 @@ def mosaic_case(impl, seed, *, q_per_kv, page_size, num_queries, longest):
 
 
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-@pytest.mark.parametrize("q_per_kv,page_size,dtype", [(1, 16, jnp.bfloat16), (3, 8, jnp.float16),
-                                                      (8, 32, jnp.bfloat16)])
-def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, monkeypatch):
+@pytest.mark.parametrize("q_per_kv,page_size,dtype,softcap", [
+    (1, 16, jnp.bfloat16, None), (3, 8, jnp.float16, 1.5), (8, 32, jnp.bfloat16, None)])
+def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, softcap, monkeypatch):
     """Rows of many query tokens in fp16/bf16 with head_dim 64 go to the Mosaic GPU kernel
     (kernels/mgpu.py), in interpret mode on a CPU: rows of 0, 1, an odd number and several
     128-key blocks of keys (the copy ring wraps), chunk and decode-like rows in one batch,
-    query tiles that span several GQA groups, and NaN in every page that holds no live token."""
+    query tiles that span several GQA groups, NaN in every page that holds no live token, with
+    and without a logit soft-cap."""
     from kernels import mgpu
     case = mosaic_case(impl, seed, q_per_kv=q_per_kv, page_size=page_size, num_queries=40,
                        longest=(257, 400))
@@ -245,10 +265,11 @@ def test_mosaic_prefill(impl, seed, q_per_kv, page_size, dtype, monkeypatch):
     kernel = mgpu.paged_prefill_mgpu
     monkeypatch.setattr(mgpu, "paged_prefill_mgpu",
                         lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
-    out = run(case, dtype=dtype, impl=impl)
-    assert calls == [{"interpret": impl == "gpu-interpret"}]
+    out = run(case, dtype=dtype, impl=impl, softcap=softcap)
+    assert calls == [{"logit_softcap": softcap, "interpret": impl == "gpu-interpret"}]
     tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
-    np.testing.assert_allclose(out, expected(case, dtype), **tol, err_msg=describe(seed, case))
+    np.testing.assert_allclose(out, expected(case, dtype, softcap=softcap), **tol,
+                               err_msg=describe(seed, case))
     assert not np.any(out[case["positions"] < 0])
 
 
@@ -265,19 +286,19 @@ def test_mosaic_consumers_need_different_key_counts(seed):
 
 
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-@pytest.mark.parametrize("q_per_kv,page_size,dtype,window,num_splits,stages", [
-    (4, 16, jnp.bfloat16, None, None, None),     # 8 heads; 2 pages a key block
-    (12, 8, jnp.float16, 7, 3, 1),               # 24 heads, not a power of 2; one slot
-    (8, 4, jnp.bfloat16, 30, 2, 2),              # 8 pages a key block; window over blocks
-    (32, 32, jnp.float16, None, 5, 1),           # 64 heads fill the tile; empty splits
+@pytest.mark.parametrize("q_per_kv,page_size,dtype,window,softcap,num_splits,stages", [
+    (4, 16, jnp.bfloat16, None, 1.5, None, None),  # 8 heads; 2 pages a key block
+    (12, 8, jnp.float16, 7, None, 3, 1),           # 24 heads, not a power of 2; one slot
+    (8, 4, jnp.bfloat16, 30, 0.7, 2, 2),           # 8 pages a key block; window over blocks
+    (32, 32, jnp.float16, None, None, 5, 1),       # 64 heads fill the tile; empty splits
 ])
-def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, num_splits, stages,
-                       monkeypatch):
+def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, softcap, num_splits,
+                       stages, monkeypatch):
     """Decode rows in fp16/bf16 with head_dim 64 go to the Mosaic GPU decode kernel
     (kernels/mgpu.py), in interpret mode on a CPU: rows of 0, 1, an odd number and many key
-    blocks of keys (the copy ring wraps), with and without a sliding window, keys split over
-    programs (some of which see no key) and merged, and NaN in every page that holds no live
-    token. The default configuration runs through kernels.paged_attention; the others call the
+    blocks of keys (the copy ring wraps), with and without a sliding window and a logit
+    soft-cap, keys split over programs (some of which see no key) and merged, and NaN in every
+    page that holds no live token. The default configuration runs through kernels.paged_attention; the others call the
     kernel with their splits and slots."""
     from kernels import mgpu
     case = mosaic_case(impl, seed, q_per_kv=q_per_kv, page_size=page_size, num_queries=1,
@@ -287,10 +308,11 @@ def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, num_split
     monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append(kw) or kernel(
         *a, **kw, num_splits=num_splits, stages=stages))
     monkeypatch.setattr(mgpu, "DECODE_MIN_KEYS", 0)     # small shapes, to keep interpret fast
-    out = run(case, dtype=dtype, window=window, impl=impl)
-    assert calls == [{"sliding_window": window, "interpret": impl == "gpu-interpret"}]
+    out = run(case, dtype=dtype, window=window, impl=impl, softcap=softcap)
+    assert calls == [{"sliding_window": window, "logit_softcap": softcap,
+                      "interpret": impl == "gpu-interpret"}]
     tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
-    np.testing.assert_allclose(out, expected(case, dtype, window), **tol,
+    np.testing.assert_allclose(out, expected(case, dtype, window, softcap), **tol,
                                err_msg=describe(seed, case, num_splits=num_splits))
     assert not np.any(out[case["positions"] < 0])
 
@@ -370,4 +392,9 @@ def test_dispatch():
         with pytest.raises(ValueError, match=f"needs a {compiled.upper()} backend"):
             kernels.resolve_impl(compiled)
     case = make_case(np.random.default_rng(0), q_per_kv=3, page_size=4, num_queries=2)
-    np.testing.assert_array_equal(run(case, impl="auto"), run(case, impl=native))
+    with jax.default_device(jax.devices()[0]):     # the backend's own device, GPU included
+        np.testing.assert_array_equal(run(case, impl="auto"), run(case, impl=native))
+    for bad in (dict(window=0), dict(softcap=0.0), dict(softcap=-30.0)):
+        name = "sliding_window" if "window" in bad else "logit_softcap"
+        with pytest.raises(ValueError, match=f"{name} must be None or a positive number"):
+            run(case, **bad)
