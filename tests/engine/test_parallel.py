@@ -1,7 +1,9 @@
 """Tensor parallelism on CPU devices (tests/conftest.py asks XLA for eight): tp=N gives the same
 greedy tokens as tp=1, with the params and the KV pages sharded over "tp" and KV heads repeated
-when tp > num_kv_heads."""
+when tp > num_kv_heads. On a backend of fewer than eight devices (one GPU) the tests that shard
+an engine are skipped, with the reason."""
 
+import jax
 import pytest
 from helpers import assert_pool_clean
 from jax.sharding import PartitionSpec as P
@@ -21,6 +23,9 @@ SHARED = list(range(40, 52))                     # 3 pages of 4, shared by three
 PROMPTS = [[5], SHARED + [7], SHARED + [8, 9], list(range(20, 29)), SHARED + list(range(3))]
 PARAMS = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (9, 3, 7, 5, 6)]
 KW = dict(page_size=4, max_model_len=64, max_num_seqs=4, layout="hybrid", static_max_tokens=16)
+eight_devices = pytest.mark.skipif(
+    jax.device_count() < 8, reason=f"shards over up to 8 devices; JAX sees {jax.device_count()} "
+    f"{jax.default_backend()} device(s) (tests/conftest.py asks for 8 only on a CPU backend)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,6 +60,7 @@ def reference():
     return tokens
 
 
+@eight_devices
 @pytest.mark.parametrize("model, tp", [("tiny-random", 2), ("tiny-random", 4),
                                        ("tiny-8-heads", 8), ("tiny-3-kv-heads", 6)])
 def test_tp_gives_the_same_tokens(reference, model, tp):
@@ -79,6 +85,7 @@ def test_tp_gives_the_same_tokens(reference, model, tp):
     assert mlp["down_proj"]["kernel"][...].sharding.spec == P("tp", None)
 
 
+@eight_devices
 def test_tp_under_preemption(reference):
     """Paged rows in a pool of 12 pages: some are preempted and resumed, tokens unchanged."""
     llm = LLM("tiny-random", tensor_parallel_size=2, **(KW | dict(layout="paged")),
@@ -87,6 +94,7 @@ def test_tp_under_preemption(reference):
     assert llm.engine.stats()["preemptions"] > 0
 
 
+@eight_devices
 def test_tp_with_an_elastic_pool(reference):
     """An elastic pool of 3 pages grows for the batch and shrinks back once idle (no delay),
     each device resizing its own share of the KV heads; tokens unchanged, pages still split."""
@@ -104,6 +112,7 @@ def test_tp_with_an_elastic_pool(reference):
     assert e.cache.page_table.sharding.is_fully_replicated
 
 
+@eight_devices
 def test_tp_runs_pallas_kernels_per_device(reference):
     """The GPU Pallas kernel (interpret mode) under shard_map == the jnp reference at tp=1."""
     llm = LLM("tiny-random", tensor_parallel_size=2, attention_impl="gpu-interpret", **KW)
@@ -135,6 +144,7 @@ def test_kv_replicas_refuses_uneven_splits(cfg, tp, message):
         kv_replicas(cfg, tp)
 
 
+@eight_devices
 @pytest.mark.parametrize("model, tp, message", [
     ("tiny-random", 0, "tensor_parallel_size must be >= 1, got 0"),
     ("tiny-random", 16, "tensor_parallel_size=16 needs 16 devices but JAX sees 8 cpu"),
@@ -146,6 +156,7 @@ def test_bad_tensor_parallel_size(model, tp, message):
         LLM(model, tensor_parallel_size=tp, **KW)
 
 
+@eight_devices
 def test_serve_flag(capsys):
     assert serve.engine_config(serve.parse_args(["--tensor-parallel-size", "2"])
                                ).tensor_parallel_size == 2
