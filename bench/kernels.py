@@ -2,14 +2,14 @@
 
     python bench/kernels.py --out bench/results/kernels.json
 
-Decode (32 query heads, 8 KV heads, head_dim 128, bf16, page 16, pages scattered at random):
-our kernel, the same with Gemma 2's logit soft-cap, our kernel over a contiguous page table
-(the static layout), JAX's own Pallas paged kernel on the same pages, PyTorch SDPA on the same
-KV laid out contiguously, and a plain device copy of as many bytes. Decode speed is KV bytes read per second; the copy counts bytes
-read + written. Prefill (causal, 8192 tokens, 32 heads, head_dim 128, fp16): our paged kernels
-(Mosaic GPU, kernels/mgpu.py, the one kernels.paged_attention picks on Hopper; and the Triton
-one, kernels/gpu.py) against PyTorch SDPA and JAX's Mosaic GPU attention on contiguous inputs,
-in FLOP/s.
+Decode (32 query heads, 8 KV heads, head_dim 128, bf16, page 16, pages scattered at random): our
+kernel, the same with Gemma 2's logit soft-cap, our kernel over a contiguous page table (the
+static layout), JAX's own Pallas paged kernel on the same pages, PyTorch SDPA on the same KV
+laid out contiguously, and a plain device copy of as many bytes. Decode speed is KV bytes read
+per second; the copy counts bytes read + written. Prefill (causal, 8192 tokens, 32 heads,
+head_dim 128, fp16): our paged kernels (Mosaic GPU, kernels/mgpu.py, the one
+kernels.paged_attention picks on Hopper; and the Triton one, kernels/gpu.py) against PyTorch
+SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLOP/s.
 """
 
 import argparse
