@@ -126,8 +126,8 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
                                              "num_warps", "num_stages"))
 def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                         sliding_window=None, logit_softcap=None, interpret=False,
-                        pages_per_block=None,
-                        num_splits=None, block_rows=128, num_warps=None, num_stages=None):
+                        pages_per_block=None, num_splits=None, block_rows=128, num_warps=None,
+                        num_stages=None):
     """Same contract as kernels.paged_attention (see there). The tuning knobs default to the
     best of bench/kernels.py's sweep on the H100 (BENCHMARKS.md); block_rows: query rows
     (tokens x heads of a GQA group) per program when T > 1."""
