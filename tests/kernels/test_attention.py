@@ -298,8 +298,8 @@ def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, softcap, 
     (kernels/mgpu.py), in interpret mode on a CPU: rows of 0, 1, an odd number and many key
     blocks of keys (the copy ring wraps), with and without a sliding window and a logit
     soft-cap, keys split over programs (some of which see no key) and merged, and NaN in every
-    page that holds no live token. The default configuration runs through kernels.paged_attention; the others call the
-    kernel with their splits and slots."""
+    page that holds no live token. The default configuration runs through
+    kernels.paged_attention; the others call the kernel with their splits and slots."""
     from kernels import mgpu
     case = mosaic_case(impl, seed, q_per_kv=q_per_kv, page_size=page_size, num_queries=1,
                        longest=(150, 260))
