@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from engine import envs, limits
 from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
 from kvcache.elastic import use_returning_allocator
 
@@ -81,6 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--api-key", default=envs.API_KEY,
+                   help="require 'Authorization: Bearer <key>' on every route but /health "
+                        "(default: $HYBRIDKV_API_KEY; unset: no key)")
+    s.add_argument("--max-request-bytes", type=int, default=limits.MAX_REQUEST_BYTES,
+                   help="larger request bodies get a 413")
+    s.add_argument("--max-engine-restarts", type=int, default=3,
+                   help="if the engine's process dies, it is restarted (1 s back-off, doubling "
+                        "while starts fail) at most this many times in 10 minutes; past that "
+                        "the server exits with status 1")
     s.add_argument("--skip-warmup", action="store_true",
                    help="compile each step shape when a batch first needs it (a log line "
                         "each) instead of all of them at start-up")
@@ -159,6 +169,8 @@ def start_engine(args):
 
 
 def serve(args) -> int:
+    """Serves until interrupted: 0, or 1 if the engine's process kept dying and the server
+    gave up restarting it (engine.async_engine)."""
     import uvicorn
 
     from engine.async_engine import AsyncEngine
@@ -166,14 +178,24 @@ def serve(args) -> int:
     from engine.server import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    engine = AsyncEngine(functools.partial(start_engine, args), Metrics())
+    server: uvicorn.Server | None = None
+
+    def give_up():
+        if server is not None:
+            server.should_exit = True
+
+    engine = AsyncEngine(functools.partial(start_engine, args), Metrics(),
+                         max_restarts=args.max_engine_restarts, on_give_up=give_up)
     engine.start()
-    app = build_app(engine, args.served_model_name or args.model)
+    app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
+                    max_request_bytes=args.max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     finally:
         engine.shutdown()
-    return 0
+    return 1 if engine.gave_up else 0
 
 
 def return_freed_host_memory(threshold: int = 1 << 20) -> bool:

@@ -31,7 +31,7 @@ MODEL = "llama-3.2-1b-random-1m"
 
 def refusals(args) -> dict:
     from engine import Engine, EngineConfig, SamplingParams
-    from engine.front import InvalidRequest
+    from engine.limits import InvalidRequest
     from kvcache import PoolDoesNotFit
     out = {}
     try:

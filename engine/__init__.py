@@ -2,7 +2,7 @@
 point, `Engine` the one the server drives."""
 
 from engine.engine import Engine, EngineConfig
-from engine.front import InvalidRequest
+from engine.limits import InvalidRequest
 from engine.llm import LLM, RequestOutput
 from engine.sampling import SamplingParams
 

@@ -10,11 +10,20 @@ One duplex pipe (multiprocessing.connection, pickled tuples) joins them:
   server -> engine: ("add", Request), ("abort", rid), ("call", id, method name), ("stop",)
   engine -> server: ("ready", Front) once started, then per step ("step", updates, seconds,
                     stats) with updates [(rid, new tokens, finish_reason, meta)] (meta, on a
-                    request's last update: its layout, cached and host-cached prompt tokens);
-                    ("result", id, ok, value) per call; ("error", message) if it fails.
+                    request's last update: its layout, cached and host-cached prompt tokens,
+                    and the error that failed it, if one did); ("result", id, ok, value) per
+                    call; ("error", message) if it fails for good.
 The server's copy of each Request gets its output, finish reason and meta from the updates.
 Each side's process learns of the other's end from the pipe (EOF): a server that goes away
 takes its engine with it.
+
+A device error in a launch fails that launch's requests, not the engine (Engine.recover); the
+engine's process ends only on an error it cannot recover from, or when it is killed. Then the
+supervisor (the reader thread) fails every waiting request at once (EngineUnavailable, a 503),
+reports why on /health, and starts a new engine process after a back-off (1 s, doubling while
+starts fail): at most `max_restarts` restarts in any `restart_window` seconds. Past that it
+gives up and calls `on_give_up` (serve.py then exits with status 1, for a supervisor such as
+systemd or Kubernetes to restart the whole server).
 """
 
 import asyncio
@@ -34,48 +43,86 @@ from engine.scheduler import Request
 
 log = logging.getLogger("hybridkv")
 
+# An engine that fails this many times in a row (each recovery followed by another failure,
+# with no launch between them that succeeded) exits, for the supervisor to restart it.
+MAX_RECOVERIES_IN_A_ROW = 3
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine's process is down (restarting, or given up): the server answers 503."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed this request (a device error in a launch that held it): a 500 that
+    names the cause. The engine goes on serving."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Update:
     tokens: tuple[int, ...]      # new output tokens since the last update
-    finish_reason: str | None    # set on the last update: "stop", "length" or "abort"
+    finish_reason: str | None    # set on the last update: "stop", "length", "abort" or "error"
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 class AsyncEngine:
-    def __init__(self, start: Callable, metrics: Metrics):
+    def __init__(self, start: Callable, metrics: Metrics, *, max_restarts: int = 3,
+                 restart_window: float = 600.0, on_give_up: Callable[[], None] | None = None):
         """Starts the engine's process, which runs start() (picklable; it returns the Engine,
         warmed up as the caller wants), and waits until it is ready. Raises what start()
         raised (as a RuntimeError when that cannot be pickled)."""
         self.metrics = metrics
-        ctx = multiprocessing.get_context("spawn")      # the parent's threads do not fork well
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_process, args=(start, child),
-                                 name="hybridkv-engine", daemon=True)
-        self._proc.start()
-        child.close()
-        try:
-            kind, value = self._conn.recv()
-        except EOFError:
-            self._proc.join()
-            raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} "
-                               "before it was ready") from None
-        if kind == "failed":
-            self._proc.join()
-            raise value
-        self.front: Front = value
+        self._start_engine = start
+        self._max_restarts, self._window = max_restarts, restart_window
+        self._restarts: list[float] = []       # when the engine was restarted
+        self._on_give_up = on_give_up
         self._send_lock = threading.Lock()
+        self._proc, self._conn, self.front = self._spawn()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, tuple[Request, asyncio.Queue, list]] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
-        self.error: BaseException | None = None
-        self._reader = threading.Thread(target=self._read, name="hybridkv-engine-reader",
+        self.error: str | None = None          # why the engine is down; None while it is up
+        self.gave_up = False
+        self._closing = False
+        self._reader = threading.Thread(target=self._supervise, name="hybridkv-engine-reader",
                                         daemon=True)
+
+    def _spawn(self) -> tuple[multiprocessing.Process, object, Front]:
+        """A new engine process, once ready: (process, its pipe, its Front)."""
+        ctx = multiprocessing.get_context("spawn")      # the parent's threads do not fork well
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_engine_process, args=(self._start_engine, child),
+                           name="hybridkv-engine", daemon=True)
+        proc.start()
+        child.close()
+        try:
+            kind, value = conn.recv()
+        except EOFError:
+            proc.join()
+            conn.close()
+            raise RuntimeError(f"the engine process {_exit_text(proc.exitcode)} before it was "
+                               "ready") from None
+        if kind == "failed":
+            proc.join()
+            conn.close()
+            raise value
+        return proc, conn, value
 
     def start(self) -> None:
         self._reader.start()
 
     def shutdown(self) -> None:
+        self._closing = True
         try:
             self._send(("stop",))
         except OSError:
@@ -88,36 +135,52 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._proc.is_alive() and self.error is None
+        return self.error is None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     # -- asyncio side -----------------------------------------------------------------------
     async def generate(self, req: Request):
-        """Submits req and yields its Updates until it finishes. Cancelling the iteration (a
-        client that went away) aborts the request, which frees its row and pages."""
-        if not self.alive:
-            raise RuntimeError("the engine has stopped")
+        """Submits req and yields its Updates until it finishes. Raises RequestFailed if the
+        engine failed it, EngineUnavailable if the engine is down or goes down meanwhile.
+        Cancelling the iteration (a client that went away) aborts the request, which frees its
+        row and pages."""
         self._loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         self._streams[req.rid] = (req, updates, [time.monotonic()])
-        self._send(("add", req))
         finished = False
         try:
+            if not self.alive:
+                raise EngineUnavailable(f"the engine is not running: {self.error}")
+            try:
+                self._send(("add", req))
+            except OSError:
+                raise EngineUnavailable("the engine is not running") from None
             while not finished:
                 update = await updates.get()
                 if isinstance(update, BaseException):
-                    raise RuntimeError("the engine failed") from update
+                    raise update
                 finished = update.finish_reason is not None
+                if update.finish_reason == "error":
+                    raise RequestFailed(req.error)
                 yield update
         finally:
             self._streams.pop(req.rid, None)
             if not finished and self.alive:
-                self._send(("abort", req.rid))
+                self.abort(req.rid)
 
     def abort(self, rid: str) -> None:
-        self._send(("abort", rid))
+        try:
+            self._send(("abort", rid))
+        except OSError:          # the engine is gone, and the request with it
+            pass
 
     async def call(self, method: str):
         """Engine.<method>() in the engine's process, between steps; returns its result."""
+        if not self.alive:
+            raise EngineUnavailable(f"the engine is not running: {self.error}")
         self._loop = asyncio.get_running_loop()
         key = next(self._ids)
         future = self._calls[key] = self._loop.create_future()
@@ -143,31 +206,48 @@ class AsyncEngine:
             if reason is not None:
                 req.finish_reason = reason
             if meta is not None:
-                req.layout, req.cached_tokens, req.host_cached_tokens = meta
+                req.layout, req.cached_tokens, req.host_cached_tokens, req.error = meta
             queue.put_nowait(Update(tokens, reason))
 
     def _resolve(self, key: int, ok: bool, value) -> None:
-        future = self._calls.pop(key)
+        future = self._calls.pop(key, None)
+        if future is None:
+            return
         if ok:
             future.set_result(value)
         else:
             future.set_exception(value)
 
     def _fail(self, error: BaseException) -> None:
-        """On the event loop: every waiter hears of the engine's failure."""
+        """On the event loop: every waiter hears that the engine went down."""
         for _, queue, _ in self._streams.values():
             queue.put_nowait(error)
-        self._streams.clear()
         for future in self._calls.values():
-            future.set_exception(error)
+            if not future.done():
+                future.set_exception(error)
         self._calls.clear()
 
-    # -- reader thread ----------------------------------------------------------------------
-    def _read(self) -> None:
-        """Reads the engine's messages: step statistics go to the metrics here, updates and
-        call results to the event loop. Ends when the engine fails or its process exits, and
-        then fails every waiter."""
-        error = RuntimeError("the engine process has exited")
+    # -- reader thread: reads the engine, restarts it -----------------------------------------
+    def _supervise(self) -> None:
+        while True:
+            reason = self._read()
+            if self._closing:
+                return
+            log.error("%s", reason)
+            self.error = reason
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(
+                    self._fail, EngineUnavailable(f"the engine is not running: {reason}"))
+            if not self._restart(reason):
+                self.gave_up = True
+                if self._on_give_up is not None:
+                    self._on_give_up()
+                return
+
+    def _read(self) -> str:
+        """Reads the engine's messages until it ends: step statistics go to the metrics here,
+        updates and call results to the event loop. Returns why it ended."""
+        reason = None
         try:
             while True:
                 message = self._conn.recv()
@@ -183,13 +263,49 @@ class AsyncEngine:
                 elif kind == "result":
                     self._loop.call_soon_threadsafe(self._resolve, *message[1:])
                 elif kind == "error":
-                    error = RuntimeError(f"the engine failed: {message[1]}")
+                    reason = f"the engine failed: {message[1]}"
                     break
         except (EOFError, OSError):
             pass
-        self.error = error
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._fail, error)
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        return reason or f"the engine process {_exit_text(self._proc.exitcode)}"
+
+    def _restart(self, reason: str) -> bool:
+        """Starts a new engine process, backing off while starts fail; False once the restart
+        limit is spent (self.error then says so)."""
+        delay = 1.0
+        while not self._closing:
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < self._window]
+            if len(self._restarts) >= self._max_restarts:
+                self.error = (f"{reason}; gave up after {len(self._restarts)} restart(s) in "
+                              f"{self._window:g} s")
+                log.error("%s", self.error)
+                return False
+            self._restarts.append(now)
+            self.error = (f"{reason}; restarting it (restart {len(self._restarts)} of at most "
+                          f"{self._max_restarts} in {self._window:g} s)")
+            log.warning("%s", self.error)
+            time.sleep(delay)
+            try:
+                proc, conn, _ = self._spawn()
+            except Exception as e:   # noqa: BLE001 - counted, retried, reported on /health
+                reason = f"the engine failed to restart: {type(e).__name__}: {e}"
+                log.error("%s", reason)
+                delay = min(2 * delay, 60.0)
+                continue
+            old = self._conn
+            with self._send_lock:
+                self._proc, self._conn = proc, conn
+            old.close()
+            self.metrics.engine_restarts += 1
+            self.error = None
+            log.warning("the engine process is running again")
+            return True
+        return False
 
 
 # -- the engine's process -------------------------------------------------------------------
@@ -217,11 +333,14 @@ def _engine_process(start: Callable, conn) -> None:
 
 class _EngineLoop:
     """Takes messages between steps, steps while there is work, and sends each step's new
-    tokens with the engine's statistics."""
+    tokens with the engine's statistics. An exception in an engine call (a device error in a
+    launch, say) goes to Engine.recover, which fails the requests it hit; the loop goes on,
+    unless it fails MAX_RECOVERIES_IN_A_ROW times with no step between that worked."""
 
     def __init__(self, engine, conn):
         self.engine, self.conn = engine, conn
         self.sent: dict[str, int] = {}        # tokens sent so far, per running request
+        self.failures = 0                     # recoveries since the last step that worked
 
     def run(self) -> None:
         engine = self.engine
@@ -229,15 +348,32 @@ class _EngineLoop:
             if engine.has_work():
                 wait = 0.0
             else:        # idle until a message arrives or an elastic pool's shrink is due
-                wait = engine.maintain()
+                wait = self._guarded(engine.maintain)
                 self.conn.send(("step", [], None, engine.stats()))
             if not self._drain(wait):
                 return
             if engine.has_work():
                 start = time.perf_counter()
-                advanced = engine.step()
+                advanced = self._guarded(engine.step)
                 seconds = time.perf_counter() - start
-                self.conn.send(("step", self._updates(advanced), seconds, engine.stats()))
+                if advanced is not None:
+                    self.failures = 0
+                    self.conn.send(("step", self._updates(advanced), seconds, engine.stats()))
+
+    def _guarded(self, call, *args):
+        """call(*args), or, if it raises, the engine's recovery: the requests it failed are
+        sent at once, and None is returned."""
+        try:
+            result = call(*args)
+        except Exception as e:   # noqa: BLE001 - a device error fails requests, not the engine
+            self.failures += 1
+            if self.failures > MAX_RECOVERIES_IN_A_ROW:
+                raise
+            log.exception("an engine call failed; failing the requests it held")
+            updates = self._updates(self.engine.recover(e))
+            self.conn.send(("step", updates, None, self.engine.stats()))
+            return None
+        return result
 
     def _drain(self, wait: float | None) -> bool:
         """Handles the messages waiting (the first after up to `wait` seconds; None: until one
@@ -249,12 +385,16 @@ class _EngineLoop:
             kind = message[0]
             if kind == "add":
                 req = message[1]
+                if req.rid in self.sent:
+                    req.finish_reason, req.error = "error", f"request id {req.rid!r} is in use"
+                    updates.append((req.rid, (), "error", _meta(req)))
+                    continue
                 self.engine.add(req)
                 self.sent[req.rid] = 0
             elif kind == "abort":
                 rid = message[1]
                 req = self.engine.requests.get(rid)
-                self.engine.abort(rid)
+                self._guarded(self.engine.abort, rid)
                 if self.sent.pop(rid, None) is not None and req is not None:
                     updates.append((rid, (), "abort", _meta(req)))
             elif kind == "call":
@@ -288,4 +428,4 @@ class _EngineLoop:
 
 
 def _meta(req: Request) -> tuple:
-    return req.layout, req.cached_tokens, req.host_cached_tokens
+    return req.layout, req.cached_tokens, req.host_cached_tokens, req.error

@@ -24,6 +24,7 @@ is queued when the engine goes idle.
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -192,7 +193,6 @@ class Engine:
         if self.context_length > cfg.max_position_embeddings:
             raise ValueError(f"context_length={self.context_length} exceeds the model's "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        self.pages_per_row = math.ceil(self.context_length / c.page_size)
         # Sized on one device, which holds its share of the weights and K/tp heads of each page.
         device = jax.devices()[0]
         spec = kvcache.size_pool(
@@ -207,15 +207,16 @@ class Engine:
         if c.kv_pool == "elastic":
             least = min(math.ceil(c.kv_pool_min_tokens / c.page_size) + 1, self.spec.num_pages)
             sizes = kvcache.pool_sizes(least, self.spec.num_pages, c.kv_pool_growth)
-        first = dataclasses.replace(self.spec, num_pages=sizes[0])
+        # A row never holds more pages than the largest pool: the page table is no wider.
+        self.pages_per_row = min(math.ceil(self.context_length / c.page_size),
+                                 self.spec.num_pages - 1)
         cs = rep = None     # the cache's and replicated out_shardings; None: XLA's choice
-        if self.mesh is None:
-            self.cache = kvcache.init_cache(first, c.max_running_requests, self.pages_per_row)
-        else:
-            self.cache, cs = parallel.sharded_cache(first, c.max_running_requests,
-                                                    self.pages_per_row, self.mesh)
+        if self.mesh is not None:
+            shapes = jax.eval_shape(functools.partial(self._init_cache, sizes[0]))
+            cs = parallel.cache_shardings(shapes, self.mesh)
             rep = NamedSharding(self.mesh, P())
         self._cache_sharding = cs
+        self.cache = self._new_cache(sizes[0])
         self.scheduler = Scheduler(
             pool_sizes=sizes, shrink_after=c.kv_shrink_after, page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
@@ -276,6 +277,21 @@ class Engine:
         # work the device waited for.
         self.timing = {"step_seconds": 0.0, "device_busy_seconds": 0.0, "device_steps": 0,
                        "overlapped_launches": 0}
+        self._planned: Plan | None = None   # the plan `step` is carrying out
+        # Calls that raised and were recovered from, and the requests they failed.
+        self.errors = {"recoveries": 0, "failed_requests": 0}
+
+    def _init_cache(self, num_pages: int) -> kvcache.KVCache:
+        spec = dataclasses.replace(self.spec, num_pages=num_pages)
+        return kvcache.init_cache(spec, self.config.max_running_requests, self.pages_per_row)
+
+    def _new_cache(self, num_pages: int) -> kvcache.KVCache:
+        """An empty cache of num_pages pages, created where it lives (on a mesh, each device
+        creates its share: none ever holds the whole pool)."""
+        if self.mesh is None:
+            return self._init_cache(num_pages)
+        init = functools.partial(self._init_cache, num_pages)
+        return jax.jit(init, out_shardings=self._cache_sharding)()
 
     # -- requests ---------------------------------------------------------------------------
     def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
@@ -309,6 +325,47 @@ class Engine:
             self._ready += self._land(self._flights.popleft())
         self._flush_ops()
 
+    def recover(self, error: BaseException) -> list[Request]:
+        """After a call of this engine raised (a device error in a launch, say): fails the
+        requests of the launches in flight and of the one being queued (finish_reason "error",
+        `error` naming the cause) and makes the engine able to serve again. The pool is not
+        trusted any more (its arrays went to the launch that failed, donated): it is created
+        anew at its size, the prefix cache and its host tier are emptied, and every other
+        running request goes back to the head of the queue, to run again from its tokens so
+        far (greedy: the same tokens). Returns the failed requests and those that advanced but
+        were not yet returned by `step`, for the caller to report."""
+        cause = f"{type(error).__name__}: {error}"
+        if len(cause) > 1000:                      # XLA's messages can run to pages
+            cause = cause[:1000] + " ..."
+        plan, self._planned = self._planned, None
+        blamed = {r for r in self.scheduler.running if r.inflight}
+        if plan is not None:
+            blamed.update(plan.decode, (r for r, _ in plan.chunks))
+        self._flights.clear()
+        self._shares, self._drops, self._releases = [], [], []
+        old, self.cache = self.cache, None
+        for x in jax.tree.leaves(old):
+            if not x.is_deleted():
+                x.delete()
+        running = self.scheduler.reset()
+        self.host.clear()
+        self.cache = self._new_cache(self.scheduler.num_pages)
+        failed = []
+        for req in reversed(running):
+            if req in blamed:
+                req.finish_reason = "error"
+                req.error = f"a launch that held this request failed: {cause}"
+                self.requests.pop(req.rid, None)
+                failed.append(req)
+            else:
+                self.scheduler.requeue(req)
+        self.errors["recoveries"] += 1
+        self.errors["failed_requests"] += len(failed)
+        log.error("recovered from %s: %d request(s) failed, %d requeued", cause, len(failed),
+                  len(running) - len(failed))
+        ready, self._ready = self._ready, []
+        return list(dict.fromkeys(ready + failed[::-1]))
+
     # -- one launch -------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Plans and queues one launch, then reads the one queued before it; returns the
@@ -320,7 +377,7 @@ class Engine:
             self.timing["step_seconds"] += start - self._last_end   # the device kept working
         advanced, self._ready = self._ready, []
         self.maintain()
-        plan = self.scheduler.schedule(lookahead=bool(self._flights))
+        plan = self._planned = self.scheduler.schedule(lookahead=bool(self._flights))
         if plan.grow_to is not None:
             self._resize(plan.grow_to)
         self._apply_releases(plan)
@@ -335,6 +392,7 @@ class Engine:
             advanced += self._land(self._flights.popleft())
         if not self.has_work():      # idle: the device agrees with the scheduler
             self._flush_ops()
+        self._planned = None
         end = time.perf_counter()
         self.timing["step_seconds"] += end - start
         self._last_end = end
@@ -643,6 +701,6 @@ class Engine:
         return True
 
     def stats(self) -> dict:
-        return self.scheduler.stats() | self.timing | {"compiled_shapes": len(self._shapes),
-                                                       "xla_compiles": _compiles["xla"],
-                                                       "host_bytes": self.host.nbytes()}
+        return self.scheduler.stats() | self.timing | self.errors | {
+            "compiled_shapes": len(self._shapes), "xla_compiles": _compiles["xla"],
+            "host_bytes": self.host.nbytes()}

@@ -3,19 +3,13 @@ request is checked against. The server's process builds requests with it while t
 in a process of its own (engine.async_engine); `Engine.make_request` goes through it too."""
 
 import dataclasses
+import numbers
 import secrets
 
+from engine.limits import InvalidRequest, check_text
 from engine.sampling import SamplingParams
 from engine.scheduler import Request, worst_pages
 from models import Tokenizer
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot serve; `param` names the field at fault."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +31,20 @@ class Front:
             if self.tokenizer is None:
                 raise InvalidRequest("this checkpoint has no tokenizer.json: pass token ids",
                                      "prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
+            ids = self.tokenizer.encode(check_text(prompt, "prompt"))
+        elif all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]
+        else:
+            raise InvalidRequest("the prompt must be text or a list of token ids", "prompt")
         vocab = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}",
-                                 "prompt")
+        for name, values in (("prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in values if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"{name} has token ids outside [0, {vocab}): {bad[:5]}",
+                                     name)
+        if params.top_k > vocab:
+            raise InvalidRequest(f"top_k is {params.top_k} but the vocabulary has {vocab} "
+                                 "tokens (-1 for no limit)", "top_k")
         total = len(ids) + params.max_tokens
         if len(ids) >= self.context_length:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context length is "

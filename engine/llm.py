@@ -4,6 +4,7 @@ import dataclasses
 
 import kvcache
 from engine.engine import Engine, EngineConfig
+from engine.limits import InvalidRequest
 from engine.sampling import SamplingParams
 
 
@@ -78,8 +79,8 @@ class LLM:
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
                 reqs.append(self.engine.make_request(f"llm-{self._next_id + i}", p, sp))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+            except InvalidRequest as e:
+                raise InvalidRequest(f"prompt {i}: {e}", e.param) from None
         self._next_id += len(reqs)
         for req in reqs:
             self.engine.add(req)

@@ -15,6 +15,7 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self._stats: dict = {}
+        self.engine_restarts = 0     # counted by the supervisor (engine.async_engine)
         self.ttft = Histogram("hybridkv_time_to_first_token_seconds",
                               "Time from arrival to the first output token",
                               buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -42,6 +43,9 @@ class Metrics:
 
     # -- scrape -----------------------------------------------------------------------------
     def collect(self):
+        yield CounterMetricFamily("hybridkv_engine_restarts",
+                                  "Times the engine's process died and was started again",
+                                  value=self.engine_restarts)
         s = self._stats
         if not s:
             return
@@ -93,6 +97,11 @@ class Metrics:
                                   s["host_pages_loaded"]),
             "overlapped_launches": ("Launches queued behind one in flight, planned before the "
                                     "host read its results", s["overlapped_launches"]),
+            "engine_recoveries": ("Engine calls that raised (a device error in a launch, say) "
+                                  "and were recovered from, in the engine's current process",
+                                  s["recoveries"]),
+            "failed_requests": ("Requests failed by such errors, in the engine's current "
+                                "process", s["failed_requests"]),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"hybridkv_{name}", doc, value=value)

@@ -6,7 +6,6 @@ and everything sampling reads are replicated: every device takes the same decisi
 """
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
@@ -48,14 +47,6 @@ def cache_shardings(cache: kvcache.KVCache, mesh: Mesh) -> kvcache.KVCache:
     pages = NamedSharding(mesh, P(None, None, TP, None))
     return dataclasses.replace(jax.tree.map(lambda _: NamedSharding(mesh, P()), cache),
                                k=tuple(pages for _ in cache.k), v=tuple(pages for _ in cache.v))
-
-
-def sharded_cache(spec: kvcache.PoolSpec, max_rows: int, width: int, mesh: Mesh):
-    """kvcache.init_cache created in place on the mesh (no device ever holds the whole pool).
-    Returns (cache, its shardings)."""
-    init = functools.partial(kvcache.init_cache, spec, max_rows, width)
-    shardings = cache_shardings(jax.eval_shape(init), mesh)
-    return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def device_bytes(tree, device: jax.Device) -> int:

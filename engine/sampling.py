@@ -1,16 +1,22 @@
 """Sampling parameters (vLLM-style) and the on-device sampler."""
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
+from engine import limits
+from engine.limits import InvalidRequest
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature=0 is greedy; top_k <= 0 and top_p=1 switch those filters off; seed=None
-    draws a fresh seed per request. Stop tokens (and EOS unless ignore_eos) end a request and
-    are kept in its token_ids, not in its text."""
+    """temperature=0 is greedy; top_k of -1 or 0 and top_p=1 switch those filters off;
+    seed=None draws a fresh seed per request. Stop tokens (and EOS unless ignore_eos) end a
+    request and are kept in its token_ids, not in its text. Values outside engine.limits raise
+    InvalidRequest (a ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -20,17 +26,40 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer (<= 0 for no limit), got {self.top_k!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= limits.INT32_MAX:
+            _bad("max_tokens", f"an integer in [1, {limits.INT32_MAX}]", self.max_tokens)
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= limits.FLOAT32_MAX:
+            _bad("temperature", "a finite number >= 0", self.temperature)
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            _bad("top_p", "a number in (0, 1]", self.top_p)
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= limits.INT32_MAX:
+            _bad("top_k", "an integer >= 1, or -1 (or 0) for no limit", self.top_k)
+        if self.seed is not None and (not _is_int(self.seed)
+                                      or not 0 <= self.seed < limits.SEED_END):
+            _bad("seed", "an integer in [0, 2**32)", self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            _bad("ignore_eos", "true or false", self.ignore_eos)
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            _bad("stop_token_ids", "a list of token ids", ids)
+        if len(ids) > limits.MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"stop_token_ids has {len(ids)} entries; at most "
+                                 f"{limits.MAX_STOP_TOKEN_IDS} are allowed", "stop_token_ids")
+        if not all(_is_int(t) and 0 <= t <= limits.INT32_MAX for t in ids):
+            _bad("stop_token_ids", "token ids (integers >= 0)", list(ids))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _bad(param: str, want: str, got) -> None:
+    raise InvalidRequest(f"{param} must be {want}, got {got!r}"[:300], param)
 
 
 def filters(params: SamplingParams) -> bool:

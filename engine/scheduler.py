@@ -62,7 +62,8 @@ class Request:
     cached_tokens: int = 0           # prefix-cache hit at the first admission
     host_cached_tokens: int = 0      # of which came from the host tier
     node: object = None              # locked prefix-cache node while running
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None         # why the engine failed it (finish_reason "error")
     preemptions: int = 0
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted_once: bool = False
@@ -353,9 +354,7 @@ class Scheduler:
         req = victims[-1]
         self.running.remove(req)
         self._release(req, plan)
-        req.preemptions += 1
-        self.preemptions += 1
-        self.waiting.appendleft(req)
+        self.requeue(req)
         return req
 
     # -- planning ---------------------------------------------------------------------------
@@ -538,6 +537,31 @@ class Scheduler:
             self.radix.unlock(req.node)
         req.node = node if full else None
         return adopted
+
+    def reset(self) -> list[Request]:
+        """Forgets every page, after the device's pool was lost (engine.Engine.recover): a new
+        ledger at the same pool size, an empty prefix cache, every row free. Returns the
+        requests that held rows, in admission order, each as if it had never been admitted
+        (with its output so far); the caller fails or requeues them. Requests that finished
+        while a launch still held their rows are dropped."""
+        running = self.running
+        for req in running:
+            req.row, req.pages, req.computed, req.node = -1, [], 0, None
+            req.pending = req.unread_pages = req.inflight = 0
+        self.ledger = Ledger(self.num_pages)
+        if self.radix is not None:
+            self.radix = RadixCache(self.g, self.radix.host_capacity)
+        self.running, self.to_release = [], []
+        self.free_rows = list(range(self.max_rows - 1, -1, -1))
+        self._committed = self.unread_pages = 0
+        self._oversized_since = None
+        return running
+
+    def requeue(self, req: Request) -> None:
+        """req (reset) waits at the head of the queue, to run again from its tokens so far."""
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
 
     def flush(self) -> Plan:
         """Drops every prefix-cache page. Only while nothing runs (the caller checks)."""

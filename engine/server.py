@@ -1,24 +1,31 @@
 """The HTTP API: OpenAI-compatible completions and chat (streamed as SSE or not), SGLang's
 native /generate, /v1/models, /health, /metrics (Prometheus) and /flush_cache.
 
-Every bad request gets a JSON error in OpenAI's shape, {"error": {"message", "type", "param",
-"code"}}, with status 400 and the offending field in `param`; the engine keeps serving. A
-client that disconnects aborts its requests, which frees their rows and pages at the next step.
+Every error is JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: a bad
+request gets a 400 naming the offending field in `param` (engine.limits has the table of
+limits), a missing or wrong API key a 401, a body past --max-request-bytes a 413; the engine
+keeps serving. A request that a device error failed gets a 500 naming the cause, and requests
+made while the engine's process is down a 503 saying why (engine.async_engine restarts it). A
+stream that fails after it began ends with an `error` event. A client that disconnects aborts
+its requests, which frees their rows and pages at the next step.
 """
 
 import asyncio
 import json
+import re
+import secrets
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import AsyncEngine
-from engine.front import InvalidRequest
+from engine import limits
+from engine.async_engine import AsyncEngine, EngineUnavailable, RequestFailed
+from engine.limits import InvalidRequest
 from engine.protocol import ChatRequest, CompletionRequest, GenerateRequest
 from engine.sampling import SamplingParams
 
@@ -27,6 +34,58 @@ def error(status: int, message: str, param: str | None = None,
           kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
                                    "code": status}}, status_code=status)
+
+
+def _error_body(e: Exception) -> dict:
+    status, kind = ((503, "service_unavailable") if isinstance(e, EngineUnavailable)
+                    else (500, "server_error"))
+    return {"error": {"message": str(e), "type": kind, "param": None, "code": status}}
+
+
+class Guard:
+    """ASGI middleware before every route: the API key (a `Authorization: Bearer <key>` header
+    on every route but /health, as vLLM's --api-key asks) and the body size limit (413 past
+    max_bytes, by Content-Length or, for a chunked body, as it arrives)."""
+
+    def __init__(self, app, api_key: str | None, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+        self.key = None if not api_key else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"] != "/health" and not secrets.compare_digest(
+                headers.get(b"authorization", b""), self.key):
+            return await error(401, "a valid API key is required: send the header "
+                               "'Authorization: Bearer <key>'", None,
+                               "authentication_error")(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await error(413, f"the body has {length.decode(errors='replace')} bytes; at "
+                               f"most {self.max_bytes} are accepted (--max-request-bytes)", None,
+                               )(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, f"the body is larger than {self.max_bytes} bytes "
+                                         "(--max-request-bytes)")
+            return message
+        return await self.app(scope, limited, send)
+
+
+# Pydantic names the member of a union a value failed in its error locations
+# ("function-after[...]", "list[constrained-int]", "str"): the field is the rest.
+_UNION_MEMBER = re.compile(r".*[\[\]-].*|str|int|float|bool|list|dict|none")
+
+
+def _field(loc) -> str | None:
+    return ".".join(str(x) for x in loc
+                    if x != "body" and not _UNION_MEMBER.fullmatch(str(x))) or None
 
 
 class TextStream:
@@ -80,17 +139,20 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
+              max_request_bytes: int = limits.MAX_REQUEST_BYTES) -> FastAPI:
     core = engine.front
     app = FastAPI(title="hybridkv", version="0.1")
+    app.add_middleware(Guard, api_key=api_key, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        errors = exc.errors()
+        # A value error says more than "not a list" from another member of a union.
+        first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
         if first.get("type") == "json_invalid":
             return error(400, f"the body is not valid JSON: {first.get('msg')}", None)
-        param = ".".join(loc) or None
+        param = _field(first.get("loc", ()))
         return error(400, f"{param or 'body'}: {first.get('msg')}", param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -99,9 +161,17 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         suffix = ": the body must be UTF-8 encoded JSON" if exc.status_code == 400 else ""
         return error(exc.status_code, f"{exc.detail}{suffix}", None)
 
+    @app.exception_handler(EngineUnavailable)
+    @app.exception_handler(RequestFailed)
+    async def _engine_error(_, exc: Exception):
+        body = _error_body(exc)
+        return JSONResponse(body, status_code=body["error"]["code"])
+
     # -- helpers ----------------------------------------------------------------------------
     def sampling(body, max_tokens: int, n_index: int) -> SamplingParams:
-        seed = None if body.seed is None else (body.seed + n_index) % 2**32
+        seed = body.seed          # choice j draws with seed + j; a bad seed is refused as is
+        if seed is not None and 0 <= seed < limits.SEED_END:
+            seed = (seed + n_index) % limits.SEED_END
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                               top_p=body.top_p, top_k=body.top_k, seed=seed,
                               stop_token_ids=tuple(body.stop_token_ids),
@@ -187,10 +257,14 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in reqs)}}
 
     async def sse_stream(reqs, stops, chunk_of, include_usage: bool):
-        async for i, text, tokens, reason in updates(reqs, stops):
-            yield sse(chunk_of(i, text, tokens, reason))
-        if include_usage:
-            yield sse(chunk_of(None, "", [], None) | {"choices": [], "usage": usage(reqs)})
+        try:
+            async for i, text, tokens, reason in updates(reqs, stops):
+                yield sse(chunk_of(i, text, tokens, reason))
+        except (EngineUnavailable, RequestFailed) as e:   # the stream began with a 200
+            yield sse(_error_body(e))
+        else:
+            if include_usage:
+                yield sse(chunk_of(None, "", [], None) | {"choices": [], "usage": usage(reqs)})
         yield "data: [DONE]\n\n"
 
     def include_usage(body) -> bool:
@@ -206,8 +280,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return Response(status_code=499) if result is None else whole(*result)
 
     def engine_down():
-        return None if engine.alive else error(503, "the engine has stopped", None,
-                                               "server_error")
+        if engine.alive:
+            return None
+        return error(503, f"the engine is not running: {engine.error or 'its process ended'}",
+                     None, "service_unavailable")
 
     # -- OpenAI ------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -250,12 +326,14 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             ids = core.tokenizer.encode(text, add_special_tokens=False)
         except Exception as e:   # noqa: BLE001 - a template error is the client's input
             return error(400, f"the chat template failed on these messages: {e}", "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        named = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(body, named)
         try:
-            reqs = make_requests([ids], body,
-                                 lambda p: max_tokens or core.default_max_tokens(len(p)))
+            reqs = make_requests([ids], body, lambda p: core.default_max_tokens(len(p))
+                                 if max_tokens is None else max_tokens)
         except InvalidRequest as e:
-            return error(400, str(e), e.param)
+            return error(400, str(e), {"prompt": "messages", "max_tokens": named}.get(e.param,
+                                                                                     e.param))
         if (bad := engine_down()) is not None:
             return bad
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -297,16 +375,17 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return error(400, "give exactly one of text and input_ids", "text")
         sp = body.sampling_params
         stops = sp.stop
-        params = SamplingParams(max_tokens=sp.max_new_tokens, temperature=sp.temperature,
-                                top_p=sp.top_p, top_k=sp.top_k, seed=sp.seed,
-                                stop_token_ids=tuple(sp.stop_token_ids),
-                                ignore_eos=sp.ignore_eos)
         prompt = body.text if body.text is not None else body.input_ids
         try:
+            params = SamplingParams(max_tokens=sp.max_new_tokens, temperature=sp.temperature,
+                                    top_p=sp.top_p, top_k=sp.top_k, seed=sp.seed,
+                                    stop_token_ids=tuple(sp.stop_token_ids),
+                                    ignore_eos=sp.ignore_eos)
             req = core.make_request(f"gen-{uuid.uuid4().hex}", prompt, params)
         except InvalidRequest as e:
             param = {"prompt": "text" if body.text is not None else "input_ids",
-                     "max_tokens": "sampling_params.max_new_tokens"}[e.param]
+                     "max_tokens": "sampling_params.max_new_tokens"}.get(
+                         e.param, f"sampling_params.{e.param}")
             return error(400, str(e), param)
         if (bad := engine_down()) is not None:
             return bad
@@ -321,9 +400,12 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if body.stream:
             async def events():
                 text = ""
-                async for _, new, _, reason in updates([req], stops):
-                    text += new
-                    yield sse(result(text, reason))
+                try:
+                    async for _, new, _, reason in updates([req], stops):
+                        text += new
+                        yield sse(result(text, reason))
+                except (EngineUnavailable, RequestFailed) as e:
+                    yield sse(_error_body(e))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         out = await collect([req], http, stops)
@@ -333,9 +415,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine.alive:
-            return error(503, "the engine has stopped", None, "server_error")
-        return {"status": "ok"}
+        return engine_down() or {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():

@@ -105,6 +105,11 @@ class HostStore:
                 raise ValueError(f"unknown host move {move.op!r}")
         return cache
 
+    def clear(self) -> None:
+        """Drops every slot (the prefix cache that named them was reset)."""
+        self._blocks.clear()
+        self._where.clear()
+
     def slots(self) -> list[int]:
         return list(self._where)
 

@@ -55,15 +55,35 @@ class PoolSpec:
         return (self.num_pages - 1) * self.page_size
 
 
+# A CPU pool's default budget, when --max-total-tokens does not set it: the host's memory is
+# shared with everything else on it (vLLM's CPU backend defaults its KV cache to 4 GiB too).
+CPU_POOL_BYTES = 4 << 30
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory: /proc/meminfo's MemTotal and MemAvailable
+    (what can be allocated without swapping), or sysconf's total and free pages elsewhere."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        return (int(info["MemTotal"].split()[0]) * 1024,
+                int(info["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _unbounded_allocator() -> bool:
+    return os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") in ("cuda_async", "platform")
+
+
 def device_memory_bytes(device: jax.Device) -> int:
     """Memory the device can give its arrays: the allocator's limit; on a GPU whose allocator
     has none (cuda_async or platform, which the elastic pool uses), the GPU's total memory from
     NVML; host RAM on a CPU."""
     if device.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host_memory()[0]
     stats = device.memory_stats() or {}
-    unbounded = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") in ("cuda_async", "platform")
-    if stats.get("bytes_limit", 0) > 0 and not unbounded:
+    if stats.get("bytes_limit", 0) > 0 and not _unbounded_allocator():
         return int(stats["bytes_limit"])
     if device.platform == "gpu":
         import pynvml
@@ -76,11 +96,23 @@ def device_memory_bytes(device: jax.Device) -> int:
     raise ValueError(f"{device} reports no memory limit: size the pool with --max-total-tokens")
 
 
+def free_memory_bytes(device: jax.Device) -> int | None:
+    """Memory new arrays can take now (the weights already loaded): the host's available
+    memory on a CPU; an allocator's limit less what it holds; None where unknown."""
+    if device.platform == "cpu":
+        return host_memory()[1]
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit", 0) > 0 and not _unbounded_allocator():
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return None
+
+
 def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
               dtype: str, weight_bytes: int, device: jax.Device, mem_fraction_static: float,
               max_total_tokens: int | None, default_tokens: int) -> PoolSpec:
     """Pages for `max_total_tokens`, or else for what `mem_fraction_static` of the device leaves
-    after the weights, capped at `default_tokens` (what the rows could ever hold).
+    after the weights, capped at `default_tokens` (what the rows could ever hold) and, on a
+    CPU, at CPU_POOL_BYTES. Never more than the memory free now.
 
     Raises PoolDoesNotFit, with bytes needed, bytes available and the flag to change.
     """
@@ -88,6 +120,11 @@ def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: i
         raise ValueError(f"mem_fraction_static must be in (0, 1], got {mem_fraction_static}")
     probe = PoolSpec(num_layers, 2, page_size, num_kv_heads, head_dim, dtype)
     budget = int(device_memory_bytes(device) * mem_fraction_static) - weight_bytes
+    where = (f"are available on {device} (mem_fraction_static={mem_fraction_static} minus "
+             f"{weight_bytes:,} bytes of weights)")
+    free = free_memory_bytes(device)
+    if free is not None and free < budget:
+        budget, where = free, f"are free on {device} now"
     if max_total_tokens is not None:
         if max_total_tokens < page_size:
             raise ValueError(f"max_total_tokens must be >= page_size ({page_size}), "
@@ -97,17 +134,17 @@ def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: i
         if needed > budget:
             raise PoolDoesNotFit(
                 f"a KV pool of {max_total_tokens} tokens needs {needed:,} bytes but "
-                f"{max(budget, 0):,} bytes are available on {device} "
-                f"(mem_fraction_static={mem_fraction_static} minus {weight_bytes:,} bytes of "
-                f"weights); lower --max-total-tokens or raise --mem-fraction-static")
+                f"{max(budget, 0):,} bytes {where}; lower --max-total-tokens or "
+                "raise --mem-fraction-static")
     else:
+        if device.platform == "cpu":
+            budget = min(budget, CPU_POOL_BYTES)
         pages = min(budget // probe.bytes_per_page, math.ceil(default_tokens / page_size) + 1)
         if pages < 2:
             raise PoolDoesNotFit(
                 f"no room for a KV pool: one page needs {probe.bytes_per_page:,} bytes plus the "
-                f"trash page, but {max(budget, 0):,} bytes are left on {device} after "
-                f"{weight_bytes:,} bytes of weights at mem_fraction_static="
-                f"{mem_fraction_static}; raise --mem-fraction-static")
+                f"trash page, but {max(budget, 0):,} bytes {where}; raise "
+                "--mem-fraction-static")
     return dataclasses.replace(probe, num_pages=int(pages))
 
 

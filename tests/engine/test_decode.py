@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import assert_pool_clean
 
-from engine import LLM, SamplingParams
+from engine import LLM, InvalidRequest, SamplingParams
 from engine.sampling import sample
 from engine.step import SamplingArrays, decode_step, pack_feed, unpack_feed
 
@@ -129,22 +129,50 @@ def test_bad_engine_arguments(kwargs, message):
     ([], SamplingParams(), "prompt 0: the prompt is empty"),
     ("", SamplingParams(), "prompt 0: the prompt is empty"),
     ([1, 99999], SamplingParams(), "token ids outside"),
+    ([1, 2.5], SamplingParams(), "text or a list of token ids"),
+    ("a\ud800b", SamplingParams(), "lone UTF-16 surrogate"),
+    ([1, 2], SamplingParams(stop_token_ids=[300]), r"stop_token_ids has token ids outside "
+                                                   r"\[0, 261\): \[300\]"),
+    ([1, 2], SamplingParams(top_k=262), "top_k is 262 but the vocabulary has 261 tokens"),
 ])
 def test_bad_requests(llm, prompt, params, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidRequest, match=message):
         llm.generate([prompt], params)
     assert_pool_clean(llm)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2**31}, "max_tokens"),
+    ({"max_tokens": 2.0}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"top_k": True}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"stop_token_ids": [2**31]}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": "12"}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(33))}, "stop_token_ids"),
+    ({"ignore_eos": 1}, "ignore_eos"),
 ])
-def test_bad_sampling_params(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_sampling_params_name_their_field(kwargs, param):
+    """Every value outside engine.limits raises InvalidRequest (a ValueError) naming the field
+    and the value it got."""
+    with pytest.raises(InvalidRequest, match=f"^{param} must be|^{param} has") as err:
         SamplingParams(**kwargs)
+    assert err.value.param == param and isinstance(err.value, ValueError)
+
+
+def test_sampling_params_at_their_limits_are_accepted():
+    p = SamplingParams(max_tokens=2**31 - 1, temperature=0, top_p=1e-9, top_k=2**31 - 1,
+                       seed=2**32 - 1, stop_token_ids=list(range(32)))
+    assert p.stop_token_ids == tuple(range(32))
 
 
 def test_request_larger_than_the_pool():

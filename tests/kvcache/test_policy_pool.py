@@ -113,9 +113,10 @@ class FakeDevice:
     """Just enough of a jax.Device for size_pool: a GPU with a known allocator limit."""
     bytes_limit: int
     platform: str = "gpu"
+    in_use: int = 0
 
     def memory_stats(self):
-        return {"bytes_limit": self.bytes_limit, "bytes_in_use": 0}
+        return {"bytes_limit": self.bytes_limit, "bytes_in_use": self.in_use}
 
     def __str__(self):
         return "FakeGPU(id=0)"
@@ -182,6 +183,28 @@ def test_weights_that_leave_no_room_say_so():
     with pytest.raises(PoolDoesNotFit) as err:
         size(weight_bytes=6_000_000)          # more weights than the fraction
     assert "0 bytes" in str(err.value) and "6,000,000" in str(err.value)
+
+
+def test_the_pool_never_takes_more_than_is_free():
+    # The fraction leaves 4,000,000 bytes, but the allocator holds 7,000,000 of its 10,000,000.
+    busy = FakeDevice(10_000_000, in_use=7_000_000)
+    assert size(device=busy).num_pages == 3_000_000 // BYTES_PER_PAGE
+    with pytest.raises(PoolDoesNotFit, match=r"but 3,000,000 bytes are free on FakeGPU"):
+        size(device=busy, max_total_tokens=200 * 16)
+
+
+def test_a_cpu_pool_has_a_default_budget_and_never_more_than_is_free(monkeypatch):
+    gib = 1 << 30
+    cpu = FakeDevice(0, platform="cpu")
+    monkeypatch.setattr(kvcache.pool, "host_memory", lambda: (64 * gib, 32 * gib))
+    s = size(device=cpu, weight_bytes=0)             # the fraction would give 32 GiB
+    assert s.total_bytes <= kvcache.pool.CPU_POOL_BYTES < s.total_bytes + BYTES_PER_PAGE
+    tokens = 16 * (8 * gib // BYTES_PER_PAGE)        # asked for: 8 GiB, free: 32
+    assert size(device=cpu, weight_bytes=0, max_total_tokens=tokens).capacity_tokens == tokens
+    monkeypatch.setattr(kvcache.pool, "host_memory", lambda: (64 * gib, gib))
+    assert size(device=cpu, weight_bytes=0).total_bytes <= gib
+    with pytest.raises(PoolDoesNotFit, match=f"but {gib:,} bytes are free on"):
+        size(device=cpu, weight_bytes=0, max_total_tokens=tokens)
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])

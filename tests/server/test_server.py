@@ -401,23 +401,57 @@ def test_host_tier_serves_a_prefix_the_pool_evicted(host_tier_server):
 
 
 @pytest.fixture
-def lone_server(tmp_path_factory):
-    yield from start_server(tmp_path_factory, [*FLAGS, "--skip-warmup"])
+def lone_server(tmp_path_factory, request):
+    yield from start_server(tmp_path_factory, [*FLAGS, "--skip-warmup", *request.param])
 
 
-def test_engine_process_death_is_reported(lone_server):
+def wait_health(url, status: int, says: str = "", timeout: float = 120.0) -> httpx.Response:
+    """/health once it answers `status` with `says` in its body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/health")
+        if r.status_code == status and says in r.text:
+            return r
+        assert time.monotonic() < deadline, f"/health stayed {r.status_code}: {r.text}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("lone_server", [[]], indirect=True)
+def test_a_killed_engine_is_reported_and_restarted(lone_server):
     """The engine runs in a process of its own: if it dies, the server's process stays up,
-    /health turns 503 and new requests get a 503 JSON error instead of waiting forever."""
+    /health turns 503 saying why, requests get a 503 JSON error at once (none waits forever),
+    and the supervisor starts a new engine that serves again; /metrics counts the restart."""
     url, proc, _ = lone_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
                                       **GREEDY).choices[0].finish_reason == "length"
-    os.kill(engine_pid(proc.pid), signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{url}/health").status_code != 503:
-        assert time.monotonic() < deadline, "/health did not notice the engine's death"
-        time.sleep(0.2)
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "hi", "max_tokens": 900, "stream": True,
+            "ignore_eos": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        os.kill(engine_pid(proc.pid), signal.SIGKILL)
+        rest = [line for line in lines if line]   # it ends, with an error event: no hang
+    assert any('"error"' in line and "SIGKILL" in line for line in rest), rest
+    assert rest[-1] == "data: [DONE]"
+    down = wait_health(url, 503, says="restarting", timeout=30).json()["error"]
+    assert "killed by signal SIGKILL" in down["message"], down
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi",
                                                   "max_tokens": 2})
     assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+    wait_health(url, 200)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                      **GREEDY).usage.completion_tokens == 2
+    assert metrics(url)["hybridkv_engine_restarts_total"] == 1
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("lone_server", [["--max-engine-restarts", "0"]], indirect=True)
+def test_past_its_restart_limit_the_server_exits_non_zero(lone_server):
+    """With no restarts allowed, an engine that dies takes the server down with status 1, for
+    a supervisor (systemd, Kubernetes) to restart."""
+    url, proc, log = lone_server
+    os.kill(engine_pid(proc.pid), signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    assert "gave up after 0 restart(s)" in log.read_text()
