@@ -9,15 +9,17 @@ Every flag is parsed here, before JAX starts its backend.
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
 import time
+import typing
 
 from engine import envs, limits
-from kernels import IMPLEMENTATIONS  # importing JAX does not start its backend
+from engine.config import EngineConfig  # importing JAX does not start its backend
 from kvcache.elastic import use_returning_allocator
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -26,58 +28,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model and KV cache")
-    m.add_argument("--model", default="tiny-random",
-                   help="preset name or HF checkpoint directory (config.json, safetensors, "
-                        "tokenizer.json)")
+    add_engine_flags(p.add_argument_group("model and KV cache (engine.config.EngineConfig)"))
+    m = p.add_argument_group("model name")
     m.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: --model)")
-    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on an accelerator, float32 on CPU")
-    m.add_argument("--layout", default="hybrid", choices=["static", "paged", "hybrid"])
-    m.add_argument("--static-max-tokens", type=int, default=2048,
-                   help="hybrid: requests of at most this many tokens (prompt + max tokens) "
-                        "reserve all their pages at admission; longer ones are paged")
-    m.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of 2)")
-    m.add_argument("--kv-pool", default="static", choices=["static", "elastic"],
-                   help="static: the whole pool is allocated at start-up; elastic: the pool "
-                        "starts at --kv-pool-min-tokens, grows by --kv-pool-growth times up to "
-                        "the static size when admissions need pages, and shrinks once it has "
-                        "been oversized for --kv-shrink-after seconds")
-    m.add_argument("--kv-pool-min-tokens", type=int, default=2048,
-                   help="elastic: the pool's smallest (and start-up) size")
-    m.add_argument("--kv-pool-growth", type=int, default=2,
-                   help="elastic: each pool size is this many times the last (fewer sizes, "
-                        "fewer compiled step shapes)")
-    m.add_argument("--kv-shrink-after", type=float, default=5.0,
-                   help="elastic: seconds a smaller pool must have sufficed before shrinking")
-    m.add_argument("--host-kv-size", type=int, default=0,
-                   help="tokens of host memory for the prefix cache's host tier: pages evicted "
-                        "from the KV pool move there and come back on a prefix hit (0: off)")
-    m.add_argument("--max-total-tokens", type=int, default=None,
-                   help="KV pool size in tokens (default: from --mem-fraction-static)")
-    m.add_argument("--mem-fraction-static", type=float, default=0.9,
-                   help="fraction of device memory for weights + KV pool")
-    m.add_argument("--context-length", type=int, default=None,
-                   help="max tokens per request (default: the model's max positions)")
-    m.add_argument("--max-running-requests", type=int, default=32)
-    m.add_argument("--chunked-prefill-size", type=int, default=512,
-                   help="prompt tokens per step, shared by the prefill chunks of that step")
-    # 8, not 4: at 64 decoding rows of the 1B shape on the H100 a 4-step launch (~8 ms) did
-    # not hide the host's work per launch (8-16% of the step not hidden), an 8-step one did
-    # (0.3%); BENCHMARKS.md, serving.
-    m.add_argument("--num-continuous-decode-steps", type=int, default=8,
-                   help="decode steps per launch when no prefill is pending (fewer host trips; "
-                        "tokens stream in groups of this size, and a new request waits for "
-                        "the launch in flight)")
-    m.add_argument("--disable-radix-cache", action="store_true",
-                   help="no prefix cache: finished requests free all their pages")
-    m.add_argument("--attention-impl", default=None, choices=IMPLEMENTATIONS,
-                   help="attention kernels (default: $HYBRIDKV_ATTENTION, else auto: the "
-                        "compiled kernel of the GPU/TPU backend, the jnp reference on CPU)")
-    m.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="devices to shard the model and the KV pages over (attention heads and "
-                        "MLP columns; KV heads are repeated when there are fewer than devices)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000)
@@ -110,20 +64,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def engine_config(args):
-    from engine import EngineConfig
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, layout=args.layout,
-        static_max_tokens=args.static_max_tokens, page_size=args.page_size,
-        kv_pool=args.kv_pool, kv_pool_min_tokens=args.kv_pool_min_tokens,
-        kv_pool_growth=args.kv_pool_growth,
-        kv_shrink_after=args.kv_shrink_after, max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static,
-        context_length=args.context_length, max_running_requests=args.max_running_requests,
-        chunked_prefill_size=args.chunked_prefill_size,
-        decode_steps=args.num_continuous_decode_steps,
-        disable_radix_cache=args.disable_radix_cache, attention_impl=args.attention_impl,
-        tensor_parallel_size=args.tensor_parallel_size, host_kv_size=args.host_kv_size)
+def add_engine_flags(group) -> None:
+    """A flag per EngineConfig field: --max-running-requests for max_running_requests, with the
+    field's default, choices and help."""
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            group.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
+                           help=f.metadata["help"])
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name)
+                           for f in dataclasses.fields(EngineConfig)})
 
 
 def generate(args) -> int:
@@ -148,7 +104,7 @@ def generate(args) -> int:
 
 def start_engine(args):
     """The Engine the server drives, built and warmed up in its own process
-    (engine.async_engine), which sets itself up as `python serve.py --prompt` does."""
+    (server.worker), which sets itself up as `python serve.py --prompt` does."""
     from engine import Engine
 
     setup_process(args)
@@ -170,12 +126,10 @@ def start_engine(args):
 
 def serve(args) -> int:
     """Serves until interrupted: 0, or 1 if the engine's process kept dying and the server
-    gave up restarting it (engine.async_engine)."""
+    gave up restarting it (server.bridge)."""
     import uvicorn
 
-    from engine.async_engine import AsyncEngine
-    from engine.metrics import Metrics
-    from engine.server import build_app
+    from server import AsyncEngine, Metrics, build_app
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     server: uvicorn.Server | None = None

@@ -88,8 +88,8 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     import jax
 
     import kvcache
-    from engine.engine import bucket
-    from engine.step import SamplingArrays, pack_state
+    from engine.runner import bucket
+    from engine.step import DecodeState, SamplingArrays
     kind, reserved = CASES[case]
     kinds = [kind or ("static" if b % 2 == 0 else "paged") for b in range(batch)]
     rows = np.arange(batch, dtype=np.int32)
@@ -115,27 +115,24 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     engine.cache = dataclasses.replace(
         engine.cache, lengths=engine.cache.lengths.at[:].set(context),
         next_token=jax.numpy.asarray(rng.integers(0, 32000, batch), np.int32))
-    return jax.device_put(pack_state(
-        rows=rows, tokens=np.full(batch, -1, np.int32),
-        remaining=np.full(batch, 1 << 30, np.int32),
-        stop_ids=np.full((batch, 4), -1, np.int32),
+    return DecodeState(
+        rows=rows, tokens=np.full(batch, -1, np.int32), active=np.ones(batch, bool),
+        remaining=np.full(batch, 1 << 30, np.int32), stop_ids=np.full((batch, 4), -1, np.int32),
         sampling=SamplingArrays(temperature=np.zeros(batch, np.float32),
                                 top_k=np.zeros(batch, np.int32),
                                 top_p=np.ones(batch, np.float32),
-                                seed=np.zeros(batch, np.uint32), filtering=False)))
+                                seed=np.zeros(batch, np.uint32), filtering=False))
 
 
 def run_loop(engine, state, launches: int, steps: int) -> float:
     """launches back-to-back decode launches of `steps` steps; returns seconds per step."""
     start = time.perf_counter()
     for _ in range(launches):
-        out, engine.cache = engine._loop(
-            engine.weights, engine.cache, engine._no_ops, state, filtering=False,
-            num_steps=steps, attn_impl=engine.attn_impl)
-    out = np.asarray(out)
+        out, key = engine.runner.decode(state, steps)
+    result = engine.runner.result(out, key)
     elapsed = time.perf_counter() - start
-    assert not out[:, 2 * steps].any(), "a row stalled for pages"
-    assert (out[:, :steps] >= 0).all(), "a row stopped producing tokens"
+    assert not result.stalled.any(), "a row stalled for pages"
+    assert (result.tokens >= 0).all(), "a row stopped producing tokens"
     return elapsed / (launches * steps)
 
 
@@ -180,7 +177,7 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
     engine = Engine(EngineConfig(
         model=model, dtype="bfloat16", max_running_requests=batch,
         context_length=context + ahead + PAGE,
-        max_total_tokens=batch * (context + ahead + 2 * PAGE), decode_steps=steps))
+        max_total_tokens=batch * (context + ahead + 2 * PAGE), num_continuous_decode_steps=steps))
     times = {case: [] for case in CASES}
     for _ in range(repeats):
         for case in CASES:

@@ -58,7 +58,7 @@ def serve_long(args) -> dict:
     engine = Engine(EngineConfig(
         model=args.model, layout="hybrid", static_max_tokens=args.static_max_tokens,
         max_total_tokens=args.pool_tokens, context_length=args.context, max_running_requests=4,
-        chunked_prefill_size=args.chunk, decode_steps=8))
+        chunked_prefill_size=args.chunk, num_continuous_decode_steps=8))
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     greedy = dict(temperature=0, ignore_eos=True)

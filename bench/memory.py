@@ -144,11 +144,11 @@ def run_burst(engine, jobs: list[Job], tag: str) -> dict:
     steps, grew, most, waste = [], [], 0, {"static": [], "paged": []}
     start = time.monotonic()
     while engine.has_work():
-        grows = engine.scheduler.pool["grows"]
+        grows = engine.scheduler.sizes.counts["grows"]
         t = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - t)
-        grew.append(engine.scheduler.pool["grows"] > grows)
+        grew.append(engine.scheduler.sizes.counts["grows"] > grows)
         for req in [r for r, job in live.items() if len(r.output) >= job.stop_at]:
             del live[req]
             if req.finish_reason is None:
@@ -196,7 +196,7 @@ def one_config(args, layout: str, pool: str) -> dict:
         kv_pool=pool, kv_pool_min_tokens=args.min_tokens, kv_pool_growth=args.growth,
         kv_shrink_after=args.shrink_after, max_total_tokens=args.budget_tokens,
         context_length=args.context, max_running_requests=args.rows,
-        chunked_prefill_size=args.chunk, decode_steps=8))
+        chunked_prefill_size=args.chunk, num_continuous_decode_steps=8))
     device = jax.devices()[0]
     sampler = Sampler(device, engine)
     weights = kvcache.nbytes(engine.params)

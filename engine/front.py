@@ -1,14 +1,15 @@
 """What the API side needs of an engine, without the engine: its tokenizer and the limits a
 request is checked against. The server's process builds requests with it while the engine runs
-in a process of its own (engine.async_engine); `Engine.make_request` goes through it too."""
+in a process of its own (server.worker); `Engine.make_request` goes through it too."""
 
 import dataclasses
 import numbers
 import secrets
 
 from engine.limits import InvalidRequest, check_text
+from engine.request import Request
 from engine.sampling import SamplingParams
-from engine.scheduler import Request, worst_pages
+from kvcache.policy import max_pages
 from models import Tokenizer
 
 
@@ -56,7 +57,7 @@ class Front:
         eos = () if params.ignore_eos else self.eos_token_ids
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         req = Request(rid, ids, params, seed, params.stop_token_ids + eos)
-        worst, most, g = worst_pages(req, self.page_size), self.max_pages, self.page_size
+        worst, most, g = max_pages(req.max_len, self.page_size), self.max_pages, self.page_size
         if worst > most:
             page = self.bytes_per_page
             raise InvalidRequest(

@@ -4,7 +4,7 @@ A value past its limit raises InvalidRequest naming the field; the server answer
 in OpenAI's shape, `LLM.generate` raises it (a ValueError). Where they are checked:
 `SamplingParams` (the numbers below), `engine.front.Front.make_request` (what depends on the
 model and the pool: token ids below the vocabulary, top_k at most the vocabulary, prompt +
-max_tokens within the context and the pool) and the HTTP schemas (engine.protocol: types,
+max_tokens within the context and the pool) and the HTTP schemas (server.protocol: types,
 choices per request, stop strings, text that is not Unicode). The numbers keep every value
 inside what the step represents (int32 token ids and counts, uint32 seeds, float32 sampling
 values) and bound what one request can cost the host.

@@ -3,7 +3,8 @@
 import dataclasses
 
 import kvcache
-from engine.engine import Engine, EngineConfig
+from engine.config import EngineConfig, make_config
+from engine.engine import Engine
 from engine.limits import InvalidRequest
 from engine.sampling import SamplingParams
 
@@ -19,51 +20,26 @@ class RequestOutput:
 
 
 class LLM:
-    """Generates text or token ids with a hybrid static / paged KV cache.
+    """Generates text or token ids with a hybrid static / paged KV cache, with continuous
+    batching, chunked prefill and the radix prefix cache, as the server does.
 
-    model: a preset name ('tiny-random') or a HF checkpoint directory. layout: 'static',
-    'paged' or 'hybrid' (static when prompt + max_tokens <= static_max_tokens). The pool holds
-    max_total_tokens tokens, or what mem_fraction_static of the device leaves after the weights,
-    never more than max_num_seqs full contexts; kv_pool 'elastic' starts it at
-    kv_pool_min_tokens and grows it up to that size on demand, shrinking it once a smaller size
-    has sufficed for kv_shrink_after seconds (on a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false
-    and XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async before JAX starts, so freed memory goes back to
-    the driver; serve.py does). attention_impl: see kernels.IMPLEMENTATIONS; None takes the
-    HYBRIDKV_ATTENTION environment variable ('auto' when unset). tensor_parallel_size: devices
-    the model and its KV pages are sharded over (attention heads and MLP columns; see
-    engine.parallel). host_kv_size: tokens of host memory that prefix-cache pages evicted from
-    the pool move to, and come back from on a hit (kvcache.offload; 0: off). Requests run with
-    continuous batching, chunked prefill and the radix prefix cache, as in the server.
-    """
+    LLM(model, **knobs): model is a preset name ('tiny-random') or a HF checkpoint directory;
+    the knobs are engine.config.EngineConfig's fields, the names and defaults of serve.py's
+    flags (layout='hybrid', page_size=16, context_length=None, max_running_requests=32,
+    max_total_tokens=None, kv_pool='static', host_kv_size=0, tensor_parallel_size=1, ...). With
+    kv_pool='elastic' on a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false and
+    XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async before JAX starts, so freed memory goes back to the
+    driver (serve.py does)."""
 
-    def __init__(self, model: str = "tiny-random", *, layout: str = "hybrid",
-                 static_max_tokens: int = 2048, dtype: str = "auto", page_size: int = 16,
-                 max_model_len: int | None = None, max_num_seqs: int = 32,
-                 max_total_tokens: int | None = None, mem_fraction_static: float = 0.9,
-                 kv_pool: str = "static", kv_pool_min_tokens: int = 2048,
-                 kv_shrink_after: float = 5.0, attention_impl: str | None = None,
-                 steps_per_loop: int = 4, chunked_prefill_size: int = 512,
-                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1,
-                 host_kv_size: int = 0):
-        self.engine = Engine(EngineConfig(
-            model=model, dtype=dtype, layout=layout, static_max_tokens=static_max_tokens,
-            page_size=page_size, max_total_tokens=max_total_tokens, kv_pool=kv_pool,
-            kv_pool_min_tokens=kv_pool_min_tokens, kv_shrink_after=kv_shrink_after,
-            mem_fraction_static=mem_fraction_static, context_length=max_model_len,
-            max_running_requests=max_num_seqs, chunked_prefill_size=chunked_prefill_size,
-            decode_steps=steps_per_loop, disable_radix_cache=not enable_prefix_caching,
-            attention_impl=attention_impl, tensor_parallel_size=tensor_parallel_size,
-            host_kv_size=host_kv_size))
+    def __init__(self, model: str = "tiny-random", **knobs):
+        self.engine = Engine(make_config(model=model, **knobs))
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
         """An LLM over an engine built from config (the server's settings)."""
-        llm = cls.__new__(cls)
-        llm.engine = Engine(config)
-        llm.tokenizer, llm._next_id = llm.engine.tokenizer, 0
-        return llm
+        return cls(**dataclasses.asdict(config))
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """One output per prompt (a string or a list of token ids), in order. sampling_params:

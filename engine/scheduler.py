@@ -29,181 +29,33 @@ requests' pages included, and an admission whose match reaches them takes fresh 
 """
 
 import collections
-import dataclasses
-import math
-import time
 
 import numpy as np
 
-from engine.sampling import SamplingParams
+from engine.plan import Plan, Release
+from engine.request import Request
 from kvcache.allocator import TRASH_PAGE
-from kvcache.elastic import compaction_moves, fragmentation
+from kvcache.elastic import PoolSizes, compaction_moves, fragmentation
+from kvcache.ledger import Ledger
 from kvcache.policy import LayoutPolicy
 from kvcache.radix import HostMove, RadixCache
 
 
-def worst_pages(req: "Request", page_size: int) -> int:
-    """Pages the request can ever hold: its last sampled token is never stored."""
-    return math.ceil((req.max_len - 1) / page_size)
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Request:
-    rid: str
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    stop_ids: tuple[int, ...]
-    output: list[int] = dataclasses.field(default_factory=list)
-    layout: str | None = None        # chosen at the first admission
-    row: int = -1
-    pages: list[int] = dataclasses.field(default_factory=list)  # mirror of the row's page table
-    computed: int = 0                # tokens whose K/V are in the cache
-    cached_tokens: int = 0           # prefix-cache hit at the first admission
-    host_cached_tokens: int = 0      # of which came from the host tier
-    node: object = None              # locked prefix-cache node while running
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
-    error: str | None = None         # why the engine failed it (finish_reason "error")
-    preemptions: int = 0
-    arrival: float = dataclasses.field(default_factory=time.monotonic)
-    admitted_once: bool = False
-    pending: int = 0                 # tokens sampled in launches the host has not read
-    unread_pages: int = 0            # pages taken in launches the host has not read
-    inflight: int = 0                # launches holding the row that the host has not read
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    # These three, not `tokens`, on the per-step paths: `tokens` copies the whole sequence.
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-    def prefix(self, n: int) -> tuple[int, ...]:
-        """tokens[:n] as a tuple, copied once: the prefix cache keys on tuples and takes one of
-        the exact length as is."""
-        p = len(self.prompt)
-        return tuple(self.prompt[:n]) if n <= p else (*self.prompt, *self.output[:n - p])
-
-    @property
-    def max_len(self) -> int:
-        return len(self.prompt) + self.params.max_tokens
-
-    @property
-    def budget(self) -> int:
-        """Tokens it may still sample, counting those drawn in launches not read yet."""
-        return self.params.max_tokens - len(self.output) - self.pending
-
-    @property
-    def to_feed(self) -> int:
-        """Tokens not stored yet, the samples not read yet included: 1 for a decode row."""
-        return self.num_tokens + self.pending - self.computed
-
-    def emit(self, token: int) -> None:
-        self.output.append(token)
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-        elif len(self.output) >= self.params.max_tokens:
-            self.finish_reason = "length"
-
-
-class Ledger:
-    """Host mirror of the device refcounts: holders per page (rows and the prefix cache)."""
-
-    def __init__(self, num_pages: int):
-        self.refcount = np.zeros(num_pages, np.int32)
-        self.refcount[TRASH_PAGE] = 1
-        self.free = num_pages - 1
-
-    # One call never names a page twice (a row holds a page once, the prefix cache once), so
-    # fancy-index arithmetic counts right; np.add.at and np.unique cost ~10x more per call.
-    @staticmethod
-    def _distinct(pages) -> np.ndarray:
-        if len(set(pages)) != len(pages):
-            raise RuntimeError(f"a page is named twice in one ledger call: {sorted(pages)}")
-        return np.asarray(pages, np.int64)
-
-    # One gather and one scatter of the pages per call: these run on every admission, release,
-    # finished prefill and eviction.
-    def take(self, pages) -> None:
-        """Fresh pages the device allocator handed out."""
-        pages = self._distinct(pages)
-        if self.refcount[pages].any():
-            raise RuntimeError(f"the device handed out pages that are not free: {pages}")
-        self.refcount[pages] = 1
-        self.free -= len(pages)
-
-    def share(self, pages) -> None:
-        self.refcount[self._distinct(pages)] += 1
-
-    def drop(self, pages) -> None:
-        pages = self._distinct(pages)
-        held = self.refcount[pages] - 1
-        if len(held) and held.min() < 0:
-            raise RuntimeError("a page was released more often than it was held")
-        self.refcount[pages] = held
-        self.free += len(held) - int(np.count_nonzero(held))
-
-    def resize(self, num_pages: int, src=(), dst=()) -> None:
-        """The pool's new size, held pages src[i] moved to dst[i] first (kvcache.elastic)."""
-        src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
-        self.refcount[dst] = self.refcount[src]
-        self.refcount[src] = 0
-        if np.any(self.refcount[num_pages:] != 0):
-            raise RuntimeError("a shrink would cut off held pages")
-        old = len(self.refcount)
-        self.refcount = np.pad(self.refcount[:num_pages], (0, max(num_pages - old, 0)))
-        self.free += num_pages - old
-
-
-@dataclasses.dataclass
-class Release:
-    row: int
-    keep_from: int = 0        # the prefix cache takes over the row's references to the pages
-    keep_to: int = 0          # of page-table columns [keep_from, keep_to)
-
-
-@dataclasses.dataclass
-class Plan:
-    """One launch. The engine runs, in order: releases, host moves, evictions, admissions, then
-    the step."""
-    release: list[Release] = dataclasses.field(default_factory=list)
-    host: list[HostMove] = dataclasses.field(default_factory=list)  # in order (kvcache.radix)
-    evict: list[int] = dataclasses.field(default_factory=list)
-    admit: list[tuple[Request, list[int], int]] = dataclasses.field(default_factory=list)
-    chunks: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (req, tokens)
-    decode: list[Request] = dataclasses.field(default_factory=list)
-    steps: int = 1            # decode steps on the device (1 when chunks run)
-    grow_to: int | None = None  # the pool's new page count, applied before everything else
-    wait: bool = False        # planned ahead, it stopped at what needs the launch in flight read
-    # Per row, by `launched`: (tokens it stores, pages it takes, tokens it samples).
-    expect: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def runs(self) -> bool:
-        return bool(self.chunks or self.decode)
-
-
 class Scheduler:
-    """pool_sizes: the page counts (trash page included) the pool may take, ascending; it
-    starts at the first. One size is a static pool. An elastic pool grows to the next size that
-    covers a launch when free and evictable pages do not, and shrinks to a smaller one when its
-    unevictable pages have fit in half of that size for shrink_after seconds. host_pages: the
-    prefix cache's host tier (0: none)."""
+    """sizes: the page counts the pool may take (one: a static pool), starting at the first;
+    an elastic pool grows when free and evictable pages do not cover a launch and shrinks when
+    oversized (kvcache.elastic.PoolSizes). policy: the layout of each request and the pages it
+    takes. host_pages: the prefix cache's host tier (0: none)."""
 
-    def __init__(self, *, pool_sizes: tuple[int, ...], page_size: int, max_rows: int,
-                 row_width: int, policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
-                 decode_steps: int, radix_cache: bool, shrink_after: float = 5.0,
-                 host_pages: int = 0):
+    def __init__(self, *, sizes: PoolSizes, page_size: int, max_rows: int, row_width: int,
+                 policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
+                 decode_steps: int, radix_cache: bool, host_pages: int = 0):
         self.g, self.policy = page_size, policy
         self.row_width, self.max_rows = row_width, max_rows
         self.chunk_size, self.max_prefill_rows = chunk_size, max_prefill_rows
         self.decode_steps = decode_steps
-        self.pool_sizes, self.shrink_after = tuple(pool_sizes), shrink_after
-        self.ledger = Ledger(self.pool_sizes[0])
-        self.pool = {"grows": 0, "shrinks": 0, "pages_moved": 0}
-        self._oversized_since: float | None = None
+        self.sizes = sizes
+        self.ledger = Ledger(sizes.sizes[0])
         self.radix = RadixCache(page_size, host_pages) if radix_cache else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []   # in admission order: the last is preempted first
@@ -218,9 +70,6 @@ class Scheduler:
         self.host_io = {"offload": 0, "load": 0}  # pages moved to and from the host tier
 
     # -- queue ------------------------------------------------------------------------------
-    def worst_pages(self, req: Request) -> int:
-        return worst_pages(req, self.g)
-
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
@@ -254,14 +103,12 @@ class Scheduler:
     @property
     def max_capacity(self) -> int:
         """Pages the pool may ever hold."""
-        return self.pool_sizes[-1] - 1
+        return self.sizes.largest - 1
 
     def _need(self, req: Request, tokens: int) -> int:
-        """Pages req must take to store `tokens` more (0 for static rows: reserved)."""
-        if req.layout == "static":
-            return 0
-        return max(0, math.ceil((req.computed + tokens) / self.g) - len(req.pages)
-                   - req.unread_pages)
+        """Pages req must take to store `tokens` more (none for static rows: reserved)."""
+        return self.policy.grow(req.layout, req.computed + tokens,
+                                len(req.pages) + req.unread_pages, self.g)
 
     def _evictable(self) -> int:
         return self.radix.evictable_pages() if self.radix else 0
@@ -298,27 +145,18 @@ class Scheduler:
 
     def _grow(self, pages: int, plan: Plan) -> bool:
         """Grows the pool by at least `pages` pages, to the smallest size that does."""
-        size = next((s for s in self.pool_sizes if s - self.num_pages >= pages), None)
+        size = self.sizes.grow(self.num_pages, pages)
         if size is None:
             return False
         self.ledger.resize(size)
         plan.grow_to = size
-        self.pool["grows"] += 1
         return True
 
     def shrink_due(self, now: float) -> tuple[int | None, float | None]:
         """(the size to shrink the pool to now, or None; seconds until a shrink may be due, or
-        None while the pool is not oversized). Oversized: a smaller size holds twice the pages
-        that no eviction can free."""
+        None while the pool is not oversized)."""
         pinned = self.capacity - self.ledger.free - self._evictable()
-        smaller = [s for s in self.pool_sizes if s < self.num_pages and s - 1 >= 2 * pinned]
-        if not smaller:
-            self._oversized_since = None
-            return None, None
-        if self._oversized_since is None:
-            self._oversized_since = now
-        wait = self._oversized_since + self.shrink_after - now
-        return (smaller[0], None) if wait <= 0 else (None, wait)
+        return self.sizes.shrink_due(self.num_pages, pinned, now)
 
     def shrink(self, num_pages: int, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """Shrinks the pool to num_pages: evicts prefix-cache leaves (least recently used
@@ -341,14 +179,12 @@ class Scheduler:
         if self.radix is not None:
             self.radix.remap(remap)
         self.ledger.resize(num_pages, src, dst)
-        self._oversized_since = None
-        self.pool["shrinks"] += 1
-        self.pool["pages_moved"] += len(src)
+        self.sizes.shrunk(len(src))
         return src, dst
 
     def _preempt(self, plan: Plan) -> Request | None:
         """The newest paged request gives its row back and waits at the head of the queue."""
-        victims = [r for r in self.running if r.layout == "paged"]
+        victims = [r for r in self.running if self.policy.preemptible(r.layout)]
         if not victims:
             return None
         req = victims[-1]
@@ -454,12 +290,8 @@ class Scheduler:
             else:
                 node = None
         loads = sum(len(n.value) for n in hosted)
-        layout = req.layout or self.policy.choose(req.max_len)
-        if layout == "static":
-            reserve = need = self.worst_pages(req) - len(hit) - loads
-        else:
-            reserve, need = 0, max(0, math.ceil(num_tokens / self.g) - len(hit) - loads)
-        if not self._make_room(need + loads, plan):
+        adm = self.policy.admit(num_tokens, req.max_len, self.g, len(hit) + loads, req.layout)
+        if not self._make_room(adm.take + loads, plan):
             if node is not None:
                 self.radix.unlock(node)
             return None
@@ -468,7 +300,7 @@ class Scheduler:
             self.ledger.take(fresh)
             self._committed -= loads
             hit += self.radix.load(hosted, fresh)
-        req.layout, req.row, req.node = layout, self.free_rows.pop(), node
+        req.layout, req.row, req.node = adm.layout, self.free_rows.pop(), node
         req.pages, req.computed = list(hit), len(hit) * self.g
         if not req.admitted_once:
             req.admitted_once, req.cached_tokens = True, req.computed
@@ -477,7 +309,7 @@ class Scheduler:
             self.hit_tokens += req.computed
             self.host_hit_tokens += req.host_cached_tokens
         self.ledger.share(hit)
-        plan.admit.append((req, list(hit), reserve))
+        plan.admit.append((req, list(hit), adm.reserve))
         self.running.append(req)
         n = min(num_tokens - req.computed, budget)
         plan.chunks.append((req, n))
@@ -554,7 +386,7 @@ class Scheduler:
         self.running, self.to_release = [], []
         self.free_rows = list(range(self.max_rows - 1, -1, -1))
         self._committed = self.unread_pages = 0
-        self._oversized_since = None
+        self.sizes.reset_clock()
         return running
 
     def requeue(self, req: Request) -> None:
@@ -575,16 +407,16 @@ class Scheduler:
     def pool_report(self) -> dict:
         """The pool's size and fragmentation: O(pages), for reports, not every step."""
         return {"pages": self.capacity, "max_pages": self.max_capacity,
-                **fragmentation(self.ledger.refcount), **self.pool}
+                **fragmentation(self.ledger.refcount), **self.sizes.counts}
 
     def stats(self) -> dict:
         return {
             "pages_total": self.capacity,
             "pages_max": self.max_capacity,
             "pages_free": self.ledger.free,
-            "pool_grows": self.pool["grows"],
-            "pool_shrinks": self.pool["shrinks"],
-            "pages_moved": self.pool["pages_moved"],
+            "pool_grows": self.sizes.counts["grows"],
+            "pool_shrinks": self.sizes.counts["shrinks"],
+            "pages_moved": self.sizes.counts["pages_moved"],
             "pages_cached": self.radix.cached_pages() if self.radix else 0,
             "running": len(self.running),
             "waiting": len(self.waiting),

@@ -15,13 +15,14 @@ a sample only when the row has no prompt left to feed.
 import dataclasses
 import functools
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import kvcache
+from engine.page_ops import PageOps, PageOpsArrays
 from engine.sampling import sample
 from models import Group
 
@@ -50,35 +51,6 @@ class Feed:
     sampling: SamplingArrays
 
 
-def pack_sampling(s: SamplingArrays) -> np.ndarray:
-    """[B, 4] int32 on the host: top_k, then the bits of seed, temperature and top_p."""
-    return np.stack([np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
-                     np.asarray(s.temperature, np.float32).view(np.int32),
-                     np.asarray(s.top_p, np.float32).view(np.int32)], 1)
-
-
-def unpack_sampling(cols, filtering: bool) -> SamplingArrays:
-    bits = jax.lax.bitcast_convert_type
-    return SamplingArrays(temperature=bits(cols[:, 2], jnp.float32), top_k=cols[:, 0],
-                          top_p=bits(cols[:, 3], jnp.float32), seed=bits(cols[:, 1], jnp.uint32),
-                          filtering=filtering)
-
-
-# A launch's host inputs travel as one int32 buffer and its results come back as one: on the
-# H100 machine each numpy argument of a jitted call cost 0.1-0.3 ms of dispatch, each result
-# read about as much, and each extra call more (a mixed step used to make four calls and move
-# fourteen arrays).
-def pack_feed(rows, tokens, num, sampling: SamplingArrays) -> np.ndarray:
-    """A Feed as [B, 6 + T] int32 on the host: rows, num, pack_sampling's 4, then the tokens."""
-    return np.concatenate([np.stack([rows, num], 1), pack_sampling(sampling), tokens],
-                          1).astype(np.int32)
-
-
-def unpack_feed(ints, filtering: bool) -> Feed:
-    return Feed(rows=ints[:, 0], tokens=ints[:, 6:], num=ints[:, 1],
-                sampling=unpack_sampling(ints[:, 2:6], filtering))
-
-
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["rows", "tokens", "active", "remaining", "stop_ids",
                                 "sampling"], meta_fields=[])
@@ -90,92 +62,6 @@ class DecodeState:
     remaining: jax.Array  # [B] int32 tokens each row may still produce
     stop_ids: jax.Array   # [B,E] int32 tokens that end a row (EOS included), -1 = none
     sampling: SamplingArrays
-
-
-STATE_HEAD = 7     # pack_state's columns before the stop ids
-
-
-def pack_state(rows, tokens, remaining, stop_ids, sampling: SamplingArrays) -> np.ndarray:
-    """A decode launch's DecodeState as [B, STATE_HEAD + E] int32 on the host: rows, tokens
-    (-1: the row's next_token, as in a Feed), remaining (0: padding), pack_sampling's 4, then
-    the stop ids."""
-    return np.concatenate([np.stack([rows, tokens, remaining], 1), pack_sampling(sampling),
-                           stop_ids], 1).astype(np.int32)
-
-
-def unpack_state(ints, filtering: bool) -> DecodeState:
-    return DecodeState(rows=ints[:, 0], tokens=ints[:, 1], active=ints[:, 2] > 0,
-                       remaining=ints[:, 2], stop_ids=ints[:, STATE_HEAD:],
-                       sampling=unpack_sampling(ints[:, 3:STATE_HEAD], filtering))
-
-
-@dataclasses.dataclass(frozen=True)
-class PageOps:
-    """The page-table and allocator updates that ride in a launch ahead of its model steps, as
-    one fixed-size int32 buffer (so they add no compiled shapes), carried out in this order:
-
-    1. shares: one more holder for each page id (the prefix cache adopting a finished prefill's
-       pages); 0, the trash page, is no page;
-    2. drops: one holder fewer for each page id (the prefix cache evicting), 0 is no page;
-    3. releases: rows freed, each as (row, keep_from, keep_to): the row's references to the
-       pages in page-table columns [keep_from, keep_to) go to the prefix cache, the others are
-       dropped; row -1 is no release;
-    4. admissions: `kvcache.admit_rows` over [admits, 4 + width] columns (row, layout code,
-       pages to reserve, prefix length, then the prefix's page ids); layout LAYOUT_NONE is no
-       admission.
-
-    Shares come first, so that a row released in the same launch cannot free a page the cache
-    is about to hold, and admissions last, so that they may take the pages freed."""
-    shares: int
-    drops: int
-    releases: int
-    admits: int
-    width: int              # page-table columns
-
-    @property
-    def size(self) -> int:
-        return self.shares + self.drops + 3 * self.releases + self.admits * (4 + self.width)
-
-    def fits(self, shares: int, drops: int, releases: int, admits: int = 0) -> bool:
-        return (shares <= self.shares and drops <= self.drops and releases <= self.releases
-                and admits <= self.admits)
-
-    def pack(self, shares=(), drops=(), releases=(), admits=None) -> np.ndarray:
-        """The buffer, on the host. releases: (row, keep_from, keep_to) triples; admits: an
-        [n, 4 + width] int32 array."""
-        if admits is None:
-            admits = np.zeros((0, 4 + self.width), np.int32)
-        if not self.fits(len(shares), len(drops), len(releases), len(admits)):
-            raise ValueError(f"{len(shares)} shares, {len(drops)} drops, {len(releases)} releases"
-                             f" and {len(admits)} admissions do not fit in {self}")
-        share = np.zeros(self.shares, np.int32)
-        share[:len(shares)] = shares
-        drop = np.zeros(self.drops, np.int32)
-        drop[:len(drops)] = drops
-        release = np.full((self.releases, 3), -1, np.int32)
-        release[:len(releases)] = np.asarray(releases, np.int32).reshape(-1, 3)
-        admit = np.zeros((self.admits, 4 + self.width), np.int32)
-        admit[:len(admits)] = admits
-        return np.concatenate([share, drop, release.ravel(), admit.ravel()])
-
-    def apply(self, cache: kvcache.KVCache, buf):
-        """Carries out the buffer's operations (in a jitted call). Returns (cache', ok [admits]:
-        the admission got its reservation or was none, pages [admits, width]: the admission
-        rows' page-table rows)."""
-        shares, buf = buf[:self.shares], buf[self.shares:]
-        drops, buf = buf[:self.drops], buf[self.drops:]
-        release, admit = buf[:3 * self.releases].reshape(-1, 3), buf[3 * self.releases:]
-        cache = kvcache.share_pages(cache, shares, shares != kvcache.allocator.TRASH_PAGE)
-        cache = kvcache.drop_pages(cache, drops, drops != kvcache.allocator.TRASH_PAGE)
-        col = jnp.arange(self.width)[None, :]
-        keep = (col >= release[:, 1:2]) & (col < release[:, 2:3])
-        cache = kvcache.release_rows(cache, jnp.maximum(release[:, 0], 0), release[:, 0] >= 0,
-                                     keep)
-        admit = admit.reshape(self.admits, 4 + self.width)
-        rows = admit[:, 0]
-        cache, ok = kvcache.admit_rows(cache, rows, admit[:, 1], admit[:, 2], self.width,
-                                       admit[:, 4:], admit[:, 3])
-        return cache, ok, cache.page_table[rows]
 
 
 def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *,
@@ -267,48 +153,42 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     return out, pages, cache, state, stalled
 
 
-def mixed_launch(graphdef, params, cache: kvcache.KVCache, buf, *, ops: PageOps,
-                 feeds: tuple[tuple[int, int, bool], ...], attn_impl: str = "auto", mesh=None):
-    """The engine's mixed-step call: `ops` carried out, then one `forward` step. buf [N] int32:
-    the ops' buffer, then each feed's pack_feed array flattened; feeds (static): each feed's
-    (rows, tokens, filtering). Returns (out [K] int32, cache'), out being the admissions' ok
-    [admits] and page-table rows [admits, width], then per feed next [B], ok [B] and new pages
-    [B, W], each flattened (`split_mixed` takes it apart on the host)."""
-    cache, admit_ok, admit_pages = ops.apply(cache, buf[:ops.size])
-    start, unpacked = ops.size, []
-    for b, t, filtering in feeds:
-        unpacked.append(unpack_feed(buf[start:start + b * (6 + t)].reshape(b, 6 + t), filtering))
-        start += b * (6 + t)
-    results, cache = forward(graphdef, params, cache, tuple(unpacked), attn_impl=attn_impl,
-                             mesh=mesh)
-    out = [admit_ok.astype(jnp.int32), admit_pages.ravel()]
-    for nxt, _, new, ok in results:
-        out += [nxt, ok.astype(jnp.int32), new.ravel()]
-    return jnp.concatenate(out), cache
+class FeedResult(typing.NamedTuple):
+    next: jax.Array        # [B] int32 the token sampled after each row's last fed token
+    ok: jax.Array          # [B] bool False: the row found the pool empty and did not move
+    new_pages: jax.Array   # [B,W] int32 pages taken this step, trash past them
 
 
-def split_mixed(out: np.ndarray, ops: PageOps, feeds, page_size: int):
-    """mixed_launch's out, read on the host -> (admit ok [admits] bool, admit pages [admits,
-    width], per feed (next [B], ok [B] bool, new pages [B, W]))."""
-    a, m = ops.admits, ops.width
-    admit_ok, admit_pages, start = out[:a] != 0, out[a:a + a * m].reshape(a, m), a + a * m
-    results = []
-    for b, t, _ in feeds:
-        w = math.ceil(t / page_size)
-        nxt, ok = out[start:start + b], out[start + b:start + 2 * b] != 0
-        new = out[start + 2 * b:start + (2 + w) * b].reshape(b, w)
-        results.append((nxt, ok, new))
-        start += (2 + w) * b
-    return admit_ok, admit_pages, results
+class MixedResult(typing.NamedTuple):
+    admit_ok: jax.Array     # [A] bool the admission got its reservation, or was none
+    admit_pages: jax.Array  # [A,M] int32 the admitted rows' page-table rows
+    feeds: tuple[FeedResult, ...]
 
 
-def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_buf, state, *, ops: PageOps,
-                filtering: bool, num_steps: int, attn_impl: str = "auto", mesh=None):
-    """The engine's decode call: `ops` carried out (no admissions among them), then
-    `decode_loop` from state [B, STATE_HEAD + E] int32 (pack_state's layout). Returns (out [B, 2 * steps
-    + 1] int32: decode_loop's out, then its pages, then stalled; cache')."""
-    cache, _, _ = ops.apply(cache, ops_buf)
-    out, pages, cache, _, stalled = decode_loop(
-        graphdef, params, cache, unpack_state(state, filtering), num_steps=num_steps,
-        attn_impl=attn_impl, mesh=mesh)
-    return jnp.concatenate([out, pages, stalled[:, None].astype(jnp.int32)], 1), cache
+class LoopResult(typing.NamedTuple):
+    tokens: jax.Array      # [B,steps] int32 -1 where a row produced nothing
+    pages: jax.Array       # [B,steps] int32 the page each step took, or the trash page
+    stalled: jax.Array     # [B] bool rows that found the pool empty and wait for pages
+
+
+def mixed_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsArrays,
+                 feeds: tuple[Feed, ...], *, ops: PageOps, attn_impl: str = "auto",
+                 mesh=None) -> tuple[MixedResult, kvcache.KVCache]:
+    """The engine's mixed-step call: the page operations carried out, then one `forward`
+    step over the feeds."""
+    cache, admit_ok, admit_pages = ops.apply(cache, ops_arrays)
+    results, cache = forward(graphdef, params, cache, feeds, attn_impl=attn_impl, mesh=mesh)
+    return MixedResult(admit_ok, admit_pages,
+                       tuple(FeedResult(nxt, ok, new) for nxt, _, new, ok in results)), cache
+
+
+def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsArrays,
+                state: DecodeState, *, ops: PageOps, num_steps: int, attn_impl: str = "auto",
+                mesh=None) -> tuple[LoopResult, kvcache.KVCache]:
+    """The engine's decode call: the page operations carried out (no admissions among them),
+    then `decode_loop`."""
+    cache, _, _ = ops.apply(cache, ops_arrays)
+    out, pages, cache, _, stalled = decode_loop(graphdef, params, cache, state,
+                                                num_steps=num_steps, attn_impl=attn_impl,
+                                                mesh=mesh)
+    return LoopResult(out, pages, stalled), cache

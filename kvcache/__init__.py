@@ -3,6 +3,7 @@
 from kvcache import allocator, elastic
 from kvcache.accounting import usage
 from kvcache.elastic import pool_sizes
+from kvcache.ledger import Ledger
 from kvcache.offload import HostStore, host_memory_kind, host_tier_pages
 from kvcache.page_table import (
     LAYOUT_CODES,
@@ -20,7 +21,7 @@ from kvcache.page_table import (
     slot_addresses,
     write_kv,
 )
-from kvcache.policy import LAYOUTS, LayoutPolicy
+from kvcache.policy import LAYOUTS, Admission, LayoutPolicy, max_pages
 from kvcache.pool import PoolDoesNotFit, PoolSpec, device_memory_bytes, nbytes, size_pool
 
 __all__ = [
@@ -46,7 +47,10 @@ __all__ = [
     "slot_addresses",
     "write_kv",
     "LAYOUTS",
+    "Admission",
     "LayoutPolicy",
+    "Ledger",
+    "max_pages",
     "PoolDoesNotFit",
     "PoolSpec",
     "device_memory_bytes",

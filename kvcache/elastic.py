@@ -46,6 +46,51 @@ def pool_sizes(min_pages: int, max_pages: int, factor: int = 2) -> tuple[int, ..
     return (*sizes, max_pages)
 
 
+class PoolSizes:
+    """When an elastic pool changes size, among `sizes` (page counts, trash page included,
+    ascending; one size is a static pool): it grows to the smallest size that covers a
+    shortfall, and shrinks to the smallest size that holds twice its pinned pages (those no
+    eviction can free) once some smaller size has done so for `shrink_after` seconds. Counts
+    its growths, shrinks and the pages compaction moved."""
+
+    def __init__(self, sizes: tuple[int, ...], shrink_after: float = 5.0):
+        self.sizes, self.shrink_after = tuple(sizes), shrink_after
+        self.counts = {"grows": 0, "shrinks": 0, "pages_moved": 0}
+        self._oversized_since: float | None = None
+
+    @property
+    def largest(self) -> int:
+        return self.sizes[-1]
+
+    def grow(self, current: int, short: int) -> int | None:
+        """The size to grow a pool of `current` pages to, for `short` more pages; None if even
+        the largest does not cover them."""
+        size = next((s for s in self.sizes if s - current >= short), None)
+        if size is not None:
+            self.counts["grows"] += 1
+        return size
+
+    def shrink_due(self, current: int, pinned: int, now: float) -> tuple[int | None, float | None]:
+        """(the size to shrink to now, or None; seconds until a shrink may be due, or None while
+        the pool is not oversized)."""
+        smaller = [s for s in self.sizes if s < current and s - 1 >= 2 * pinned]
+        if not smaller:
+            self._oversized_since = None
+            return None, None
+        if self._oversized_since is None:
+            self._oversized_since = now
+        wait = self._oversized_since + self.shrink_after - now
+        return (smaller[0], None) if wait <= 0 else (None, wait)
+
+    def shrunk(self, moved: int) -> None:
+        self._oversized_since = None
+        self.counts["shrinks"] += 1
+        self.counts["pages_moved"] += moved
+
+    def reset_clock(self) -> None:
+        self._oversized_since = None
+
+
 def compaction_moves(refcount: np.ndarray, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
     """Moves (src, dst) that bring every held page (refcount > 0) below num_pages, each to the
     lowest free id there. ValueError if the held pages do not fit."""

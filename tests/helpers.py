@@ -52,9 +52,9 @@ def assert_host_tier_consistent(engine) -> None:
     radix = engine.scheduler.radix
     slots = radix.host_slots() if radix is not None else []
     assert len(set(slots)) == len(slots), f"a host slot is held twice: {sorted(slots)}"
-    assert sorted(engine.host.slots()) == sorted(slots)
+    assert sorted(engine.runner.host.slots()) == sorted(slots)
     assert len(slots) == engine.stats()["host_pages_cached"] <= engine.stats()["host_pages_total"]
-    assert engine.host.nbytes() >= len(slots) * engine.spec.bytes_per_page
+    assert engine.runner.host.nbytes() >= len(slots) * engine.spec.bytes_per_page
 
 
 def assert_pool_clean(llm_or_engine) -> None:

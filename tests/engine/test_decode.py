@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from helpers import assert_pool_clean
 
-from engine import LLM, InvalidRequest, SamplingParams
+from engine import LLM, InvalidRequest, SamplingParams, packing
 from engine.sampling import sample
-from engine.step import SamplingArrays, decode_step, pack_feed, unpack_feed
+from engine.step import Feed, SamplingArrays, decode_step
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("tiny-random", dtype="float32", page_size=4, max_model_len=128, max_num_seqs=8,
-               steps_per_loop=4)
+    return LLM("tiny-random", dtype="float32", page_size=4, context_length=128, max_running_requests=8,
+               num_continuous_decode_steps=4)
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def compiles():
 def test_step_compiles_once_per_batch_bucket():
     """50 steps over changing rows, tokens and active masks: one trace (so one compile) per
     batch size."""
-    llm = LLM("tiny-random", page_size=4, max_model_len=128, max_num_seqs=8)
+    llm = LLM("tiny-random", page_size=4, context_length=128, max_running_requests=8)
     llm.generate([[1, 2, 3]] * 8, SamplingParams(max_tokens=2, temperature=0))
     traces = []
 
@@ -60,7 +60,7 @@ def test_step_compiles_once_per_batch_bucket():
 
 
 def test_generate_reuses_compiled_buckets(compiles):
-    llm = LLM("tiny-random", page_size=4, max_model_len=128, max_num_seqs=8, steps_per_loop=4)
+    llm = LLM("tiny-random", page_size=4, context_length=128, max_running_requests=8, num_continuous_decode_steps=4)
     params = SamplingParams(max_tokens=6, temperature=0)
     llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], params)
     first = len(compiles)
@@ -114,14 +114,22 @@ def test_sampler_filters():
     ({"layout": "dense"}, "unknown layout 'dense'"),
     ({"page_size": 12}, "page_size must be a power of two, got 12"),
     ({"dtype": "int8"}, "unknown dtype 'int8'"),
-    ({"attention_impl": "magic"}, "unknown attention implementation 'magic'"),
-    ({"max_model_len": 4096}, "exceeds the model's max_position_embeddings=2048"),
-    ({"max_total_tokens": 10**12}, "needs .* bytes but .* bytes are available.*"
+    ({"attention_impl": "magic"}, "unknown attention_impl 'magic'"),
+    ({"max_running_requests": 0}, "max_running_requests must be >= 1, got 0"),
+    ({"max_running_requests": "8"}, "max_running_requests must be int, got '8'"),
+    ({"max_num_seqs": 8}, r"unknown engine option\(s\) \['max_num_seqs'\]"),
+    ({"context_length": 4096}, "exceeds the model's max_position_embeddings=2048"),
+    ({"max_total_tokens": 10**12}, "needs .* bytes but .* bytes are (available|free).*"
                                    "--max-total-tokens"),
 ])
 def test_bad_engine_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM("tiny-random", **kwargs)
+
+
+def test_engine_options_are_checked_before_the_model_loads():
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        LLM("/no/such/checkpoint", page_size=12)
 
 
 @pytest.mark.parametrize("prompt, params, message", [
@@ -176,7 +184,7 @@ def test_sampling_params_at_their_limits_are_accepted():
 
 
 def test_request_larger_than_the_pool():
-    llm = LLM("tiny-random", page_size=4, max_model_len=128, max_total_tokens=32,
+    llm = LLM("tiny-random", page_size=4, context_length=128, max_total_tokens=32,
               dtype="float32")   # KV bytes as on every backend ('auto' is bf16 on a GPU)
     with pytest.raises(ValueError, match=r"may hold 48 tokens \(12 pages of 4, 98,304 bytes of KV\) "
                                          r"but the KV pool holds at most 8 pages \(32 tokens, 65,536 "
@@ -185,8 +193,10 @@ def test_request_larger_than_the_pool():
 
 
 def test_a_packed_feed_opens_to_the_same_arrays():
-    """pack_feed on the host, unpack_feed in a jitted call: every field comes back, seeds with
-    the top bit set included (they travel as int32 bits)."""
+    """engine.packing: a Feed packed on the host into one int32 vector opens, in a jitted call
+    given its layout, to the same arrays: dtypes, bit patterns (seeds with the top bit set,
+    NaN), bools and the static filtering flag included; and a result packed in the call opens
+    on the host."""
     rng = np.random.default_rng()
     b, t = 5, 7
     sampling = SamplingArrays(temperature=rng.random(b, np.float32),
@@ -194,19 +204,25 @@ def test_a_packed_feed_opens_to_the_same_arrays():
                               top_p=rng.random(b, np.float32),
                               seed=rng.integers(0, 2**32, b, dtype=np.uint64).astype(np.uint32),
                               filtering=False)
-    sampling.seed[0] = 2**32 - 1
-    rows, num = rng.permutation(b).astype(np.int32), rng.integers(0, t + 1, b).astype(np.int32)
-    tokens = rng.integers(0, 1000, (b, t)).astype(np.int32)
-    packed = pack_feed(rows, tokens, num, sampling)
-    assert packed.shape == (b, 6 + t) and packed.dtype == np.int32
-    feed = jax.jit(unpack_feed, static_argnums=1)(packed, False)
-    for got, want in [(feed.rows, rows), (feed.tokens, tokens), (feed.num, num),
-                      (feed.sampling.temperature, sampling.temperature),
-                      (feed.sampling.top_k, sampling.top_k), (feed.sampling.top_p, sampling.top_p),
-                      (feed.sampling.seed, sampling.seed)]:
+    sampling.seed[0], sampling.temperature[1] = 2**32 - 1, np.nan
+    feed = Feed(rows=rng.permutation(b).astype(np.int32),
+                tokens=rng.integers(0, 1000, (b, t)).astype(np.int32),
+                num=rng.integers(0, t + 1, b).astype(np.int32), sampling=sampling)
+    layout = packing.layout_of(feed)
+    buf = packing.pack(feed)
+    assert buf.shape == (layout.size,) == (b * (t + 6),) and buf.dtype == np.int32
+    back = jax.jit(lambda x: (packing.unpack(x, layout), packing.pack(
+        (packing.unpack(x, layout).num > 3, packing.unpack(x, layout).sampling.seed))))
+    opened, out = back(buf)
+    for got, want in zip(jax.tree.leaves(opened), jax.tree.leaves(feed)):
         assert got.dtype == want.dtype
-        np.testing.assert_array_equal(np.asarray(got), want)
-    assert feed.sampling.filtering is False
+        np.testing.assert_array_equal(np.asarray(got).view(np.int32), want.view(np.int32))
+    assert opened.sampling.filtering is False
+    big, seeds = packing.unpack(np.asarray(out), packing.layout_of((feed.num > 3, feed.sampling.seed)))
+    np.testing.assert_array_equal(big, feed.num > 3)
+    np.testing.assert_array_equal(seeds, feed.sampling.seed)
+    with pytest.raises(TypeError, match="int64"):
+        packing.layout_of(np.zeros(3, np.int64))
 
 
 def test_page_ops_buffer_does_what_the_calls_it_packs_do():
@@ -215,7 +231,7 @@ def test_page_ops_buffer_does_what_the_calls_it_packs_do():
     admit_rows in turn; the empty buffer changes nothing; too many operations are refused by
     name."""
     import kvcache
-    from engine.step import PageOps
+    from engine.page_ops import PageOps
     rng = np.random.default_rng()
     spec = kvcache.PoolSpec(num_layers=1, num_pages=40, page_size=4, num_kv_heads=1, head_dim=2,
                             dtype="float32")
@@ -237,12 +253,14 @@ def test_page_ops_buffer_does_what_the_calls_it_packs_do():
     releases = [(int(r), a, b) for r, (a, b) in zip(released, keep)]
     kept_row = int(next(r for r in range(4) if r not in released))
     prefix = [int(p) for p in table[kept_row][:1]]     # a page held after the releases
-    admits = np.zeros((2, 4 + width), np.int32)
-    admits[0, :4] = 4, kvcache.LAYOUT_PAGED, 2, len(prefix) * spec.page_size
-    admits[0, 4:4 + len(prefix)] = prefix
-    admits[1, :4] = 5, kvcache.LAYOUT_STATIC, 3, 0
+    admits = [(4, kvcache.LAYOUT_PAGED, 2, len(prefix) * spec.page_size, prefix),
+              (5, kvcache.LAYOUT_STATIC, 3, 0, [])]
 
-    got, got_ok, got_rows = jax.jit(ops.apply)(cache, ops.pack(shares, drops, releases, admits))
+    def apply(cache, arrays):
+        layout = packing.layout_of(arrays)
+        return jax.jit(lambda c, x: ops.apply(c, packing.unpack(x, layout)))(
+            cache, packing.pack(arrays))
+    got, got_ok, got_rows = apply(cache, ops.fill(shares, drops, releases, admits))
 
     want = kvcache.share_pages(cache, jnp.asarray(shares, jnp.int32), jnp.ones(len(shares), bool))
     want = kvcache.drop_pages(want, jnp.asarray(drops, jnp.int32), jnp.ones(len(drops), bool))
@@ -251,19 +269,22 @@ def test_page_ops_buffer_does_what_the_calls_it_packs_do():
         keep_mask[i, a:b] = True
     want = kvcache.release_rows(want, jnp.asarray(released, jnp.int32), jnp.ones(2, bool),
                                 jnp.asarray(keep_mask))
-    want, want_ok = kvcache.admit_rows(want, jnp.asarray(admits[:, 0]), jnp.asarray(admits[:, 1]),
-                                       jnp.asarray(admits[:, 2]), width, jnp.asarray(admits[:, 4:]),
-                                       jnp.asarray(admits[:, 3]))
+    prefix_pages = np.zeros((2, width), np.int32)
+    prefix_pages[0, :len(prefix)] = prefix
+    want, want_ok = kvcache.admit_rows(want, jnp.asarray([4, 5]),
+                                       jnp.asarray([kvcache.LAYOUT_PAGED, kvcache.LAYOUT_STATIC]),
+                                       jnp.asarray([2, 3]), width, jnp.asarray(prefix_pages),
+                                       jnp.asarray([len(prefix) * spec.page_size, 0]))
     for path, x in jax.tree.leaves_with_path(got):
         y = dict(jax.tree.leaves_with_path(want))[path]
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
     np.testing.assert_array_equal(np.asarray(got_ok), np.asarray(want_ok))
-    np.testing.assert_array_equal(np.asarray(got_rows), np.asarray(want.page_table)[admits[:, 0]])
+    np.testing.assert_array_equal(np.asarray(got_rows), np.asarray(want.page_table)[[4, 5]])
 
-    same, _, _ = jax.jit(ops.apply)(cache, ops.pack())
+    same, _, _ = apply(cache, ops.fill())
     for (path, x), (_, y) in zip(jax.tree.leaves_with_path(same), jax.tree.leaves_with_path(cache)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="4 releases"):
-        ops.pack(releases=[(0, 0, 0)] * 4)
+        ops.fill(releases=[(0, 0, 0)] * 4)
     with pytest.raises(ValueError, match="5 drops"):
-        ops.pack(drops=[1] * 5)
+        ops.fill(drops=[1] * 5)

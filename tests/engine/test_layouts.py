@@ -24,7 +24,7 @@ def generate(llm, layout, static_max_tokens=16):
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=8, steps_per_loop=4)
+    llm = LLM("tiny-random", page_size=4, context_length=64, max_running_requests=8, num_continuous_decode_steps=4)
     return [o.token_ids for o in generate(llm, "static")], llm
 
 
@@ -42,8 +42,8 @@ def test_layouts_agree(reference, layout):
 def test_layouts_agree_when_rows_and_pages_are_short(reference, layout):
     """Two rows and a pool of 12 pages: requests wait, join and leave between loops."""
     tokens, _ = reference
-    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=2,
-              max_total_tokens=48, steps_per_loop=3)
+    llm = LLM("tiny-random", page_size=4, context_length=64, max_running_requests=2,
+              max_total_tokens=48, num_continuous_decode_steps=3)
     assert [o.token_ids for o in generate(llm, layout)] == tokens
 
 
@@ -62,7 +62,7 @@ def test_stop_tokens_end_a_request(reference):
 def test_kernels_in_interpret_mode_generate_the_same_tokens(reference, impl):
     """The whole engine through a Pallas kernel (interpret mode) == through the reference."""
     tokens, _ = reference
-    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=8, steps_per_loop=4,
+    llm = LLM("tiny-random", page_size=4, context_length=64, max_running_requests=8, num_continuous_decode_steps=4,
               attention_impl=impl)
     assert [o.token_ids for o in generate(llm, "hybrid")] == tokens
 
@@ -75,7 +75,7 @@ def test_tpu_kernel_in_interpret_mode_generates_the_same_tokens(reference):
     """A short run through the TPU kernel (interpret mode is slow): a decode row and a row whose
     prompt spans pages, both layouts."""
     tokens, _ = reference
-    llm = LLM("tiny-random", page_size=4, max_model_len=64, max_num_seqs=2, steps_per_loop=2,
+    llm = LLM("tiny-random", page_size=4, context_length=64, max_running_requests=2, num_continuous_decode_steps=2,
               attention_impl="tpu-interpret")
     llm.engine.scheduler.policy = kvcache.LayoutPolicy("hybrid", static_max_tokens=8)
     outs = llm.generate([PROMPTS[1], PROMPTS[3]],

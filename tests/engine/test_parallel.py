@@ -22,7 +22,7 @@ KV_HEADS = {"tiny-random": 2, "tiny-8-heads": 2, "tiny-3-kv-heads": 3}
 SHARED = list(range(40, 52))                     # 3 pages of 4, shared by three prompts
 PROMPTS = [[5], SHARED + [7], SHARED + [8, 9], list(range(20, 29)), SHARED + list(range(3))]
 PARAMS = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (9, 3, 7, 5, 6)]
-KW = dict(page_size=4, max_model_len=64, max_num_seqs=4, layout="hybrid", static_max_tokens=16)
+KW = dict(page_size=4, context_length=64, max_running_requests=4, layout="hybrid", static_max_tokens=16)
 eight_devices = pytest.mark.skipif(
     jax.device_count() < 8, reason=f"shards over up to 8 devices; JAX sees {jax.device_count()} "
     f"{jax.default_backend()} device(s) (tests/conftest.py asks for 8 only on a CPU backend)")

@@ -14,7 +14,7 @@ from helpers import FIXTURES, assert_pool_clean
 import kernels
 import kvcache
 from engine import LLM, SamplingParams
-from engine.async_engine import MAX_RECOVERIES_IN_A_ROW, _EngineLoop
+from server.worker import MAX_RECOVERIES_IN_A_ROW, EngineLoop
 
 PROMPTS = [list(range(3 + i, 12 + 3 * i)) for i in range(4)]
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -23,8 +23,8 @@ GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm():
     # Two rows: requests 0 and 1 run first, 2 and 3 wait for their rows.
-    return LLM("tiny-random", dtype="float32", page_size=4, max_model_len=128, max_num_seqs=2,
-               steps_per_loop=4)
+    return LLM("tiny-random", dtype="float32", page_size=4, context_length=128, max_running_requests=2,
+               num_continuous_decode_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ class Fault:
 
 
 def drive(engine) -> list:
-    """What the engine's process does (engine.async_engine._EngineLoop): step while there is
+    """What the engine's process does (server.worker.EngineLoop): step while there is
     work; a call that raises goes to Engine.recover."""
     seen = []
     while engine.has_work():
@@ -72,18 +72,18 @@ def submit(engine, tag: str) -> list:
     return reqs
 
 
-@pytest.mark.parametrize("launch, at", [("_forward", 1), ("_loop", 3)])
+@pytest.mark.parametrize("launch, at", [("_step", 1), ("_loop", 3)])
 @pytest.mark.parametrize("when", ["before", "after", "read"])
 def test_a_failed_launch_fails_its_requests_and_the_rest_run_on(llm, reference, launch, at,
                                                                 when):
     engine = llm.engine
-    real = getattr(engine, launch)
-    setattr(engine, launch, Fault(real, at, when))
+    real = getattr(engine.runner, launch)
+    setattr(engine.runner, launch, Fault(real, at, when))
     try:
         reqs = submit(engine, f"{launch}-{when}")
         seen = drive(engine)
     finally:
-        setattr(engine, launch, real)
+        setattr(engine.runner, launch, real)
     failed, done = reqs[:2], reqs[2:]
     for r in failed:    # the two running requests were in the launch that failed
         assert r.finish_reason == "error" and r in seen
@@ -128,7 +128,7 @@ def test_the_engine_loop_gives_up_after_failures_in_a_row(llm):
         def send(self, message):
             self.sent.append(message)
 
-    loop = _EngineLoop(llm.engine, Conn())
+    loop = EngineLoop(llm.engine, Conn())
 
     def fail():
         raise RuntimeError("INTERNAL: injected")
@@ -156,7 +156,7 @@ def test_a_ten_million_token_context_length_costs_nothing_until_a_row_is_long(lo
     refused, and a 4-token request runs (it once made the CPU attention path gather the page
     table's whole width: 42 GB). The page table is no wider than the pool."""
     llm = LLM(long_checkpoint, layout="static", max_total_tokens=4096,
-              max_model_len=10_000_000)
+              context_length=10_000_000)
     assert llm.engine.pages_per_row == 4096 // 16
     with pytest.raises(ValueError, match="the KV pool holds at most 256 pages"):
         llm.generate([[5] * 10], SamplingParams(max_tokens=5000))
@@ -168,7 +168,7 @@ def test_a_ten_million_token_context_length_costs_nothing_until_a_row_is_long(lo
 def test_the_default_pool_on_a_cpu_has_a_fixed_budget(long_checkpoint):
     """No --context-length and no --max-total-tokens on a CPU: the pool takes
     kvcache.pool.CPU_POOL_BYTES at most, not 90% of the host (it was killed by the kernel)."""
-    llm = LLM(long_checkpoint, max_num_seqs=2)
+    llm = LLM(long_checkpoint, max_running_requests=2)
     spec = llm.engine.spec
     assert spec.total_bytes <= kvcache.pool.CPU_POOL_BYTES < spec.total_bytes + 2 * spec.bytes_per_page
     out = llm.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))[0]

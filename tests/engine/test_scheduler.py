@@ -10,7 +10,8 @@ import pytest
 from helpers import assert_host_tier_consistent, assert_pool_clean
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.scheduler import Ledger, Request
+from engine.request import Request
+from kvcache import Ledger
 
 BASE = dict(model="tiny-random", dtype="float32", page_size=4, context_length=128,
             max_running_requests=8)
@@ -28,8 +29,8 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
     may compile. stop: a stop token id per prompt (else every request runs to max_tokens)."""
     engine = Engine(config)
     if warm:
-        assert engine.warmup(progress=False) == sum(map(len, engine.step_shapes()))
-        compiled = engine._forward._cache_size(), engine._loop._cache_size()
+        assert engine.warmup(progress=False) == sum(map(len, engine.runner.step_shapes()))
+        compiled = engine.runner._step._cache_size(), engine.runner._loop._cache_size()
     stop = stop or [None] * len(prompts)
     reqs = [engine.make_request(f"r{i}", p, SamplingParams(
         max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=[s] if s is not None else []))
@@ -56,7 +57,7 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
     assert_pool_clean(engine)
     assert all(len(r.output) == m for r, m, s in zip(reqs, max_tokens, stop) if s is None)
     if warm:
-        assert (engine._forward._cache_size(), engine._loop._cache_size()) == compiled
+        assert (engine.runner._step._cache_size(), engine.runner._loop._cache_size()) == compiled
     return [r.output for r in reqs], engine, reqs
 
 
@@ -83,14 +84,14 @@ def test_preemption_loses_nothing(reference):
     """A pool of 24 pages for 11 paged requests that need up to 14 pages each, at once: the
     newest paged requests are preempted and resumed, and the tokens do not change."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
-                                          chunked_prefill_size=16, decode_steps=3))
+                                          chunked_prefill_size=16, num_continuous_decode_steps=3))
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
 
 def test_preemption_without_a_prefix_cache(reference):
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
-                                          disable_radix_cache=True, decode_steps=2))
+                                          disable_radix_cache=True, num_continuous_decode_steps=2))
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
@@ -113,7 +114,7 @@ def test_launches_planned_ahead_give_the_same_tokens(reference, layout):
     (decode rows feed the token the device sampled), finished rows go back once no launch in
     flight holds them."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout=layout, static_max_tokens=48,
-                                          chunked_prefill_size=64, decode_steps=4), check_every=0)
+                                          chunked_prefill_size=64, num_continuous_decode_steps=4), check_every=0)
     assert outputs == reference
     assert engine.stats()["overlapped_launches"] > 0
 
@@ -128,7 +129,7 @@ def test_stop_tokens_met_while_the_next_launch_is_queued(reference, layout, max_
     stop = [out[len(out) // 2] for out in reference]
     outputs, engine, reqs = run(EngineConfig(
         **BASE, layout=layout, static_max_tokens=48, max_total_tokens=max_total_tokens,
-        chunked_prefill_size=16, decode_steps=decode_steps), check_every=0, stop=stop)
+        chunked_prefill_size=16, num_continuous_decode_steps=decode_steps), check_every=0, stop=stop)
     assert outputs == [out[:out.index(s) + 1] for out, s in zip(reference, stop)]
     assert all(r.finish_reason == "stop" for r in reqs)
     stats = engine.stats()
@@ -141,20 +142,20 @@ def test_warmup_compiles_every_launch_the_run_needs(reference):
     loops of 1 and 3 steps, and preemption compiles no model launch."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
                                           chunked_prefill_size=16, max_prefill_rows=2,
-                                          decode_steps=3), arrive_every=1, check_every=0, warm=True)
+                                          num_continuous_decode_steps=3), arrive_every=1, check_every=0, warm=True)
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
 
 def test_overlapped_launches_under_preemption(reference):
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
-                                          chunked_prefill_size=16, decode_steps=3), check_every=0)
+                                          chunked_prefill_size=16, num_continuous_decode_steps=3), check_every=0)
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
 
 def test_abort_during_a_chain_of_launches():
-    engine = Engine(EngineConfig(**BASE, layout="paged", decode_steps=2))
+    engine = Engine(EngineConfig(**BASE, layout="paged", num_continuous_decode_steps=2))
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     reqs = [engine.make_request(f"r{i}", [5 + i] * 7, params) for i in range(3)]
     for r in reqs:
@@ -216,7 +217,7 @@ def test_elastic_pool_grows_and_shrinks_without_changing_tokens(reference, layou
         disable_radix_cache=not radix), arrive_every=arrive_every, check_every=check_every)
     assert outputs == reference
     pool = engine.scheduler.pool_report()
-    assert engine.scheduler.pool_sizes == (5, 10, 20, 25)
+    assert engine.scheduler.sizes.sizes == (5, 10, 20, 25)
     assert pool["grows"] > 0 and pool["shrinks"] > 0, pool
     if arrive_every:               # staggered: later rows hold high ids when early ones leave
         assert pool["pages_moved"] > 0, pool
@@ -234,13 +235,13 @@ def test_idle_elastic_pool_shrinks_to_its_smallest_size_after_the_delay():
         engine.step()
     sched = engine.scheduler
     grown = engine.cache.num_pages
-    assert grown > sched.pool_sizes[0] and sched.radix.cached_pages() > 4
+    assert grown > sched.sizes.sizes[0] and sched.radix.cached_pages() > 4
     start = time.monotonic() - 1000.0                       # the real clock is long past due
     assert sched.shrink_due(start) == (None, 30)              # oversized from now on
     assert sched.shrink_due(start + 29)[0] is None
-    assert sched.shrink_due(start + 30) == (sched.pool_sizes[0], None)
+    assert sched.shrink_due(start + 30) == (sched.sizes.sizes[0], None)
     assert engine.maintain() is None                          # shrinks, on the real clock
-    assert engine.cache.num_pages == sched.pool_sizes[0] == 5
+    assert engine.cache.num_pages == sched.sizes.sizes[0] == 5
     assert sched.radix.cached_pages() <= 4                    # the rest was evicted
     assert_pool_clean(engine)
     assert sched.shrink_due(start) == (None, None)            # nothing smaller to go to
@@ -279,7 +280,7 @@ def test_preemption_and_an_elastic_pool_with_a_host_tier(reference):
     the pool grows, and its last shrink sends the cold prefix-cache leaves to the host (their
     slots are not page ids: compaction leaves them alone)."""
     outputs, engine, _ = run(EngineConfig(
-        **BASE, layout="paged", max_total_tokens=96, chunked_prefill_size=16, decode_steps=3,
+        **BASE, layout="paged", max_total_tokens=96, chunked_prefill_size=16, num_continuous_decode_steps=3,
         kv_pool="elastic", kv_pool_min_tokens=16, kv_shrink_after=0, host_kv_size=128))
     assert outputs == reference
     stats = engine.stats()

@@ -310,7 +310,7 @@ def test_static_row_never_allocates_during_decode(prompt, max_new, row):
     end with an empty pool: no allocation, every step ok, the cache untouched but the length."""
     if prompt + max_new - 1 > M * G:
         max_new = M * G - prompt + 1
-    kind, reserve = kvcache.LayoutPolicy("static").pages_at_admission(prompt, max_new, G)
+    reserve = kvcache.LayoutPolicy("static").admit(prompt, prompt + max_new, G).reserve
     cache = kvcache.init_cache(SPEC, R, M)
     cache, ok = _admit(cache, i32([row, 0, 0]), i32([LAYOUT_STATIC, 0, 0]), i32([reserve, 0, 0]),
                        M)
@@ -327,7 +327,8 @@ def test_static_row_never_allocates_during_decode(prompt, max_new, row):
 @settings(max_examples=20, deadline=None, database=None)
 @given(prompt=st.integers(1, M * G), steps=st.integers(1, M * G), row=st.integers(0, R - 1))
 def test_paged_row_allocates_exactly_at_page_boundaries(prompt, steps, row):
-    kind, reserve = kvcache.LayoutPolicy("paged").pages_at_admission(prompt, steps, G)
+    admission = kvcache.LayoutPolicy("paged").admit(prompt, prompt + steps, G)
+    kind, reserve = admission.layout, admission.take
     assert reserve == math.ceil(prompt / G)
     cache = kvcache.init_cache(SPEC, R, M)
     cache, ok = _admit(cache, i32([row, 0, 0]), i32([LAYOUT_PAGED, 0, 0]), i32([reserve, 0, 0]),

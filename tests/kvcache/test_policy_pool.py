@@ -16,32 +16,44 @@ from kvcache import LAYOUT_PAGED, LAYOUT_STATIC, LayoutPolicy, PoolDoesNotFit, P
 lengths = st.integers(1, 5000)
 
 
+def admission(policy, prompt, max_new, page_size, held=0):
+    a = policy.admit(prompt, prompt + max_new, page_size, held)
+    return a.layout, a.take
+
+
 @settings(max_examples=200, deadline=None, database=None)
 @given(prompt=lengths, max_new=lengths, limit=st.integers(0, 6000),
        page_size=st.sampled_from([1, 4, 16, 64]))
 def test_hybrid_is_static_iff_the_request_fits_static_max_tokens(prompt, max_new, limit,
                                                                  page_size):
     policy = LayoutPolicy("hybrid", static_max_tokens=limit)
-    kind, pages = policy.pages_at_admission(prompt, max_new, page_size)
+    kind, pages = admission(policy, prompt, max_new, page_size)
     assert kind == ("static" if prompt + max_new <= limit else "paged")
     assert kind == policy.choose(prompt + max_new)
-    same = LayoutPolicy(kind, static_max_tokens=limit).pages_at_admission(prompt, max_new,
-                                                                          page_size)
+    same = admission(LayoutPolicy(kind, static_max_tokens=limit), prompt, max_new, page_size)
     assert same == (kind, pages), "hybrid must reserve what the layout it picked reserves"
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(prompt=lengths, max_new=lengths, page_size=st.sampled_from([1, 4, 16, 64]))
-def test_pages_at_admission(prompt, max_new, page_size):
-    static = LayoutPolicy("static", static_max_tokens=0).pages_at_admission(
-        prompt, max_new, page_size)
-    paged = LayoutPolicy("paged", static_max_tokens=10**9).pages_at_admission(
-        prompt, max_new, page_size)
+@given(prompt=lengths, max_new=lengths, page_size=st.sampled_from([1, 4, 16, 64]),
+       hit=st.integers(0, 50))
+def test_pages_at_admission(prompt, max_new, page_size, hit):
+    hit = min(hit, (prompt - 1) // page_size)        # a prefix hit leaves a token to feed
+    static = LayoutPolicy("static", static_max_tokens=0).admit(prompt, prompt + max_new,
+                                                               page_size, hit)
+    paged = LayoutPolicy("paged", static_max_tokens=10**9).admit(prompt, prompt + max_new,
+                                                                 page_size, hit)
     # The last sampled token is never stored: prompt + max_new - 1 tokens at most.
-    assert static == ("static", math.ceil((prompt + max_new - 1) / page_size))
-    assert paged == ("paged", math.ceil(prompt / page_size))
-    assert static[1] * page_size >= prompt + max_new - 1 > (static[1] - 1) * page_size
-    assert paged[1] * page_size >= prompt
+    most = math.ceil((prompt + max_new - 1) / page_size)
+    assert most == kvcache.max_pages(prompt + max_new, page_size)
+    assert static == kvcache.Admission("static", most - hit, most - hit)
+    assert paged == kvcache.Admission("paged", math.ceil(prompt / page_size) - hit, 0)
+    assert most * page_size >= prompt + max_new - 1 > (most - 1) * page_size
+    # A static row never grows; a paged one grows by the pages its next tokens fill.
+    assert LayoutPolicy.grow("static", prompt + max_new, 0, page_size) == 0
+    assert LayoutPolicy.grow("paged", prompt + 1, math.ceil(prompt / page_size),
+                             page_size) == int(prompt % page_size == 0)
+    assert LayoutPolicy.preemptible("paged") and not LayoutPolicy.preemptible("static")
 
 
 @pytest.mark.parametrize("layout", ["static", "paged"])
@@ -50,11 +62,16 @@ def test_fixed_layouts_ignore_static_max_tokens(layout):
     assert policy.choose(1) == policy.choose(10**6) == layout
 
 
+def test_a_resumed_request_keeps_its_first_layout():
+    assert LayoutPolicy("paged").admit(5, 10, 16, layout="static") == kvcache.Admission(
+        "static", 1, 1)
+
+
 def test_hybrid_boundary_is_inclusive():
     policy = LayoutPolicy("hybrid", static_max_tokens=100)
     assert policy.choose(100) == "static" and policy.choose(101) == "paged"
-    assert policy.pages_at_admission(60, 40, 16) == ("static", 7)   # 99 tokens stored
-    assert policy.pages_at_admission(60, 41, 16) == ("paged", 4)
+    assert admission(policy, 60, 40, 16) == ("static", 7)   # 99 tokens stored
+    assert admission(policy, 60, 41, 16) == ("paged", 4)
 
 
 def test_unknown_layout_names_the_choices():
@@ -228,8 +245,8 @@ def test_usage_of_one_static_and_one_paged_row():
     cache = kvcache.init_cache(s, 3, 5)
     # Row 2 static: prompt 5, max_new 6 -> 10 stored at most -> 3 pages; 7 tokens so far.
     # Row 0 paged: prompt 9 -> 3 pages; decoded up to 13 tokens -> 4 pages.
-    _, static_pages = kvcache.LayoutPolicy("static").pages_at_admission(5, 6, g)
-    _, paged_pages = kvcache.LayoutPolicy("paged").pages_at_admission(9, 100, g)
+    static_pages = kvcache.LayoutPolicy("static").admit(5, 11, g).take
+    paged_pages = kvcache.LayoutPolicy("paged").admit(9, 109, g).take
     assert (static_pages, paged_pages) == (3, 3)
     cache, ok = kvcache.admit_rows(cache, jnp.array([2, 0]),
                                    jnp.array([LAYOUT_STATIC, LAYOUT_PAGED]),

@@ -24,8 +24,8 @@ def rel_err(ours, ref) -> float:
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     golden = dict(np.load(FIXTURES / request.param / "golden.npz"))
-    llm = LLM(str(FIXTURES / request.param), dtype="float32", page_size=4, max_model_len=64,
-              max_num_seqs=4)
+    llm = LLM(str(FIXTURES / request.param), dtype="float32", page_size=4, context_length=64,
+              max_running_requests=4)
     return request.param, llm, golden
 
 

@@ -18,9 +18,9 @@ from starlette.testclient import TestClient
 
 import serve
 from engine import limits
-from engine.async_engine import AsyncEngine
-from engine.metrics import Metrics
-from engine.server import build_app
+from server.app import build_app
+from server.bridge import AsyncEngine
+from server.metrics import Metrics
 
 MODEL, KEY, MAX_BYTES = "tiny-random", "sk-fuzz", 1 << 20
 FLAGS = ["--dtype", "float32", "--page-size", "4", "--context-length", "256",

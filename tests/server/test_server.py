@@ -267,7 +267,7 @@ def resident_kib(pid: int) -> dict[str, int]:
 
 
 def engine_pid(pid: int) -> int:
-    """The engine's process (engine.async_engine): the server's child started by
+    """The engine's process (server.worker): the server's child started by
     multiprocessing's spawn (beside it, multiprocessing's resource tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     engines = [int(c) for c in children

@@ -1,4 +1,4 @@
-"""engine.server.TextStream: pushed in pieces, its text adds up to the whole decode."""
+"""server.text_stream.TextStream: pushed in pieces, its text adds up to the whole decode."""
 
 import random
 
@@ -7,9 +7,9 @@ import tokenizers
 from helpers import FIXTURES
 from tokenizers import decoders
 
-from engine.server import TextStream
 from models.presets import byte_tokenizer
 from models.tokenizer import Tokenizer
+from server.text_stream import TextStream
 
 
 def sentencepiece_like() -> Tokenizer:

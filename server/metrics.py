@@ -1,7 +1,7 @@
 """Prometheus metrics of one server, in its own registry (several servers may share a process).
 
 Pool and queue figures are read from the statistics the engine's process sends after every step
-(engine.async_engine), so a scrape never waits for the engine.
+(server.bridge), so a scrape never waits for the engine.
 """
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -15,7 +15,7 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self._stats: dict = {}
-        self.engine_restarts = 0     # counted by the supervisor (engine.async_engine)
+        self.engine_restarts = 0     # counted by the supervisor (server.bridge)
         self.ttft = Histogram("hybridkv_time_to_first_token_seconds",
                               "Time from arrival to the first output token",
                               buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -1,7 +1,7 @@
 """Request bodies of the HTTP API (OpenAI-compatible, plus SGLang's native /generate), parsed by
 pydantic: a field of the wrong type, or a value past engine.limits that the schema itself checks
 (choices per request, stop strings, text that is not Unicode), becomes a 400 that names it (see
-engine.server). Sampling values are range-checked once, by SamplingParams, for every API.
+server.errors). Sampling values are range-checked once, by SamplingParams, for every API.
 """
 
 from typing import Annotated, Literal

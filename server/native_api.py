@@ -1,0 +1,63 @@
+"""SGLang's native /generate (text or input_ids; text, output_ids and meta_info back), and the
+operational routes: /health, /metrics (Prometheus), /flush_cache."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import ApiError
+from server.protocol import GenerateRequest
+from server.serving import Serving, sampling_params, serving
+
+router = APIRouter()
+Ctx = Annotated[Serving, Depends(serving)]
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, http: Request, s: Ctx):
+    if (body.text is None) == (body.input_ids is None):
+        raise ApiError(400, "give exactly one of text and input_ids", "text")
+    sp = body.sampling_params
+    prompt_field = "text" if body.text is not None else "input_ids"
+    names = {"prompt": prompt_field, "max_tokens": "sampling_params.max_new_tokens"} | {
+        f: f"sampling_params.{f}" for f in ("temperature", "top_p", "top_k", "seed",
+                                            "stop_token_ids", "ignore_eos")}
+    [req] = s.make_requests([getattr(body, prompt_field)],
+                            lambda _, j: sampling_params(sp, sp.max_new_tokens, j), 1, names)
+    s.check_up()
+
+    def result(text, reason):
+        return {"text": text, "output_ids": list(req.output), "meta_info": {
+            "id": req.rid, "prompt_tokens": len(req.prompt),
+            "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens,
+            "host_cached_tokens": req.host_cached_tokens,
+            "layout": req.layout, "finish_reason": reason}}
+
+    text = [""]
+
+    def chunk(_, new, tokens, reason):     # each event carries the whole text so far
+        text[0] += new
+        return result(text[0], reason)
+    return await s.respond(body.stream, [req], http, sp.stop, chunk,
+                           lambda texts, reasons: result(texts[0], reasons[0]))
+
+
+@router.get("/health")
+async def health(s: Ctx):
+    s.check_up()
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(s: Ctx):
+    return Response(generate_latest(s.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/flush_cache")
+async def flush_cache(s: Ctx):
+    if not await s.engine.call("flush_cache"):
+        raise ApiError(409, "requests are queued or running; flush the cache when idle", None,
+                       "conflict")
+    return {"flushed": True}
