@@ -14,7 +14,6 @@ from helpers import FIXTURES, assert_pool_clean
 import kernels
 import kvcache
 from engine import LLM, SamplingParams
-from server.worker import MAX_RECOVERIES_IN_A_ROW, EngineLoop
 
 PROMPTS = [list(range(3 + i, 12 + 3 * i)) for i in range(4)]
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -117,26 +116,6 @@ def test_requests_not_in_a_failed_launch_resume_with_the_same_tokens(llm, refere
     assert [r.output for r in reqs] == reference
     assert all(r.finish_reason == "length" for r in reqs)
     assert_pool_clean(engine)
-
-
-def test_the_engine_loop_gives_up_after_failures_in_a_row(llm):
-    """The engine's process recovers from MAX_RECOVERIES_IN_A_ROW failures with no step that
-    worked between them, then lets the next one end it (for the server to restart it)."""
-    class Conn:
-        sent = []
-
-        def send(self, message):
-            self.sent.append(message)
-
-    loop = EngineLoop(llm.engine, Conn())
-
-    def fail():
-        raise RuntimeError("INTERNAL: injected")
-    for _ in range(MAX_RECOVERIES_IN_A_ROW):
-        assert loop._guarded(fail) is None
-    with pytest.raises(RuntimeError, match="injected"):
-        loop._guarded(fail)
-    assert_pool_clean(llm.engine)
 
 
 # -- a 10M-token context length ---------------------------------------------------------------
