@@ -32,7 +32,7 @@ from flax import nnx
 
 import kernels
 import kvcache
-from engine import parallel
+from engine import limits, parallel
 from engine.config import EngineConfig
 from engine.front import Front
 from engine.plan import Plan
@@ -97,7 +97,8 @@ class Engine:
                                  self.spec.num_pages - 1)
         self.runner = ModelRunner(self.graphdef, self.params, config=c, spec=self.spec,
                                   pages_per_row=self.pages_per_row, pool_pages=sizes[0],
-                                  mesh=mesh, attn_impl=attn_impl)
+                                  mesh=mesh, attn_impl=attn_impl,
+                                  stop_ids=limits.MAX_STOP_TOKEN_IDS + len(cfg.eos_token_ids))
         self.scheduler = Scheduler(
             sizes=kvcache.elastic.PoolSizes(sizes, c.kv_shrink_after), page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,

@@ -88,8 +88,11 @@ class Flight:
 
 class ModelRunner:
     def __init__(self, graphdef, params, *, config: EngineConfig, spec: kvcache.PoolSpec,
-                 pages_per_row: int, pool_pages: int, mesh, attn_impl: str):
+                 pages_per_row: int, pool_pages: int, mesh, attn_impl: str, stop_ids: int):
+        """stop_ids: the most stop ids a request may carry (engine.limits, EOS included)."""
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
+        # Every decode launch carries this many stop ids a row: one compiled shape for all.
+        self.stop_width = bucket(stop_ids, 4, 1 << 16)
         self.mesh, self.attn_impl = mesh, attn_impl
         c = config
         cs = rep = None     # the cache's and replicated out_shardings; None: XLA's choice
@@ -356,8 +359,7 @@ class ModelRunner:
 
     def _decode_state(self, reqs: list[Request], b: int) -> DecodeState:
         """The DecodeState of a decode launch over reqs, padded to b rows."""
-        e = bucket(max((len(r.stop_ids) for r in reqs), default=0), 4, 1 << 16)
-        stop = np.full((b, e), -1, np.int32)
+        stop = np.full((b, self.stop_width), -1, np.int32)
         for i, r in enumerate(reqs):
             stop[i, :len(r.stop_ids)] = r.stop_ids
         pad = b - len(reqs)

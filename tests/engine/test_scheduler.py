@@ -147,6 +147,23 @@ def test_warmup_compiles_every_launch_the_run_needs(reference):
     assert engine.stats()["preemptions"] > 0
 
 
+def test_stop_ids_up_to_the_limit_compile_nothing_after_warmup(reference):
+    """Every decode launch carries the most stop ids a request may have (engine.limits, EOS
+    included), so a request with 32 stop ids runs on the warmed-up shapes."""
+    engine = Engine(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256))
+    engine.warmup(progress=False)
+    compiled = engine.runner._step._cache_size(), engine.runner._loop._cache_size()
+    unused = [t for t in range(261) if all(t not in out for out in reference)][:32]
+    assert len(unused) == 32
+    req = engine.make_request("stops", PROMPTS[-1], SamplingParams(
+        max_tokens=MAX_TOKENS[-1], temperature=0, ignore_eos=True, stop_token_ids=unused))
+    engine.add(req)
+    while engine.has_work():
+        engine.step()
+    assert req.output == reference[-1]
+    assert (engine.runner._step._cache_size(), engine.runner._loop._cache_size()) == compiled
+
+
 def test_overlapped_launches_under_preemption(reference):
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
                                           chunked_prefill_size=16, num_continuous_decode_steps=3), check_every=0)

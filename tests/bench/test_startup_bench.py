@@ -1,0 +1,29 @@
+"""bench/startup.py on the CPU with the tiny model: a cold and a warm server start (compiling
+lazily, so it is quick), the first token of each, and an offline LLM's two generates."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+PATH = Path(__file__).resolve().parents[2] / "bench" / "startup.py"
+spec = importlib.util.spec_from_file_location("bench_startup", PATH)
+startup = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = startup
+spec.loader.exec_module(startup)
+
+
+def test_startup_bench_times_ready_first_token_and_offline(tmp_path):
+    out = tmp_path / "startup.json"
+    startup.main(["--models", "tiny-random", "--max-running-requests", "2", "--context-length",
+                  "256", "--prompts", "2", "--prompt-tokens", "8", "--output-tokens", "4",
+                  "--serve-flag=--skip-warmup", "--serve-flag=--dtype=float32",
+                  "--timeout", "600", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    for run in ("cold", "warm"):
+        assert 0 < row[run]["ready_s"] < 600 and 0 < row[run]["first_token_s"] < 600
+    # Lazily compiled: the first request compiles its shapes in the cold run, and the warm run
+    # loads them from the persistent cache (a load counts as a compile event too).
+    assert row["cold"]["compiles_by_the_first_request"] > 0
+    off = row["offline"]
+    assert off["first_generate_s"] > off["second_generate_s"] > 0
