@@ -88,7 +88,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     import jax
 
     import kvcache
-    from engine.runner import bucket
+    from engine.shapes import bucket
     from engine.step import DecodeState, SamplingArrays
     kind, reserved = CASES[case]
     kinds = [kind or ("static" if b % 2 == 0 else "paged") for b in range(batch)]

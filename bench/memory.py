@@ -109,7 +109,7 @@ class Sampler:
         stats = self.device.memory_stats() or {}
         sched = self.engine.scheduler
         return (time.monotonic() - self.t0, stats.get("bytes_in_use"), self.driver_mib(),
-                sched.capacity, len(sched.running))
+                sched.pool.capacity, len(sched.running))
 
     def _run(self):
         while not self._stop.is_set():
@@ -144,11 +144,11 @@ def run_burst(engine, jobs: list[Job], tag: str) -> dict:
     steps, grew, most, waste = [], [], 0, {"static": [], "paged": []}
     start = time.monotonic()
     while engine.has_work():
-        grows = engine.scheduler.sizes.counts["grows"]
+        grows = engine.scheduler.pool.sizes.counts["grows"]
         t = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - t)
-        grew.append(engine.scheduler.sizes.counts["grows"] > grows)
+        grew.append(engine.scheduler.pool.sizes.counts["grows"] > grows)
         for req in [r for r, job in live.items() if len(r.output) >= job.stop_at]:
             del live[req]
             if req.finish_reason is None:
@@ -226,7 +226,7 @@ def one_config(args, layout: str, pool: str) -> dict:
             "weights_bytes": weights, "startup": startup,
             "peak_live_bytes": peak.get("peak_bytes_in_use"),
             "peak_driver_mib": max((r[2] for r in rows if r[2] is not None), default=None),
-            "bursts": bursts, "after_idle": after, "pool_report": engine.scheduler.pool_report(),
+            "bursts": bursts, "after_idle": after, "pool_report": engine.scheduler.pool.report(),
             "series": [rows[i] for i in keep]}
 
 

@@ -109,7 +109,7 @@ class Engine:
                            eos_token_ids=tuple(cfg.eos_token_ids),
                            context_length=self.context_length, page_size=c.page_size,
                            bytes_per_page=self.spec.bytes_per_page,
-                           max_pages=self.scheduler.max_capacity)
+                           max_pages=self.scheduler.pool.max_capacity)
         self.requests: dict[str, Request] = {}
         self._flights: collections.deque[Flight] = collections.deque()   # oldest first
         self._ready: list[Request] = []     # advanced while draining, for the next step
@@ -245,7 +245,7 @@ class Engine:
             blamed.update(plan.decode, (r for r, _ in plan.chunks))
         self._flights.clear()
         running = self.scheduler.reset()
-        self.runner.reset()
+        self.runner.reset(self.scheduler.pool.num_pages)   # the size the new ledger has
         failed = []
         for req in reversed(running):
             if req in blamed:
@@ -267,10 +267,10 @@ class Engine:
         """Shrinks an elastic pool that has been oversized long enough (see Scheduler), after
         reading the launches in flight. Returns the seconds until a shrink may be due (for an
         idle caller to sleep on), or None when none is pending."""
-        target, wait = self.scheduler.shrink_due(time.monotonic())
+        target, wait = self.scheduler.pool.shrink_due(time.monotonic())
         if target is not None and self._flights:
             self.sync()
-            target, wait = self.scheduler.shrink_due(time.monotonic())
+            target, wait = self.scheduler.pool.shrink_due(time.monotonic())
         if target is None:
             return wait
         plan = self.scheduler.release_pending()
@@ -283,7 +283,7 @@ class Engine:
         """Empties the prefix cache; refuses (False) while requests are queued or running."""
         if self.has_work():
             return False
-        self.runner.queue(self.scheduler.flush())
+        self.runner.queue(self.scheduler.pool.flush())
         self.runner.flush_ops()
         return True
 

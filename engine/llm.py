@@ -90,5 +90,5 @@ class LLM:
         size, largest free run, and elastic growths, shrinks and pages moved."""
         self.engine.sync()
         report = kvcache.usage(self.engine.cache)
-        report["pool"] |= self.engine.scheduler.pool_report()
+        report["pool"] |= self.engine.scheduler.pool.report()
         return report

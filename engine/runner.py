@@ -2,9 +2,9 @@
 carry out the scheduler's plans. `launch(plan)` packs a plan into one host buffer
 (engine.packing), queues one jitted call and returns at once; `read(flight)` waits for that
 call's one result and opens it. Page operations decided between launches (prefix-cache shares
-and evictions, row releases) wait here and ride in the next launch (engine.page_ops); host-tier
-copies run as calls of their own. Shapes are padded to buckets, so the calls compile a bounded
-number of times (`step_shapes`, compiled ahead by `warmup`).
+and evictions, row releases) wait in `pages` and ride in the next launch (engine.page_ops);
+host-tier copies run as calls of their own. Shapes are padded to buckets, so the calls compile
+a bounded number of times (engine.shapes, compiled ahead by `warmup`).
 """
 
 import collections
@@ -23,10 +23,11 @@ from jax.sharding import PartitionSpec as P
 import kvcache
 from engine import packing, parallel
 from engine.config import EngineConfig
-from engine.page_ops import PageOps, PageOpsArrays
+from engine.page_ops import PageOpQueue, PageOps, padded_ids, without_kv
 from engine.plan import Plan
 from engine.request import Request
 from engine.sampling import filters
+from engine.shapes import Buckets, bucket, loop_key, step_key
 from engine.step import DecodeState, Feed, SamplingArrays, loop_launch, mixed_launch
 
 log = logging.getLogger("hybridkv")
@@ -44,45 +45,11 @@ def _count_compile(event: str, seconds: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-def bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
-    """Smallest power of factor >= max(n, lo), capped at hi: shapes compile once per bucket."""
-    b = 1
-    while b < max(n, lo):
-        b *= factor
-    return min(b, hi)
-
-
-def padded_ids(*ids) -> tuple[np.ndarray, ...]:
-    """Equal-length id lists, each zero-padded to one bucket (calls compile once per bucket),
-    then the mask of the real entries."""
-    k = len(ids[0])
-    n = bucket(k, 16, 1 << 30)
-    out = np.zeros((len(ids), n), np.int32)
-    out[:, :k] = ids
-    return (*out, np.arange(n) < k)
-
-
-def without_kv(cache: kvcache.KVCache) -> kvcache.KVCache:
-    return dataclasses.replace(cache, k=(), v=())
-
-
-def page_op(fn, **jit_kwargs):
-    """jit(fn) for a page operation fn(cache, ...) -> cache' that reads and writes only the
-    page tables and the allocator: the call gets the cache without its K/V arrays (two per
-    layer, most of its leaves; a donated argument costs dispatch time per array), and they are
-    put back into what it returns. The rest of the cache is donated."""
-    jitted = jax.jit(fn, donate_argnums=0, **jit_kwargs)
-
-    def call(cache: kvcache.KVCache, *args):
-        return dataclasses.replace(jitted(without_kv(cache), *args), k=cache.k, v=cache.v)
-    return call
-
-
 @dataclasses.dataclass
 class Flight:
     """A launch queued on the device whose result the host has not read yet."""
     out: jax.Array                   # its one int32 result
-    key: tuple                       # its call signature, under which the result's layout is
+    key: tuple                       # its call signature: `result` opens `out` with it
     plan: Plan
 
 
@@ -93,6 +60,7 @@ class ModelRunner:
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
         # Every decode launch carries this many stop ids a row: one compiled shape for all.
         self.stop_width = bucket(stop_ids, 4, 1 << 16)
+        self.buckets = Buckets(config)
         self.mesh, self.attn_impl = mesh, attn_impl
         c = config
         cs = rep = None     # the cache's and replicated out_shardings; None: XLA's choice
@@ -104,14 +72,11 @@ class ModelRunner:
         self.cache = self.new_cache(pool_pages)
         device = jax.devices()[0]
         self.host = kvcache.HostStore(device, kvcache.host_memory_kind(device))
-        # Page operations wait in _shares, _drops and _releases for the next launch.
-        self.ops = ops = PageOps(shares=c.max_prefill_rows * pages_per_row,
-                                 drops=c.max_prefill_rows * pages_per_row,
-                                 releases=c.max_running_requests, admits=c.max_prefill_rows,
-                                 width=pages_per_row)
-        self._shares: list[int] = []
-        self._drops: list[int] = []
-        self._releases: list[tuple[int, int, int]] = []
+        ops = PageOps(shares=c.max_prefill_rows * pages_per_row,
+                      drops=c.max_prefill_rows * pages_per_row,
+                      releases=c.max_running_requests, admits=c.max_prefill_rows,
+                      width=pages_per_row)
+        self.pages = PageOpQueue(ops, self.host, None if cs is None else without_kv(cs))
         no_ops = ops.fill()
         self._no_ops = (jax.device_put(packing.pack(no_ops), rep), packing.layout_of(no_ops))
         # Each launch's result layout, by its inputs' layout: recorded when the launch is traced
@@ -142,11 +107,6 @@ class ModelRunner:
                              static_argnames=("layout", "attn_impl"))
         self._loop = jax.jit(loop, out_shardings=(rep, cs), donate_argnames="cache",
                              static_argnames=("ops_layout", "layout", "num_steps", "attn_impl"))
-        pages_cs = None if cs is None else without_kv(cs)
-        self._page_ops = page_op(lambda cache, buf, layout: ops.apply(
-            cache, packing.unpack(buf, layout))[0], out_shardings=pages_cs,
-            static_argnums=2)
-        self._drop = page_op(kvcache.drop_pages, out_shardings=pages_cs)
         self.shapes: set[tuple] = set()
         self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
         self._device_end = 0.0              # when the last timed launch ended
@@ -165,15 +125,14 @@ class ModelRunner:
         init = functools.partial(self._init_cache, num_pages)
         return jax.jit(init, out_shardings=self._cache_sharding)()
 
-    def reset(self) -> None:
-        """A new empty cache at the current size in place of one that cannot be trusted (a
+    def reset(self, num_pages: int) -> None:
+        """A new empty cache of num_pages pages in place of one that cannot be trusted (a
         launch that held it failed); queued page operations and the host tier are dropped."""
-        num_pages = self.spec.num_pages if self.cache is None else self.cache.num_pages
         old, self.cache = self.cache, None
         for x in jax.tree.leaves(old):
             if not x.is_deleted():
                 x.delete()
-        self._shares, self._drops, self._releases = [], [], []
+        self.pages.clear()
         self.host.clear()
         self.cache = self.new_cache(num_pages)
 
@@ -189,50 +148,17 @@ class ModelRunner:
         # where every call expects them (the pages kept their sharding; a no-op for them).
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding)
 
-    # -- page operations ------------------------------------------------------------------------
+    # -- page operations (engine.page_ops.PageOpQueue) ------------------------------------------
     def queue(self, plan: Plan) -> None:
-        """Queues plan's releases and evictions for the next launch. Host moves (evicted leaves
-        copied to the host tier, hits copied back) run now, after what was queued, and then
-        their evictions: a copy reads its pages before anything reuses them."""
-        self._releases += [(r.row, r.keep_from, r.keep_to) for r in plan.release]
-        if not plan.host:
-            self._drops += plan.evict
-            return
-        self.flush_ops()
-        self.cache = self.host.apply(self.cache, plan.host)
-        if plan.evict:
-            self.cache = self._drop(self.cache, *padded_ids(plan.evict))
+        """Queues plan's releases and evictions for the next launch (its host moves run now)."""
+        self.cache = self.pages.queue(self.cache, plan)
 
     def share(self, pages: list[int]) -> None:
-        """One more holder (the prefix cache) for each page, in the next launch."""
-        self._shares += pages
-
-    def _take_ops(self, admits=()) -> PageOpsArrays:
-        """The queued page operations and admits as PageOps arrays for the next launch; queued
-        ones that do not fit beside the admissions run first, in calls of their own."""
-        if not self.ops.fits(len(self._shares), len(self._drops), len(self._releases),
-                             len(admits)):
-            self.flush_ops()
-        arrays = self.ops.fill(self._shares, self._drops, self._releases, admits)
-        self._shares, self._drops, self._releases = [], [], []
-        return arrays
-
-    def _ops_pending(self) -> bool:
-        return bool(self._shares or self._drops or self._releases)
+        self.pages.share(pages)
 
     def flush_ops(self) -> None:
-        """Runs the queued page operations now, in calls of their own: every share before any
-        drop (an eviction may drop the reference a share adds) and every drop before any
-        release, as in one launch."""
-        while self._ops_pending():
-            shares, self._shares = self._shares[:self.ops.shares], self._shares[self.ops.shares:]
-            drops = [] if self._shares else self._drops[:self.ops.drops]
-            self._drops = self._drops[len(drops):]
-            releases = [] if self._shares or self._drops else self._releases[:self.ops.releases]
-            self._releases = self._releases[len(releases):]
-            arrays = self.ops.fill(shares, drops, releases)
-            self.cache = self._page_ops(self.cache, packing.pack(arrays),
-                                        packing.layout_of(arrays))
+        """Runs the queued page operations now, in calls of their own."""
+        self.cache = self.pages.flush(self.cache)
 
     # -- launches -------------------------------------------------------------------------------
     def launch(self, plan: Plan) -> Flight:
@@ -245,25 +171,26 @@ class ModelRunner:
                   for req, hit, n in plan.admit]
         feeds = []
         if plan.decode:
-            b = self._mixed_rows(len(plan.decode))
+            b = self.buckets.mixed_rows(len(plan.decode))
             tokens = np.zeros((b, 1), np.int32)
             tokens[:len(plan.decode), 0] = [self._next_token(r) for r in plan.decode]
             feeds.append(self._feed([(r, 1) for r in plan.decode], tokens, b))
-        b = self._chunk_rows(len(plan.chunks))
-        tokens = np.zeros((b, self._chunk_len(max(n for _, n in plan.chunks))), np.int32)
+        b = self.buckets.chunk_rows(len(plan.chunks))
+        tokens = np.zeros((b, self.buckets.chunk_len(max(n for _, n in plan.chunks))), np.int32)
         for i, (r, n) in enumerate(plan.chunks):
             tokens[i, :n] = r.tokens[r.computed:r.computed + n]
         feeds.append(self._feed(plan.chunks, tokens, b))
-        inputs = (self._take_ops(admits), tuple(feeds))
+        self.cache, ops = self.pages.take(self.cache, admits)
+        inputs = (ops, tuple(feeds))
         layout = packing.layout_of(inputs)
-        self._log_shape(("step", *((f.tokens.shape, f.sampling.filtering) for f in feeds)))
+        self._log_shape(step_key(feeds))
         out, self.cache = self._timed(self._step, self.weights, self.cache,
                                       packing.pack(inputs), layout=layout,
                                       attn_impl=self.attn_impl)
         return Flight(out, ("step", layout), plan)
 
     def _launch_decode(self, plan: Plan) -> Flight:
-        state = self._decode_state(plan.decode, self._loop_rows(len(plan.decode)))
+        state = self._decode_state(plan.decode, self.buckets.loop_rows(len(plan.decode)))
         return Flight(*self.decode(state, plan.steps), plan)
 
     def decode(self, state: DecodeState, steps: int) -> tuple[jax.Array, tuple]:
@@ -271,12 +198,12 @@ class ModelRunner:
         after the queued page operations. Returns (its packed result, the key `result`
         opens it with)."""
         layout = packing.layout_of(state)
-        if self._ops_pending():
-            ops = self._take_ops()
+        if self.pages.pending():
+            self.cache, ops = self.pages.take(self.cache)
             ops_buf, ops_layout = packing.pack(ops), packing.layout_of(ops)
         else:        # the empty operations, already on the device
             ops_buf, ops_layout = self._no_ops
-        self._log_shape(("decode loop", *state.stop_ids.shape, state.sampling.filtering, steps))
+        self._log_shape(loop_key(state, steps))
         out, self.cache = self._timed(self._loop, self.weights, self.cache, ops_buf,
                                       packing.pack(state), ops_layout=ops_layout, layout=layout,
                                       num_steps=steps, attn_impl=self.attn_impl)
@@ -370,35 +297,7 @@ class ModelRunner:
             active=remaining > 0, remaining=remaining, stop_ids=stop,
             sampling=self._sampling(reqs, b))
 
-    # -- compiled shapes ------------------------------------------------------------------------
-    # A mixed step compiles once per (decode rows, chunk rows, chunk length) bucket, a decode
-    # loop once per (rows, steps) bucket, per pool size. Decode rows in a mixed step go up in
-    # powers of 4 (they cost one token each, so padding them is cheap), chunk lengths in powers
-    # of 2 from 64: with the defaults 5 x 3 x 4 mixed shapes and 2 x 7 loops, which `warmup`
-    # compiles at start-up.
-    def _mixed_rows(self, n: int) -> int:
-        return bucket(n, 1, self.config.max_running_requests, factor=4) if n else 0
-
-    def _chunk_rows(self, n: int) -> int:
-        return bucket(n, 1, self.config.max_prefill_rows)
-
-    def _chunk_len(self, n: int) -> int:
-        return bucket(n, 64, bucket(self.config.chunked_prefill_size, 16, 1 << 30))
-
-    def _loop_rows(self, n: int) -> int:
-        return bucket(n, 1, self.config.max_running_requests)
-
-    def step_shapes(self) -> tuple[list, list]:
-        """Every (decode rows, chunk rows, chunk length) of a mixed step and every (rows, steps)
-        of a decode loop that the scheduler's plans can take, as padded to their buckets."""
-        c = self.config
-        dec = sorted({self._mixed_rows(n) for n in range(c.max_running_requests + 1)})
-        rows = sorted({self._chunk_rows(n) for n in range(1, c.max_prefill_rows + 1)})
-        lens = sorted({self._chunk_len(n) for n in range(1, c.chunked_prefill_size + 1)})
-        loops = sorted({self._loop_rows(n) for n in range(1, c.max_running_requests + 1)})
-        return ([(d, r, t) for d in dec for r in rows for t in lens],
-                [(b, s) for b in loops for s in sorted({1, c.num_continuous_decode_steps})])
-
+    # -- compiled shapes (engine.shapes) --------------------------------------------------------
     def _log_shape(self, shape: tuple) -> None:
         if shape not in self.shapes:
             self.shapes.add(shape)
@@ -412,28 +311,27 @@ class ModelRunner:
         against 74 in 97 s in one) and the server then decoded slower too (16.3k against 26.0k
         tokens/s at 64 rows), likely because XLA's autotuner timed its kernel candidates on a
         device shared by the other compiles. Still compiled lazily, with a log line: sampling
-        with top-k / top-p, other pool sizes of an elastic pool, requests with many stop ids,
-        and the host tier's copies and page drops. Returns the shape count."""
-        mixed, loops = self.step_shapes()
+        with top-k / top-p, other pool sizes of an elastic pool, and the host tier's copies
+        and page drops. Returns the shape count."""
+        mixed, loops = self.buckets.step_shapes()
         calls = []
-        no_ops = self.ops.fill()
+        no_ops = self.pages.ops.fill()
         for d, r, t in mixed:
             feeds = tuple(self._feed([], np.zeros((b, n), np.int32), b)
                           for b, n in ([(d, 1)] if d else []) + [(r, t)])
             inputs = (no_ops, feeds)
-            key = ("step", *((f.tokens.shape, f.sampling.filtering) for f in feeds))
-            calls.append((key, self._step, (packing.pack(inputs),),
+            calls.append((step_key(feeds), self._step, (packing.pack(inputs),),
                           {"layout": packing.layout_of(inputs)}))
         for b, steps in loops:
             state = self._decode_state([], b)
-            key = ("decode loop", *state.stop_ids.shape, state.sampling.filtering, steps)
+            key = loop_key(state, steps)
             # with page operations, and without (their buffer already on the device: a call
             # signature of its own, though no new compile)
             for ops in ((packing.pack(no_ops), packing.layout_of(no_ops)), self._no_ops):
                 calls.append((key, self._loop, (ops[0], packing.pack(state)),
                               {"ops_layout": ops[1], "layout": packing.layout_of(state),
                                "num_steps": steps}))
-        self.cache = self._page_ops(self.cache, packing.pack(no_ops), packing.layout_of(no_ops))
+        self.cache = self.pages.run(self.cache, no_ops)
         for key, fn, args, kw in tqdm.tqdm(calls, desc="compiling step shapes",
                                            disable=not progress):
             _, self.cache = fn(self.weights, self.cache, *args, attn_impl=self.attn_impl, **kw)

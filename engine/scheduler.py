@@ -2,7 +2,8 @@
 
 The device allocates pages inside the step; the host never asks it how many are free. Page
 demand is a function of sequence lengths, so the scheduler keeps a mirror of every page's
-holders (`Ledger`) and plans each launch so that the pool covers it:
+holders (engine.pool_view: the ledger, the prefix cache, the pool's size) and plans each
+launch so that the pool covers it:
 
     release finished / aborted / preempted rows  ->  evict prefix-cache leaves  ->
     admit waiting requests (prefix hit, static reservation)  ->  run (chunks + decode rows)
@@ -33,19 +34,19 @@ import collections
 import numpy as np
 
 from engine.plan import Plan, Release
+from engine.pool_view import PoolView
 from engine.request import Request
 from kvcache.allocator import TRASH_PAGE
-from kvcache.elastic import PoolSizes, compaction_moves, fragmentation
-from kvcache.ledger import Ledger
+from kvcache.elastic import PoolSizes
 from kvcache.policy import LayoutPolicy
-from kvcache.radix import HostMove, RadixCache
 
 
 class Scheduler:
     """sizes: the page counts the pool may take (one: a static pool), starting at the first;
     an elastic pool grows when free and evictable pages do not cover a launch and shrinks when
     oversized (kvcache.elastic.PoolSizes). policy: the layout of each request and the pages it
-    takes. host_pages: the prefix cache's host tier (0: none)."""
+    takes. host_pages: the prefix cache's host tier (0: none). `pool` is the host's view of
+    the pool (engine.pool_view.PoolView)."""
 
     def __init__(self, *, sizes: PoolSizes, page_size: int, max_rows: int, row_width: int,
                  policy: LayoutPolicy, chunk_size: int, max_prefill_rows: int,
@@ -54,20 +55,16 @@ class Scheduler:
         self.row_width, self.max_rows = row_width, max_rows
         self.chunk_size, self.max_prefill_rows = chunk_size, max_prefill_rows
         self.decode_steps = decode_steps
-        self.sizes = sizes
-        self.ledger = Ledger(sizes.sizes[0])
-        self.radix = RadixCache(page_size, host_pages) if radix_cache else None
+        self.pool = PoolView(sizes, page_size, radix_cache, host_pages)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []   # in admission order: the last is preempted first
         self.free_rows = list(range(max_rows - 1, -1, -1))
         self.to_release: list[Request] = []
         self.preemptions = 0
-        self._committed = 0               # pages promised to the launch being planned
         self.unread_pages = 0             # pages taken in launches the host has not read
         self.prompt_tokens = 0            # tokens looked up in the prefix cache, first admissions
         self.hit_tokens = 0               # of which found there
         self.host_hit_tokens = 0          # of which in the host tier
-        self.host_io = {"offload": 0, "load": 0}  # pages moved to and from the host tier
 
     # -- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -91,96 +88,33 @@ class Scheduler:
         return bool(self.waiting or self.running or self.to_release)
 
     # -- pages ------------------------------------------------------------------------------
-    @property
-    def num_pages(self) -> int:
-        return len(self.ledger.refcount)
-
-    @property
-    def capacity(self) -> int:
-        """Pages the pool holds now (the trash page excluded)."""
-        return self.num_pages - 1
-
-    @property
-    def max_capacity(self) -> int:
-        """Pages the pool may ever hold."""
-        return self.sizes.largest - 1
-
     def _need(self, req: Request, tokens: int) -> int:
         """Pages req must take to store `tokens` more (none for static rows: reserved)."""
         return self.policy.grow(req.layout, req.computed + tokens,
                                 len(req.pages) + req.unread_pages, self.g)
 
-    def _evictable(self) -> int:
-        return self.radix.evictable_pages() if self.radix else 0
-
     def _release(self, req: Request, plan: Plan) -> None:
         if req.inflight:
             raise RuntimeError("a row was released while a launch the host has not read holds it")
         release = Release(req.row)
-        if self.radix is not None:
+        if self.pool.radix is not None:
             if req.node is not None:
-                self.radix.unlock(req.node)
+                self.pool.radix.unlock(req.node)
             # A row planned past its stop token stored more than its tokens: those are garbage.
             full = min(req.computed, req.num_tokens) // self.g
-            adopted = self.radix.insert(req.prefix(full * self.g), req.pages[:full])
+            adopted = self.pool.radix.insert(req.prefix(full * self.g), req.pages[:full])
             release = Release(req.row, full - len(adopted), full)   # adopted: a suffix
-        self.ledger.drop(req.pages[:release.keep_from] + req.pages[release.keep_to:])
+        self.pool.ledger.drop(req.pages[:release.keep_from] + req.pages[release.keep_to:])
         plan.release.append(release)
         self.free_rows.append(req.row)
         req.row, req.pages, req.computed, req.node = -1, [], 0, None
 
-    def _make_room(self, pages: int, plan: Plan) -> bool:
-        """Commits `pages` more of the pool to this launch, evicting prefix-cache leaves as
-        needed; False (and nothing committed) if the pool cannot cover them."""
-        want = self._committed + pages
-        short = want - self.ledger.free - self._evictable()
-        if short > 0 and not self._grow(short, plan):
-            return False
-        if want > self.ledger.free:
-            freed = self.radix.evict(want - self.ledger.free)
-            self.ledger.drop(freed)
-            plan.evict += freed
-        self._committed = want
-        return True
-
-    def _grow(self, pages: int, plan: Plan) -> bool:
-        """Grows the pool by at least `pages` pages, to the smallest size that does."""
-        size = self.sizes.grow(self.num_pages, pages)
-        if size is None:
-            return False
-        self.ledger.resize(size)
-        plan.grow_to = size
-        return True
-
-    def shrink_due(self, now: float) -> tuple[int | None, float | None]:
-        """(the size to shrink the pool to now, or None; seconds until a shrink may be due, or
-        None while the pool is not oversized)."""
-        pinned = self.capacity - self.ledger.free - self._evictable()
-        return self.sizes.shrink_due(self.num_pages, pinned, now)
-
     def shrink(self, num_pages: int, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-        """Shrinks the pool to num_pages: evicts prefix-cache leaves (least recently used
-        first) until the held pages fit, into plan (its evictions and host moves), then picks
-        moves that compact the held pages below num_pages and rewrites every host copy of a
-        page id. Only between launches, with no release pending. Returns (src, dst): the device
-        moves pages after carrying out plan (leaves evicted to the host tier are read before
-        anything moves)."""
+        """Shrinks the pool to num_pages (PoolView.shrink). Only between launches, with no
+        release pending."""
         if self.to_release:
             raise RuntimeError("shrink with releases pending")
-        over = self.capacity - self.ledger.free - (num_pages - 1)
-        evicted = self.radix.evict(over) if over > 0 and self.radix else []
-        self.ledger.drop(evicted)
-        plan.evict += evicted
-        plan.host += self.host_moves()
-        src, dst = compaction_moves(self.ledger.refcount, num_pages)
-        remap = dict(zip(src.tolist(), dst.tolist()))
-        for req in self.running:
-            req.pages = [remap.get(p, p) for p in req.pages]
-        if self.radix is not None:
-            self.radix.remap(remap)
-        self.ledger.resize(num_pages, src, dst)
-        self.sizes.shrunk(len(src))
-        return src, dst
+        return self.pool.shrink(num_pages, plan, self.running)
 
     def _preempt(self, plan: Plan) -> Request | None:
         """The newest paged request gives its row back and waits at the head of the queue."""
@@ -201,7 +135,7 @@ class Scheduler:
             if not req.inflight:
                 self._release(req, plan)
         self.to_release = [r for r in self.to_release if r.inflight]
-        plan.host += self.host_moves()
+        plan.host += self.pool.host_moves()
         return plan
 
     def schedule(self, lookahead: bool = False) -> Plan:
@@ -209,26 +143,16 @@ class Scheduler:
         stops, with wait set, at what would need its results."""
         plan = self.release_pending()
         while True:
-            self._committed = self.unread_pages
+            self.pool.begin(self.unread_pages)
             self._plan_run(plan, lookahead)
             if plan.runs or plan.wait or not self._live():
-                plan.host += self.host_moves()
+                plan.host += self.pool.host_moves()
                 return plan
             # Every running row waits for pages that only a preemption can free.
             if lookahead:
                 plan.wait = True
             elif self._preempt(plan) is None:
                 raise RuntimeError("static rows hold more pages than they reserved")
-
-    def host_moves(self) -> list[HostMove]:
-        """Copies between the pool and the host tier decided since the last call, oldest first
-        (plans carry theirs). The device carries them out in this order, before the pages
-        evicted with them are dropped or reused."""
-        moves = self.radix.take_moves() if self.radix is not None else []
-        for move in moves:
-            if move.op in self.host_io:
-                self.host_io[move.op] += len(move.slots)
-        return moves
 
     def _live(self) -> list[Request]:
         """Running requests with tokens left to sample (the others finish when read)."""
@@ -242,7 +166,7 @@ class Scheduler:
         # count would be one more compiled shape per batch bucket.
         plan.steps = 1 if prefilling else self.decode_steps
         # Decode rows first: the oldest requests keep running, the newest paged one yields.
-        while not self._make_room(sum(self._need(r, plan.steps) for r in decoding), plan):
+        while not self.pool.make_room(sum(self._need(r, plan.steps) for r in decoding), plan):
             if plan.steps > 1:
                 plan.steps = 1
                 continue
@@ -259,7 +183,7 @@ class Scheduler:
         budget, rows = self.chunk_size, self.max_prefill_rows
         for req in prefilling:
             n = min(req.num_tokens - req.computed, budget)
-            if rows == 0 or budget == 0 or not self._make_room(self._need(req, n), plan):
+            if rows == 0 or budget == 0 or not self.pool.make_room(self._need(req, n), plan):
                 return      # the queue waits behind a prefill that could not go on
             plan.chunks.append((req, n))
             budget, rows = budget - n, rows - 1
@@ -279,27 +203,24 @@ class Scheduler:
         the tokens of its first chunk, or None."""
         num_tokens = req.num_tokens
         hit, node, hosted = [], None, []
-        if self.radix is not None:
+        if self.pool.radix is not None:
             keep = (num_tokens - 1) // self.g             # keep one token to feed
-            hit, node, hosted = self.radix.match_host(req.prefix(keep * self.g))
+            hit, node, hosted = self.pool.radix.match_host(req.prefix(keep * self.g))
             if hosted and lookahead:
                 plan.wait = True
                 return None
             if hit or hosted:
-                self.radix.lock(node)
+                self.pool.radix.lock(node)
             else:
                 node = None
         loads = sum(len(n.value) for n in hosted)
         adm = self.policy.admit(num_tokens, req.max_len, self.g, len(hit) + loads, req.layout)
-        if not self._make_room(adm.take + loads, plan):
+        if not self.pool.make_room(adm.take + loads, plan):
             if node is not None:
-                self.radix.unlock(node)
+                self.pool.radix.unlock(node)
             return None
         if loads:
-            fresh = np.flatnonzero(self.ledger.refcount == 0)[:loads]
-            self.ledger.take(fresh)
-            self._committed -= loads
-            hit += self.radix.load(hosted, fresh)
+            hit += self.pool.radix.load(hosted, self.pool.take_fresh(loads))
         req.layout, req.row, req.node = adm.layout, self.free_rows.pop(), node
         req.pages, req.computed = list(hit), len(hit) * self.g
         if not req.admitted_once:
@@ -308,7 +229,7 @@ class Scheduler:
             self.prompt_tokens += len(req.prompt)
             self.hit_tokens += req.computed
             self.host_hit_tokens += req.host_cached_tokens
-        self.ledger.share(hit)
+        self.pool.ledger.share(hit)
         plan.admit.append((req, list(hit), adm.reserve))
         self.running.append(req)
         n = min(num_tokens - req.computed, budget)
@@ -341,7 +262,7 @@ class Scheduler:
             raise RuntimeError(f"the device gave a row {len(pages)} pages where the plan "
                                f"counted {planned}")
         if pages:       # most decode steps take none: skip the ledger call (~10 us)
-            self.ledger.take(pages)
+            self.pool.ledger.take(pages)
             req.pages += pages
         req.unread_pages -= planned
         self.unread_pages -= planned
@@ -353,20 +274,20 @@ class Scheduler:
     def admitted(self, req: Request, row_pages: list[int], reserve: int) -> None:
         """The admit call's page-table row: the hit pages, then `reserve` fresh ones."""
         fresh = row_pages[len(req.pages):len(req.pages) + reserve]
-        self.ledger.take(fresh)
+        self.pool.ledger.take(fresh)
         req.pages += fresh
 
     def prefilled(self, req: Request) -> list[int]:
         """req stored its whole prompt: its full pages join the prefix cache now, so requests
         admitted while it decodes share them. Returns the pages the cache took a reference to
         (the caller adds it on the device); req keeps its own until it is released."""
-        if self.radix is None:
+        if self.pool.radix is None:
             return []
         full = req.num_tokens // self.g
-        adopted, node = self.radix.insert_locked(req.prefix(full * self.g), req.pages[:full])
-        self.ledger.share(adopted)
+        adopted, node = self.pool.radix.insert_locked(req.prefix(full * self.g), req.pages[:full])
+        self.pool.ledger.share(adopted)
         if req.node is not None:
-            self.radix.unlock(req.node)
+            self.pool.radix.unlock(req.node)
         req.node = node if full else None
         return adopted
 
@@ -380,13 +301,10 @@ class Scheduler:
         for req in running:
             req.row, req.pages, req.computed, req.node = -1, [], 0, None
             req.pending = req.unread_pages = req.inflight = 0
-        self.ledger = Ledger(self.num_pages)
-        if self.radix is not None:
-            self.radix = RadixCache(self.g, self.radix.host_capacity)
+        self.pool.reset()
         self.running, self.to_release = [], []
         self.free_rows = list(range(self.max_rows - 1, -1, -1))
-        self._committed = self.unread_pages = 0
-        self.sizes.reset_clock()
+        self.unread_pages = 0
         return running
 
     def requeue(self, req: Request) -> None:
@@ -395,37 +313,12 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(req)
 
-    def flush(self) -> Plan:
-        """Drops every prefix-cache page. Only while nothing runs (the caller checks)."""
-        plan = Plan()
-        if self.radix is not None:
-            plan.evict = self.radix.reset()
-            self.ledger.drop(plan.evict)
-            plan.host = self.host_moves()
-        return plan
-
-    def pool_report(self) -> dict:
-        """The pool's size and fragmentation: O(pages), for reports, not every step."""
-        return {"pages": self.capacity, "max_pages": self.max_capacity,
-                **fragmentation(self.ledger.refcount), **self.sizes.counts}
-
     def stats(self) -> dict:
-        return {
-            "pages_total": self.capacity,
-            "pages_max": self.max_capacity,
-            "pages_free": self.ledger.free,
-            "pool_grows": self.sizes.counts["grows"],
-            "pool_shrinks": self.sizes.counts["shrinks"],
-            "pages_moved": self.sizes.counts["pages_moved"],
-            "pages_cached": self.radix.cached_pages() if self.radix else 0,
+        return self.pool.stats() | {
             "running": len(self.running),
             "waiting": len(self.waiting),
             "preemptions": self.preemptions,
             "prompt_tokens": self.prompt_tokens,
             "hit_tokens": self.hit_tokens,
             "host_hit_tokens": self.host_hit_tokens,
-            "host_pages_total": self.radix.host_capacity if self.radix else 0,
-            "host_pages_cached": self.radix.host_pages() if self.radix else 0,
-            "host_pages_offloaded": self.host_io["offload"],
-            "host_pages_loaded": self.host_io["load"],
         }

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def host_memory() -> tuple[int, int]:
     """(total, available) bytes of host memory: /proc/meminfo's MemTotal and MemAvailable
     (what can be allocated without swapping), or sysconf's total and free pages elsewhere."""
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         return (int(info["MemTotal"].split()[0]) * 1024,
                 int(info["MemAvailable"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError):

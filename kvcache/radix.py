@@ -29,12 +29,7 @@ sum incrementally. Eviction removes least-recently-used unlocked leaves, ordered
 clock bumped on every match and insert (deterministic, unlike wall time); a parent left without
 children becomes a leaf and may go in the same call. The root is never evicted.
 
-LRU order (`_LRU`): one heap per tier of (last_access, node), kept across calls rather than
-rebuilt from every leaf per eviction. A node is pushed whenever it becomes an unlocked leaf or
-is used while one; an entry whose node has since been used again, locked, or left the leaves
-is stale and skipped when it comes up. The leaves of one tier never share a last_access (a
-clock tick stamps one root path, and only its deepest node of a tier can be a leaf), so the
-order is exactly that of sorting the unlocked leaves.
+LRU order: kvcache.radix_nodes.LRU.
 
 Host tier (host_pages > 0): a second level of the cache in host memory, as SGLang's HiCache.
 `evict` moves a victim's pages to host slots instead of dropping them while the tier has room
@@ -57,61 +52,9 @@ Cost: match and insert O(len(tokens)); lock and unlock O(depth); evict O(log L) 
 takes for L leaves, amortized (it never walks the tree or the leaves).
 """
 
-import dataclasses
-import heapq
-import itertools
 from collections.abc import Sequence
-from typing import NamedTuple
 
-
-class HostMove(NamedTuple):
-    """One change to the host tier's data, logged in the order the tree decided it. "offload":
-    device pages -> host slots; "load": host slots -> device pages (the slots are free after);
-    "discard": host slots whose data is no longer needed (pages empty)."""
-    op: str
-    pages: list[int]
-    slots: list[int]
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Node:
-    key: tuple[int, ...]  # [k*G] tokens of this edge; () for the root
-    value: list[int]      # [k] page ids (host slot ids if host), one per page of key; [] for the root
-    parent: "Node | None" = dataclasses.field(repr=False)  # None: the root, or removed
-    children: dict[tuple[int, ...], "Node"] = dataclasses.field(default_factory=dict, repr=False)
-    lock_count: int = 0   # locks taken on this node or any node below it
-    last_access: int = 0  # logical clock of the last match / insert through this node
-    host: bool = False    # its pages are in the host tier
-
-
-class _LRU:
-    """The unlocked nodes of one tier's leaf set (`leaves`, which the tree keeps up to date),
-    least recently used first: a heap of (last_access, seq, node) with lazy deletion. `push`
-    every node that may have become an unlocked leaf or was used while one; `pop` skips the
-    entries that went stale since, and the heap is rebuilt from the leaves once stale entries
-    outnumber them, so it stays O(L)."""
-
-    def __init__(self, leaves: set[Node]):
-        self.leaves = leaves
-        self.heap: list[tuple[int, int, Node]] = []
-        self._seq = itertools.count()    # tie-break between entries of one node
-
-    def push(self, node: Node) -> None:
-        if node.lock_count == 0 and node in self.leaves:
-            heapq.heappush(self.heap, (node.last_access, next(self._seq), node))
-            if len(self.heap) > 2 * len(self.leaves) + 64:
-                self.heap = [(n.last_access, next(self._seq), n) for n in self.leaves
-                             if n.lock_count == 0]
-                heapq.heapify(self.heap)
-
-    def pop(self) -> Node | None:
-        """The least recently used unlocked leaf, or None; it stays a leaf: the caller removes
-        it (or moves it to another tier) before the next pop."""
-        while self.heap:
-            last_access, _, node = heapq.heappop(self.heap)
-            if last_access == node.last_access and node.lock_count == 0 and node in self.leaves:
-                return node
-        return None
+from kvcache.radix_nodes import LRU, HostMove, Node, common_pages, path_to, split, subtree
 
 
 class RadixCache:
@@ -126,8 +69,8 @@ class RadixCache:
         self._root = Node((), [], None)
         self._leaves: set[Node] = set()       # device nodes (not the root) with no device child
         self._host_leaves: set[Node] = set()  # host nodes with no child
-        self._lru = _LRU(self._leaves)
-        self._host_lru = _LRU(self._host_leaves)
+        self._lru = LRU(self._leaves)
+        self._host_lru = LRU(self._host_leaves)
         self._cached = 0                 # device pages held by the tree
         self._evictable = 0              # device pages in nodes with lock_count 0
         self._host_free = list(range(host_pages - 1, -1, -1))  # pop() gives the lowest slot
@@ -191,9 +134,9 @@ class RadixCache:
                 leaf = Node(tokens[pos:], [int(p) for p in pages[pos // g:]], node, last_access=now)
                 self._attach(node, leaf)
                 return taken + leaf.value, leaf
-            m = self._common_pages(child.key, tokens, pos)
+            m = common_pages(child.key, tokens, pos, self.page_size)
             if m < len(child.value):
-                child = self._split(child, m)
+                child = split(child, m, self.page_size)
             self._touch(child, now)
             if child.host:
                 self._to_device(child, pages[pos // g:pos // g + m], "discard")
@@ -204,14 +147,14 @@ class RadixCache:
     # -- locks ------------------------------------------------------------------------------
     def lock(self, node: Node) -> None:
         """One more lock on node and every ancestor (root excluded): their pages can't be evicted."""
-        for n in self._path(node):
+        for n in path_to(self._root, node):
             if n.lock_count == 0:
                 self._count(n, -1)
             n.lock_count += 1
 
     def unlock(self, node: Node) -> None:
         """Undoes one `lock(node)`; ValueError (and no change) if the path holds no such lock."""
-        path = self._path(node)
+        path = path_to(self._root, node)
         if any(n.lock_count == 0 for n in path):
             raise ValueError("unlock of a node that is not locked: every unlock needs a lock first")
         for n in path:
@@ -310,11 +253,11 @@ class RadixCache:
 
     def pages(self) -> list[int]:
         """All device page ids the tree holds (walks the tree; for checks, not the hot path)."""
-        return [p for n in self._nodes() if not n.host for p in n.value]
+        return [p for n in subtree(self._root) if not n.host for p in n.value]
 
     def host_slots(self) -> list[int]:
         """All host slot ids the tree holds (walks the tree)."""
-        return [s for n in self._nodes() if n.host for s in n.value]
+        return [s for n in subtree(self._root) if n.host for s in n.value]
 
     # -- internals --------------------------------------------------------------------------
     def _walk(self, tokens, into_host: bool) -> tuple[list[int], Node, list[Node]]:
@@ -329,9 +272,9 @@ class RadixCache:
             child = node.children.get(tokens[pos:pos + g])
             if child is None or (child.host and not into_host):
                 break
-            m = self._common_pages(child.key, tokens, pos)
+            m = common_pages(child.key, tokens, pos, self.page_size)
             if m < len(child.value):
-                child = self._split(child, m)
+                child = split(child, m, self.page_size)
             self._touch(child, now)
             if child.host:
                 hosted.append(child)
@@ -349,29 +292,8 @@ class RadixCache:
         node.last_access = now
         self._lru_of(node).push(node)
 
-    def _lru_of(self, node: Node) -> _LRU:
+    def _lru_of(self, node: Node) -> LRU:
         return self._host_lru if node.host else self._lru
-
-    def _common_pages(self, key: tuple[int, ...], tokens: tuple[int, ...], pos: int) -> int:
-        """Whole pages shared by key and tokens[pos:] (both page-aligned in length). Compares
-        whole slices (in C), not token by token: a 2048-token match cost ~0.15 ms in Python."""
-        g, limit = self.page_size, min(len(key), len(tokens) - pos)
-        if key[:limit] == tokens[pos:pos + limit]:
-            return limit // g
-        m = 0
-        while key[m * g:(m + 1) * g] == tokens[pos + m * g:pos + (m + 1) * g]:
-            m += 1
-        return m
-
-    def _split(self, node: Node, m: int) -> Node:
-        """Cuts node after its first m pages (0 < m < len(node.value)); returns the new upper part."""
-        cut = m * self.page_size
-        upper = Node(node.key[:cut], node.value[:m], node.parent, lock_count=node.lock_count,
-                     last_access=node.last_access, host=node.host)
-        upper.children[node.key[cut:cut + self.page_size]] = node
-        node.parent.children[upper.key[:self.page_size]] = upper
-        node.key, node.value, node.parent = node.key[cut:], node.value[m:], upper
-        return upper
 
     def _count(self, node: Node, sign: int) -> None:
         """Adds node's pages to (sign +1) or takes them from (-1) the evictable counts."""
@@ -460,22 +382,3 @@ class RadixCache:
         elif not parent.host and all(c.host for c in parent.children.values()):
             self._leaves.add(parent)
             self._lru.push(parent)
-
-    def _nodes(self) -> list[Node]:
-        out, stack = [], [self._root]
-        while stack:
-            node = stack.pop()
-            out.append(node)
-            stack.extend(node.children.values())
-        return out
-
-    def _path(self, node: Node) -> list[Node]:
-        """node and its ancestors, root excluded; ValueError if node is not in this tree."""
-        path = []
-        while node is not self._root:
-            if node.parent is None:
-                raise ValueError("node is not in this cache: it was evicted, dropped by reset, or "
-                                 "comes from another RadixCache; match again for a fresh node")
-            path.append(node)
-            node = node.parent
-        return path

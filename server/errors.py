@@ -29,18 +29,22 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def error_body(status: int, message: str, param: str | None = None,
+               kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def error(status: int, message: str, param: str | None = None,
           kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": status}}, status_code=status)
+    return JSONResponse(error_body(status, message, param, kind), status_code=status)
 
 
 def engine_error_body(e: EngineUnavailable | RequestFailed) -> dict:
     """The error of a request the engine could not serve: also what a stream that already
     began with a 200 sends as its last event."""
-    status, kind = ((503, "service_unavailable") if isinstance(e, EngineUnavailable)
-                    else (500, "server_error"))
-    return {"error": {"message": str(e), "type": kind, "param": None, "code": status}}
+    if isinstance(e, EngineUnavailable):
+        return error_body(503, str(e), None, "service_unavailable")
+    return error_body(500, str(e), None, "server_error")
 
 
 # Pydantic names the member of a union a value failed in its error locations

@@ -49,7 +49,7 @@ def assert_cache_empty(cache, cached=()) -> None:
 def assert_host_tier_consistent(engine) -> None:
     """The host tier's store holds exactly the slots the prefix cache's host nodes name, within
     the tier's size, and memory for at least those."""
-    radix = engine.scheduler.radix
+    radix = engine.scheduler.pool.radix
     slots = radix.host_slots() if radix is not None else []
     assert len(set(slots)) == len(slots), f"a host slot is held twice: {sorted(slots)}"
     assert sorted(engine.runner.host.slots()) == sorted(slots)
@@ -65,10 +65,10 @@ def assert_pool_clean(llm_or_engine) -> None:
     assert not engine.has_work(), "a launch is still in flight"
     sched = engine.scheduler
     assert not (sched.running or sched.waiting or sched.to_release), "requests are still live"
-    cached = sched.radix.pages() if sched.radix is not None else []
+    cached = sched.pool.radix.pages() if sched.pool.radix is not None else []
     assert_cache_empty(engine.cache, cached)
     np.testing.assert_array_equal(np.asarray(engine.cache.alloc.refcount),
-                                  sched.ledger.refcount)
-    assert sched.ledger.free == int(engine.cache.alloc.top)
+                                  sched.pool.ledger.refcount)
+    assert sched.pool.ledger.free == int(engine.cache.alloc.top)
     assert sorted(sched.free_rows) == list(range(sched.max_rows))
     assert_host_tier_consistent(engine)

@@ -103,7 +103,7 @@ def test_tp_with_an_elastic_pool(reference):
     assert generate(llm, runs=1) == reference("tiny-random")[:1]
     llm.engine.maintain()
     assert_pool_clean(llm)
-    pool = llm.engine.scheduler.pool_report()
+    pool = llm.engine.scheduler.pool.report()
     assert pool["grows"] > 0 and pool["shrinks"] > 0, pool
     e = llm.engine
     for pages in (*e.cache.k, *e.cache.v):

@@ -29,7 +29,7 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
     may compile. stop: a stop token id per prompt (else every request runs to max_tokens)."""
     engine = Engine(config)
     if warm:
-        assert engine.warmup(progress=False) == sum(map(len, engine.runner.step_shapes()))
+        assert engine.warmup(progress=False) == sum(map(len, engine.runner.buckets.step_shapes()))
         compiled = engine.runner._step._cache_size(), engine.runner._loop._cache_size()
     stop = stop or [None] * len(prompts)
     reqs = [engine.make_request(f"r{i}", p, SamplingParams(
@@ -48,8 +48,8 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
         engine.sync()
         sched = engine.scheduler
         np.testing.assert_array_equal(np.asarray(engine.cache.alloc.refcount),
-                                      sched.ledger.refcount, err_msg=f"step {steps}")
-        assert sched.ledger.free == int(engine.cache.alloc.top), f"step {steps}"
+                                      sched.pool.ledger.refcount, err_msg=f"step {steps}")
+        assert sched.pool.ledger.free == int(engine.cache.alloc.top), f"step {steps}"
         for r in sched.running:
             row = np.asarray(engine.cache.page_table[r.row])
             assert row[:len(r.pages)].tolist() == r.pages and not row[len(r.pages):].any()
@@ -217,7 +217,7 @@ def test_flush_cache_refuses_while_requests_run():
         engine.step()
     assert engine.flush_cache()
     assert_pool_clean(engine)
-    assert engine.scheduler.radix.cached_pages() == 0
+    assert engine.scheduler.pool.radix.cached_pages() == 0
 
 
 @pytest.mark.parametrize("layout,radix,arrive_every,check_every", [("hybrid", True, 3, 2),
@@ -233,8 +233,8 @@ def test_elastic_pool_grows_and_shrinks_without_changing_tokens(reference, layou
         kv_pool_min_tokens=16, kv_shrink_after=0, chunked_prefill_size=16,
         disable_radix_cache=not radix), arrive_every=arrive_every, check_every=check_every)
     assert outputs == reference
-    pool = engine.scheduler.pool_report()
-    assert engine.scheduler.sizes.sizes == (5, 10, 20, 25)
+    pool = engine.scheduler.pool.report()
+    assert engine.scheduler.pool.sizes.sizes == (5, 10, 20, 25)
     assert pool["grows"] > 0 and pool["shrinks"] > 0, pool
     if arrive_every:               # staggered: later rows hold high ids when early ones leave
         assert pool["pages_moved"] > 0, pool
@@ -252,16 +252,16 @@ def test_idle_elastic_pool_shrinks_to_its_smallest_size_after_the_delay():
         engine.step()
     sched = engine.scheduler
     grown = engine.cache.num_pages
-    assert grown > sched.sizes.sizes[0] and sched.radix.cached_pages() > 4
+    assert grown > sched.pool.sizes.sizes[0] and sched.pool.radix.cached_pages() > 4
     start = time.monotonic() - 1000.0                       # the real clock is long past due
-    assert sched.shrink_due(start) == (None, 30)              # oversized from now on
-    assert sched.shrink_due(start + 29)[0] is None
-    assert sched.shrink_due(start + 30) == (sched.sizes.sizes[0], None)
+    assert sched.pool.shrink_due(start) == (None, 30)              # oversized from now on
+    assert sched.pool.shrink_due(start + 29)[0] is None
+    assert sched.pool.shrink_due(start + 30) == (sched.pool.sizes.sizes[0], None)
     assert engine.maintain() is None                          # shrinks, on the real clock
-    assert engine.cache.num_pages == sched.sizes.sizes[0] == 5
-    assert sched.radix.cached_pages() <= 4                    # the rest was evicted
+    assert engine.cache.num_pages == sched.pool.sizes.sizes[0] == 5
+    assert sched.pool.radix.cached_pages() <= 4                    # the rest was evicted
     assert_pool_clean(engine)
-    assert sched.shrink_due(start) == (None, None)            # nothing smaller to go to
+    assert sched.pool.shrink_due(start) == (None, None)            # nothing smaller to go to
 
 
 # Two 8-page prefixes in waves (A, B, A, B; a request every 4 steps): a 16-page pool cannot keep
