@@ -46,24 +46,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float,
-                 poll: float = 1.0) -> None:
-    """Returns once serve.py's /health answers 200; SystemExit, with its log's tail, if the
-    process exits first or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve.py exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"serve.py was not ready in {timeout:g} s")
-        time.sleep(poll)
-
-
 class Server:
     def __init__(self, flags: list[str], log: Path):
         self.port = free_port()
@@ -74,7 +56,18 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(self.port),
                                       "--log-level", "warning", *flags], cwd=ROOT, env=env,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT)
-        wait_healthy(self.proc, self.url, log, timeout=600)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"serve.py exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("serve.py did not start in 600 s")
+            time.sleep(1)
 
     def close(self):
         self.proc.terminate()

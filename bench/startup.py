@@ -15,6 +15,7 @@ Writes bench/results/startup.json (device, date, commit, command, a row per mode
 import argparse
 import datetime
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from serving_targets import free_port, wait_healthy  # noqa: E402  (bench/serving_targets.py)
 
 ROOT = Path(__file__).parent.parent
 
@@ -50,6 +48,12 @@ print(json.dumps({"import_and_init_s": t1 - t0, "first_generate_s": times[0],
 """
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def metric(url: str, name: str) -> float:
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith(name + " "):
@@ -66,7 +70,17 @@ def serve_once(model: str, flags: list[str], cache: Path, log: Path, timeout: fl
                              "--compilation-cache-dir", str(cache), "--log-level", "warning",
                              *flags], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        wait_healthy(proc, url, log, timeout, poll=0.1)
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve.py exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - start > timeout:
+                raise SystemExit(f"serve.py was not ready in {timeout} s")
+            time.sleep(0.1)
         ready = time.perf_counter() - start
         compiles = metric(url, "hybridkv_xla_compiles_total")
         sent = time.perf_counter()
