@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "while starts fail) at most this many times in 10 minutes; past that "
                         "the server exits with status 1")
     s.add_argument("--skip-warmup", action="store_true",
-                   help="compile each step shape when a batch first needs it (a log line "
-                        "each) instead of all of them at start-up")
+                   help="the same as --precompile none: each step shape compiles when a "
+                        "launch first needs it (a log line each)")
     s.add_argument("--compilation-cache-dir",
                    default=os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/hybridkv/jax"),
                    help="JAX's persistent compilation cache, so that a restart loads the "
@@ -78,8 +78,10 @@ def add_engine_flags(group) -> None:
 
 
 def engine_config(args) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name)
-                           for f in dataclasses.fields(EngineConfig)})
+    knobs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    if args.skip_warmup:
+        knobs["precompile"] = "none"
+    return EngineConfig(**knobs)
 
 
 def generate(args) -> int:
@@ -115,12 +117,11 @@ def start_engine(args):
              "%.1f MiB)", args.kv_pool, pages - 1, spec.page_size,
              pages * spec.bytes_per_page / 2**20, spec.num_pages - 1, spec.capacity_tokens,
              spec.total_bytes / 2**20)
-    if args.skip_warmup:
-        log.info("step shapes compile lazily, once per batch bucket and pool size")
-    else:
-        start = time.perf_counter()
-        n = engine.warmup()
-        log.info("warmed up %d step shapes in %.1f s", n, time.perf_counter() - start)
+    start = time.perf_counter()
+    n = engine.warmup()
+    log.info("%d step programs compiled in %.1f s (--precompile %s); %d more compiling while "
+             "serving", n, time.perf_counter() - start, engine.runner.programs.mode,
+             engine.runner.programs.pending())
     return engine
 
 

@@ -13,6 +13,7 @@ from kvcache import LAYOUTS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_POOLS = ("static", "elastic")
+PRECOMPILE = ("auto", "background", "all", "none")
 
 
 def knob(default, help: str, choices=None):
@@ -65,6 +66,12 @@ class EngineConfig:
                                                "$HYBRIDKV_ATTENTION, else auto: the compiled "
                                                "kernel of the GPU/TPU backend, the jnp "
                                                "reference on CPU", IMPLEMENTATIONS)
+    precompile: str = knob("auto", "when the step programs compile (engine.programs): "
+                                   "background: the few largest before ready, the rest while "
+                                   "serving, launches padded to compiled ones meanwhile; all: "
+                                   "every one before ready; none: each when a launch first "
+                                   "needs it; auto: background on a GPU/TPU, none on a CPU",
+                           PRECOMPILE)
     tensor_parallel_size: int = knob(1, "devices to shard the model and the KV pages over "
                                         "(attention heads and MLP columns)")
 

@@ -54,6 +54,12 @@ def use_compilation_cache(path: str | os.PathLike) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+def resolve_precompile(precompile: str) -> str:
+    if precompile == "auto":
+        return "none" if jax.default_backend() == "cpu" else "background"
+    return precompile
+
+
 def resolve_dtype(dtype: str):
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -98,13 +104,16 @@ class Engine:
         self.runner = ModelRunner(self.graphdef, self.params, config=c, spec=self.spec,
                                   pages_per_row=self.pages_per_row, pool_pages=sizes[0],
                                   mesh=mesh, attn_impl=attn_impl,
-                                  stop_ids=limits.MAX_STOP_TOKEN_IDS + len(cfg.eos_token_ids))
+                                  stop_ids=limits.MAX_STOP_TOKEN_IDS + len(cfg.eos_token_ids),
+                                  precompile=resolve_precompile(c.precompile))
         self.scheduler = Scheduler(
             sizes=kvcache.elastic.PoolSizes(sizes, c.kv_shrink_after), page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
             decode_steps=c.num_continuous_decode_steps, radix_cache=not c.disable_radix_cache,
             host_pages=kvcache.host_tier_pages(c.host_kv_size, self.spec))
+        # An elastic pool moves only to sizes whose programs are compiled (engine.programs).
+        self.scheduler.pool.usable = self.runner.ready_for
         self.front = Front(tokenizer=self.tokenizer, vocab_size=cfg.vocab_size,
                            eos_token_ids=tuple(cfg.eos_token_ids),
                            context_length=self.context_length, page_size=c.page_size,
@@ -132,8 +141,10 @@ class Engine:
         self.runner.cache = cache
 
     def warmup(self, progress: bool = True) -> int:
-        """Compiles every launch shape ahead (ModelRunner.warmup); returns their count."""
-        return self.runner.warmup(progress)
+        """Compiles the step programs that EngineConfig.precompile says to compile before
+        serving, and queues the rest for the compile thread (ModelRunner.warmup); returns the
+        number compiled."""
+        return self.runner.warmup(self.scheduler.pool.sizes.sizes, progress)
 
     # -- requests -------------------------------------------------------------------------------
     def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
@@ -290,5 +301,7 @@ class Engine:
     def stats(self) -> dict:
         return self.scheduler.stats() | self.timing | self.errors | {
             "device_busy_seconds": self.runner.device_busy_seconds,
-            "compiled_shapes": len(self.runner.shapes), "xla_compiles": compiles["xla"],
+            "compiled_shapes": len(self.runner.programs), "xla_compiles": compiles["xla"],
+            "shapes_pending": self.runner.programs.pending(),
+            "request_path_compiles": self.runner.programs.request_path_compiles,
             "host_bytes": self.runner.host.nbytes()}

@@ -29,10 +29,12 @@ class LLM:
     max_total_tokens=None, kv_pool='static', host_kv_size=0, tensor_parallel_size=1, ...). With
     kv_pool='elastic' on a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false and
     XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async before JAX starts, so freed memory goes back to the
-    driver (serve.py does)."""
+    driver (serve.py does). The constructor compiles what precompile says before it returns
+    (on a GPU/TPU the few largest step programs; engine.programs)."""
 
     def __init__(self, model: str = "tiny-random", **knobs):
         self.engine = Engine(make_config(model=model, **knobs))
+        self.engine.warmup(progress=False)      # as precompile says (none, on a CPU)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -23,6 +23,8 @@ class PoolView:
         self.radix = RadixCache(page_size, host_pages) if radix_cache else None
         self.host_io = {"offload": 0, "load": 0}  # pages moved to and from the host tier
         self._committed = 0                       # pages promised to the launch being planned
+        self.usable = lambda size: True           # sizes the pool may move to (the engine's
+                                                  # programs for them are compiled)
 
     @property
     def num_pages(self) -> int:
@@ -71,7 +73,7 @@ class PoolView:
 
     def _grow(self, pages: int, plan: Plan) -> bool:
         """Grows the pool by at least `pages` pages, to the smallest size that does."""
-        size = self.sizes.grow(self.num_pages, pages)
+        size = self.sizes.grow(self.num_pages, pages, self.usable)
         if size is None:
             return False
         self.ledger.resize(size)
@@ -93,7 +95,7 @@ class PoolView:
         """(the size to shrink the pool to now, or None; seconds until a shrink may be due, or
         None while the pool is not oversized)."""
         pinned = self.capacity - self.ledger.free - self.evictable()
-        return self.sizes.shrink_due(self.num_pages, pinned, now)
+        return self.sizes.shrink_due(self.num_pages, pinned, now, self.usable)
 
     def shrink(self, num_pages: int, plan: Plan, running) -> tuple[np.ndarray, np.ndarray]:
         """Shrinks the pool to num_pages: evicts prefix-cache leaves (least recently used

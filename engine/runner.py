@@ -3,8 +3,8 @@ carry out the scheduler's plans. `launch(plan)` packs a plan into one host buffe
 (engine.packing), queues one jitted call and returns at once; `read(flight)` waits for that
 call's one result and opens it. Page operations decided between launches (prefix-cache shares
 and evictions, row releases) wait in `pages` and ride in the next launch (engine.page_ops);
-host-tier copies run as calls of their own. Shapes are padded to buckets, so the calls compile
-a bounded number of times (engine.shapes, compiled ahead by `warmup`).
+host-tier copies run as calls of their own. Every launch is padded to a shape (engine.shapes) and
+runs as that shape's compiled program (engine.programs; `warmup` compiles them ahead).
 """
 
 import collections
@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,9 +24,10 @@ from engine import packing, parallel
 from engine.config import EngineConfig
 from engine.page_ops import PageOpQueue, PageOps, padded_ids, without_kv
 from engine.plan import Plan
+from engine.programs import Programs
 from engine.request import Request
 from engine.sampling import filters
-from engine.shapes import Buckets, bucket, loop_key, step_key
+from engine.shapes import Buckets, Shape, bucket
 from engine.step import DecodeState, Feed, SamplingArrays, loop_launch, mixed_launch
 
 log = logging.getLogger("hybridkv")
@@ -51,12 +51,15 @@ class Flight:
     out: jax.Array                   # its one int32 result
     key: tuple                       # its call signature: `result` opens `out` with it
     plan: Plan
+    shape: Shape | None = None       # the shape it ran as
 
 
 class ModelRunner:
     def __init__(self, graphdef, params, *, config: EngineConfig, spec: kvcache.PoolSpec,
-                 pages_per_row: int, pool_pages: int, mesh, attn_impl: str, stop_ids: int):
-        """stop_ids: the most stop ids a request may carry (engine.limits, EOS included)."""
+                 pages_per_row: int, pool_pages: int, mesh, attn_impl: str, stop_ids: int,
+                 precompile: str):
+        """stop_ids: the most stop ids a request may carry (engine.limits, EOS included);
+        precompile: when programs compile (engine.programs, "auto" resolved)."""
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
         # Every decode launch carries this many stop ids a row: one compiled shape for all.
         self.stop_width = bucket(stop_ids, 4, 1 << 16)
@@ -107,7 +110,7 @@ class ModelRunner:
                              static_argnames=("layout", "attn_impl"))
         self._loop = jax.jit(loop, out_shardings=(rep, cs), donate_argnames="cache",
                              static_argnames=("ops_layout", "layout", "num_steps", "attn_impl"))
-        self.shapes: set[tuple] = set()
+        self.programs = Programs(self._compile, precompile)
         self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
         self._device_end = 0.0              # when the last timed launch ended
         self.device_busy_seconds = 0.0      # device time in model launches (the timer thread's)
@@ -120,10 +123,15 @@ class ModelRunner:
     def new_cache(self, num_pages: int) -> kvcache.KVCache:
         """An empty cache of num_pages pages, created where it lives (on a mesh, each device
         creates its share: none ever holds the whole pool)."""
-        if self.mesh is None:
-            return self._init_cache(num_pages)
         init = functools.partial(self._init_cache, num_pages)
-        return jax.jit(init, out_shardings=self._cache_sharding)()
+        return jax.jit(init, out_shardings=self._cache_placement())()
+
+    def _cache_placement(self):
+        """The cache's shardings: the mesh's, or its one device (committed there, as the
+        arrays that compiled programs return are, so page operations compile once)."""
+        if self._cache_sharding is not None:
+            return self._cache_sharding
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def reset(self, num_pages: int) -> None:
         """A new empty cache of num_pages pages in place of one that cannot be trusted (a
@@ -140,13 +148,15 @@ class ModelRunner:
         """The pool at num_pages pages, held pages src -> dst moved first (kvcache.elastic)."""
         self.flush_ops()        # page ids queued before the move
         jax.block_until_ready(self.cache)   # resize deletes the old pages: not while in use
-        log.info("KV pool: %d -> %d pages (%d moved); steps compile once per pool size",
+        log.info("KV pool: %d -> %d pages (%d moved)",
                  self.cache.num_pages, num_pages, len(src))
         cache, self.cache = self.cache, None
         cache = kvcache.elastic.resize(cache, num_pages, *padded_ids(src, dst))
         # On a mesh the page tables and allocator come back as XLA placed them: put them back
         # where every call expects them (the pages kept their sharding; a no-op for them).
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding)
+        if self.programs.mode == "background":     # the tight shapes of this size next
+            self.programs.background(self.shapes_for(num_pages)[1], first=True)
 
     # -- page operations (engine.page_ops.PageOpQueue) ------------------------------------------
     def queue(self, plan: Plan) -> None:
@@ -164,46 +174,57 @@ class ModelRunner:
     def launch(self, plan: Plan) -> Flight:
         """Queues plan's launch: a mixed step when it has chunks (every decode row feeds one
         token, every chunk its prompt tokens; the queued page operations and plan's admissions
-        first), else plan.steps decode steps in one on-device loop."""
+        first), else plan.steps decode steps in one on-device loop. It runs as the compiled
+        program that covers it at least cost (engine.programs)."""
+        reqs = plan.decode + [r for r, _ in plan.chunks]
+        filtering = any(filters(r.params) for r in reqs)
+        pages = self.cache.num_pages
         if not plan.chunks:
-            return self._launch_decode(plan)
+            need = self.buckets.loop(pages, len(plan.decode), plan.steps, filtering)
+            shape, (program, key) = self.programs.get(need)
+            state = self._decode_state(plan.decode, shape.rows, shape.filtering, plan.steps)
+            out = self._run_loop(program, state)
+            return Flight(out, key, plan, shape)
+        need = self.buckets.step(pages, len(plan.decode), [n for _, n in plan.chunks], filtering)
+        shape, (program, key) = self.programs.get(need)
         admits = [(req.row, kvcache.LAYOUT_CODES[req.layout], n, req.computed, hit)
                   for req, hit, n in plan.admit]
         feeds = []
-        if plan.decode:
-            b = self.buckets.mixed_rows(len(plan.decode))
-            tokens = np.zeros((b, 1), np.int32)
+        if shape.rows:
+            tokens = np.zeros((shape.rows, 1), np.int32)
             tokens[:len(plan.decode), 0] = [self._next_token(r) for r in plan.decode]
-            feeds.append(self._feed([(r, 1) for r in plan.decode], tokens, b))
-        b = self.buckets.chunk_rows(len(plan.chunks))
-        tokens = np.zeros((b, self.buckets.chunk_len(max(n for _, n in plan.chunks))), np.int32)
+            feeds.append(self._feed([(r, 1) for r in plan.decode], tokens, shape.filtering))
+        tokens = np.zeros((shape.chunk_rows, shape.chunk_len), np.int32)
         for i, (r, n) in enumerate(plan.chunks):
             tokens[i, :n] = r.tokens[r.computed:r.computed + n]
-        feeds.append(self._feed(plan.chunks, tokens, b))
+        feeds.append(self._feed(plan.chunks, tokens, shape.filtering))
         self.cache, ops = self.pages.take(self.cache, admits)
-        inputs = (ops, tuple(feeds))
-        layout = packing.layout_of(inputs)
-        self._log_shape(step_key(feeds))
-        out, self.cache = self._timed(self._step, self.weights, self.cache,
-                                      packing.pack(inputs), layout=layout,
-                                      attn_impl=self.attn_impl)
-        return Flight(out, ("step", layout), plan)
+        out, self.cache = self._timed(program, self.weights, self.cache,
+                                      packing.pack((ops, tuple(feeds))))
+        return Flight(out, key, plan, shape)
 
-    def _launch_decode(self, plan: Plan) -> Flight:
-        state = self._decode_state(plan.decode, self.buckets.loop_rows(len(plan.decode)))
-        return Flight(*self.decode(state, plan.steps), plan)
+    def _run_loop(self, program, state: DecodeState) -> jax.Array:
+        """Queues a compiled decode loop over state, after the queued page operations."""
+        if self.pages.pending():
+            self.cache, ops = self.pages.take(self.cache)
+            ops_buf = packing.pack(ops)
+        else:        # the empty operations, already on the device
+            ops_buf = self._no_ops[0]
+        out, self.cache = self._timed(program, self.weights, self.cache, ops_buf,
+                                      packing.pack(state))
+        return out
 
     def decode(self, state: DecodeState, steps: int) -> tuple[jax.Array, tuple]:
-        """Queues `steps` decode steps of state's rows (numpy arrays; padded to a bucket),
-        after the queued page operations. Returns (its packed result, the key `result`
-        opens it with)."""
+        """Queues `steps` decode steps of state's rows (numpy arrays, any number of rows and
+        stop ids) through the jitted loop, compiled when a shape is first met (for notebooks
+        and benchmarks; the engine's launches go through `launch`). Returns (its packed
+        result, the key `result` opens it with)."""
         layout = packing.layout_of(state)
         if self.pages.pending():
             self.cache, ops = self.pages.take(self.cache)
             ops_buf, ops_layout = packing.pack(ops), packing.layout_of(ops)
-        else:        # the empty operations, already on the device
+        else:
             ops_buf, ops_layout = self._no_ops
-        self._log_shape(loop_key(state, steps))
         out, self.cache = self._timed(self._loop, self.weights, self.cache, ops_buf,
                                       packing.pack(state), ops_layout=ops_layout, layout=layout,
                                       num_steps=steps, attn_impl=self.attn_impl)
@@ -233,7 +254,7 @@ class ModelRunner:
             raise RuntimeError("the pool refused pages that the scheduler had counted as free")
         admitted = [(req, row, n) for (req, _, n), row in
                     zip(plan.admit, result.admit_pages.tolist())]
-        groups = ([[(r, 1) for r in plan.decode]] if plan.decode else []) + [plan.chunks]
+        groups = ([[(r, 1) for r in plan.decode]] if flight.shape.rows else []) + [plan.chunks]
         rows = []
         for group, feed in zip(groups, result.feeds):
             if not feed.ok[:len(group)].all():
@@ -260,7 +281,7 @@ class ModelRunner:
 
     # -- inputs ---------------------------------------------------------------------------------
     @staticmethod
-    def _sampling(reqs: list[Request], width: int) -> SamplingArrays:
+    def _sampling(reqs: list[Request], width: int, filtering: bool) -> SamplingArrays:
         pad = width - len(reqs)
         p = [r.params for r in reqs]
         return SamplingArrays(
@@ -268,15 +289,16 @@ class ModelRunner:
             top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
             top_p=np.asarray([x.top_p for x in p] + [1.0] * pad, np.float32),
             seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32),
-            filtering=any(filters(x) for x in p))
+            filtering=filtering)
 
-    def _feed(self, group, tokens: np.ndarray, b: int) -> Feed:
-        """A Feed of group's (request, tokens fed) rows, padded to b rows."""
+    def _feed(self, group, tokens: np.ndarray, filtering: bool) -> Feed:
+        """A Feed of group's (request, tokens fed) rows, padded to tokens' rows."""
         reqs = [r for r, _ in group]
+        b = tokens.shape[0]
         pad = b - len(group)
         return Feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32), tokens=tokens,
                     num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
-                    sampling=self._sampling(reqs, b))
+                    sampling=self._sampling(reqs, b, filtering))
 
     @staticmethod
     def _next_token(r: Request) -> int:
@@ -284,57 +306,82 @@ class ModelRunner:
         has not read, else its last token (a prompt's last token, when a chunk left just that)."""
         return -1 if r.pending else (r.output[-1] if r.output else r.prompt[-1])
 
-    def _decode_state(self, reqs: list[Request], b: int) -> DecodeState:
-        """The DecodeState of a decode launch over reqs, padded to b rows."""
+    def _decode_state(self, reqs: list[Request], b: int, filtering: bool,
+                      steps: int = 1 << 30) -> DecodeState:
+        """The DecodeState of a decode launch over reqs, padded to b rows, each row producing
+        at most `steps` tokens (the plan's steps, when the loop runs more)."""
         stop = np.full((b, self.stop_width), -1, np.int32)
         for i, r in enumerate(reqs):
             stop[i, :len(r.stop_ids)] = r.stop_ids
         pad = b - len(reqs)
-        remaining = np.asarray([r.budget for r in reqs] + [0] * pad, np.int32)
+        remaining = np.asarray([min(r.budget, steps) for r in reqs] + [0] * pad, np.int32)
         return DecodeState(
             rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
             tokens=np.asarray([self._next_token(r) for r in reqs] + [0] * pad, np.int32),
             active=remaining > 0, remaining=remaining, stop_ids=stop,
-            sampling=self._sampling(reqs, b))
+            sampling=self._sampling(reqs, b, filtering))
 
-    # -- compiled shapes (engine.shapes) --------------------------------------------------------
-    def _log_shape(self, shape: tuple) -> None:
-        if shape not in self.shapes:
-            self.shapes.add(shape)
-            log.info("compiling a %s for shape %s (lazily, once per bucket)", shape[0],
-                     shape[1:])
+    # -- compiled programs (engine.programs) ----------------------------------------------------
+    def _compile(self, shape: Shape) -> tuple:
+        """shape's launch compiled ahead of time, on padding inputs and a pool of shape.pages
+        pages that need not exist: (the program, the key its results open with)."""
+        structs = jax.eval_shape(functools.partial(self._init_cache, shape.pages))
+        placement = self._cache_placement()
+        if not isinstance(placement, kvcache.KVCache):
+            placement = jax.tree.map(lambda _: placement, structs)
+        cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                             structs, placement)
+        if shape.kind == "loop":
+            state = self._decode_state([], shape.rows, shape.filtering)
+            layout = packing.layout_of(state)
+            ops_buf, ops_layout = self._no_ops
+            traced = self._loop.trace(self.weights, cache, ops_buf, packing.pack(state),
+                                      ops_layout=ops_layout, layout=layout,
+                                      num_steps=shape.steps, attn_impl=self.attn_impl)
+            key = ("loop", layout, shape.steps)
+        else:
+            groups = [(shape.rows, 1)] if shape.rows else []
+            feeds = tuple(self._feed([], np.zeros((b, n), np.int32), shape.filtering)
+                          for b, n in groups + [(shape.chunk_rows, shape.chunk_len)])
+            inputs = (self.pages.ops.fill(), feeds)
+            layout = packing.layout_of(inputs)
+            traced = self._step.trace(self.weights, cache, packing.pack(inputs), layout=layout,
+                                      attn_impl=self.attn_impl)
+            key = ("step", layout)
+        return traced.lower().compile(), key
 
-    def warmup(self, progress: bool = True) -> int:
-        """Compiles every model launch of `step_shapes` at the current pool size, each run once
-        on padding rows (which change no state), so that serving does not stop to compile.
-        One at a time: on the H100, compiling in 8 threads was slower (119 shapes in 268 s,
-        against 74 in 97 s in one) and the server then decoded slower too (16.3k against 26.0k
-        tokens/s at 64 rows), likely because XLA's autotuner timed its kernel candidates on a
-        device shared by the other compiles. Still compiled lazily, with a log line: sampling
-        with top-k / top-p, other pool sizes of an elastic pool, and the host tier's copies
-        and page drops. Returns the shape count."""
-        mixed, loops = self.buckets.step_shapes()
-        calls = []
-        no_ops = self.pages.ops.fill()
-        for d, r, t in mixed:
-            feeds = tuple(self._feed([], np.zeros((b, n), np.int32), b)
-                          for b, n in ([(d, 1)] if d else []) + [(r, t)])
-            inputs = (no_ops, feeds)
-            calls.append((step_key(feeds), self._step, (packing.pack(inputs),),
-                          {"layout": packing.layout_of(inputs)}))
-        for b, steps in loops:
-            state = self._decode_state([], b)
-            key = loop_key(state, steps)
-            # with page operations, and without (their buffer already on the device: a call
-            # signature of its own, though no new compile)
-            for ops in ((packing.pack(no_ops), packing.layout_of(no_ops)), self._no_ops):
-                calls.append((key, self._loop, (ops[0], packing.pack(state)),
-                              {"ops_layout": ops[1], "layout": packing.layout_of(state),
-                               "num_steps": steps}))
-        self.cache = self.pages.run(self.cache, no_ops)
-        for key, fn, args, kw in tqdm.tqdm(calls, desc="compiling step shapes",
-                                           disable=not progress):
-            _, self.cache = fn(self.weights, self.cache, *args, attn_impl=self.attn_impl, **kw)
-            self.shapes.add(key)
-        jax.block_until_ready(self.cache)
-        return len({key for key, *_ in calls})
+    def shapes_for(self, pages: int) -> tuple[list[Shape], list[Shape]]:
+        """(the largest shapes, the others) at a pool of `pages` pages."""
+        first = self.buckets.largest(pages)
+        return first, [s for s in self.buckets.shapes(pages) if s not in first]
+
+    def ready_for(self, pages: int) -> bool:
+        """Whether launches at a pool of `pages` pages run without compiling first."""
+        return self.programs.mode == "none" or self.programs.has(self.shapes_for(pages)[0])
+
+    def warmup(self, sizes: tuple[int, ...], progress: bool = True) -> int:
+        """Compiles programs ahead, as EngineConfig.precompile says (engine.programs), for the
+        pool sizes `sizes` (one, or an elastic pool's, the current one among them), and the
+        call that runs page operations on their own. "background": the largest shapes at the
+        current size now; the largest at the other sizes and the rest at the current size in
+        the compile thread. Returns the number of programs compiled before it returned.
+
+        One at a time, never two compiles on one device: on the H100, compiling in 8 threads
+        was slower (119 shapes in 268 s, against 74 in 97 s in one) and the server then
+        decoded slower too (16.3k against 26.0k tokens/s at 64 rows), likely because XLA's
+        autotuner timed its kernel candidates on a device shared by the other compiles. Still
+        compiled when first met: an elastic pool's page copies when it resizes, and the host
+        tier's copies and page drops."""
+        mode = self.programs.mode
+        if mode == "none":
+            return 0
+        self.cache = self.pages.run(self.cache, self.pages.ops.fill())
+        pages = self.cache.num_pages
+        first, rest = self.shapes_for(pages)
+        others = [s for s in sizes if s != pages]
+        if mode == "all":
+            first += rest + [x for s in others for part in self.shapes_for(s) for x in part]
+        self.programs.ahead(first, progress)
+        if mode == "background":
+            self.programs.background([x for s in others for x in self.shapes_for(s)[0]] + rest)
+        return len(self.programs)

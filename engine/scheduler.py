@@ -36,6 +36,7 @@ import numpy as np
 from engine.plan import Plan, Release
 from engine.pool_view import PoolView
 from engine.request import Request
+from engine.shapes import shared_chunk_len
 from kvcache.allocator import TRASH_PAGE
 from kvcache.elastic import PoolSizes
 from kvcache.policy import LayoutPolicy
@@ -54,6 +55,7 @@ class Scheduler:
         self.g, self.policy = page_size, policy
         self.row_width, self.max_rows = row_width, max_rows
         self.chunk_size, self.max_prefill_rows = chunk_size, max_prefill_rows
+        self.shared_len = shared_chunk_len(chunk_size, max_prefill_rows)
         self.decode_steps = decode_steps
         self.pool = PoolView(sizes, page_size, radix_cache, host_pages)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -180,21 +182,29 @@ class Scheduler:
                 if victim in group:
                     group.remove(victim)
         plan.decode = decoding
-        budget, rows = self.chunk_size, self.max_prefill_rows
         for req in prefilling:
-            n = min(req.num_tokens - req.computed, budget)
-            if rows == 0 or budget == 0 or not self.pool.make_room(self._need(req, n), plan):
+            room = self._chunk_room(plan)
+            n = min(req.num_tokens - req.computed, room)
+            if room == 0 or not self.pool.make_room(self._need(req, n), plan):
                 return      # the queue waits behind a prefill that could not go on
             plan.chunks.append((req, n))
-            budget, rows = budget - n, rows - 1
-        while self.waiting and self.free_rows and budget > 0 and rows > 0:
-            n = self._admit(self.waiting[0], budget, plan, lookahead)
-            if n is None:
+        while self.waiting and self.free_rows and self._chunk_room(plan) > 0:
+            if self._admit(self.waiting[0], self._chunk_room(plan), plan, lookahead) is None:
                 break
             self.waiting.popleft()
-            budget, rows = budget - n, rows - 1
         if plan.chunks:
             plan.steps = 1
+
+    def _chunk_room(self, plan: Plan) -> int:
+        """Tokens the next prompt chunk of plan may have: a first chunk up to the step's budget;
+        more chunks only beside short ones, each at most shared_len tokens (engine.shapes: a
+        step's chunks are one long one or a few short ones)."""
+        if not plan.chunks:
+            return self.chunk_size
+        lengths = [n for _, n in plan.chunks]
+        if len(lengths) == self.max_prefill_rows or max(lengths) > self.shared_len:
+            return 0
+        return min(self.shared_len, self.chunk_size - sum(lengths))
 
     def _admit(self, req: Request, budget: int, plan: Plan, lookahead: bool) -> int | None:
         """Admits req if the pool covers its reservation (static) or its whole remaining prompt

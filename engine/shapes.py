@@ -1,16 +1,23 @@
-"""The shapes the jitted launches take: every batch is padded to a bucket, so each launch
-compiles a bounded number of times.
+"""The shapes the compiled launches take. Every launch is padded to a `Shape`, so the engine
+runs a bounded set of compiled programs (engine.programs compiles them).
 
-A mixed step compiles once per (decode rows, chunk rows, chunk length) bucket, a decode loop
-once per (rows, steps) bucket, per pool size. Decode rows in a mixed step go up in powers of 4
-(they cost one token each, so padding them is cheap), chunk lengths in powers of 2 from 64:
-with the defaults 5 x 3 x 4 mixed shapes and 2 x 7 loops, which `ModelRunner.warmup` compiles
-at start-up.
+A decode loop is shaped by its rows (powers of 4 up to --max-running-requests) and its steps
+(--num-continuous-decode-steps, or 1). A mixed step by its decode rows (none, or powers of 4)
+and its prompt chunks: one chunk of 64, 256 or --chunked-prefill-size tokens, or up to
+--max-prefill-rows chunks of at most chunked_prefill_size / max_prefill_rows tokens each (the
+scheduler lets several rows share a step only in such short chunks). Powers of 4, not 2: the
+padding is cheap (a padded decode row is one token of weight-bound matrix work and reads no
+KV; a short prompt rarely pads by more than 4x) and the shapes are half as many. Each shape
+has a variant that sorts the vocabulary for top-k / top-p sampling; only the largest shapes
+are compiled with it (the rest run requests that filter padded to them).
 """
 
 import dataclasses
 
 from engine.config import EngineConfig
+
+FACTOR = 4          # bucket growth of rows and single-chunk lengths
+MIN_CHUNK = 64      # the shortest single-chunk bucket
 
 
 def bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
@@ -21,39 +28,86 @@ def bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
     return min(b, hi)
 
 
+def shared_chunk_len(chunk_size: int, max_prefill_rows: int) -> int:
+    """The most tokens a chunk may have when it shares a step with other chunks."""
+    return max(1, chunk_size // max_prefill_rows)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Shape:
+    """One compiled launch, at a pool of `pages` pages: a mixed step ("step": `rows` decode
+    rows, 0 for none, beside `chunk_rows` chunks of `chunk_len` tokens) or a decode loop
+    ("loop": `rows` rows, `steps` steps). filtering: it may sample with top-k / top-p."""
+    kind: str
+    pages: int
+    rows: int
+    chunk_rows: int = 0
+    chunk_len: int = 0
+    steps: int = 1
+    filtering: bool = False
+
+    def covers(self, need: "Shape") -> bool:
+        """Whether need's launch can run as this one, padded (rows past need's are padding;
+        a loop's steps past need's are spent by rows whose budget is capped at need.steps)."""
+        return (self.kind == need.kind and self.pages == need.pages and self.rows >= need.rows
+                and self.chunk_rows >= need.chunk_rows and self.chunk_len >= need.chunk_len
+                and self.steps >= need.steps and self.filtering >= need.filtering)
+
+    @property
+    def cost(self) -> tuple:
+        """Padded token-steps, then filtering: the covering shape of least cost runs a launch."""
+        return (self.rows * self.steps + self.chunk_rows * self.chunk_len, self.filtering)
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     config: EngineConfig
 
-    def mixed_rows(self, n: int) -> int:
-        return bucket(n, 1, self.config.max_running_requests, factor=4) if n else 0
+    def rows(self, n: int) -> int:
+        """The decode rows a launch of n decode rows is padded to."""
+        return bucket(n, 1, self.config.max_running_requests, FACTOR) if n else 0
 
-    def chunk_rows(self, n: int) -> int:
-        return bucket(n, 1, self.config.max_prefill_rows)
-
-    def chunk_len(self, n: int) -> int:
-        return bucket(n, 64, bucket(self.config.chunked_prefill_size, 16, 1 << 30))
-
-    def loop_rows(self, n: int) -> int:
-        return bucket(n, 1, self.config.max_running_requests)
-
-    def step_shapes(self) -> tuple[list, list]:
-        """Every (decode rows, chunk rows, chunk length) of a mixed step and every (rows, steps)
-        of a decode loop that the scheduler's plans can take, as padded to their buckets."""
+    @property
+    def shared_len(self) -> int:
         c = self.config
-        dec = sorted({self.mixed_rows(n) for n in range(c.max_running_requests + 1)})
-        rows = sorted({self.chunk_rows(n) for n in range(1, c.max_prefill_rows + 1)})
-        lens = sorted({self.chunk_len(n) for n in range(1, c.chunked_prefill_size + 1)})
-        loops = sorted({self.loop_rows(n) for n in range(1, c.max_running_requests + 1)})
-        return ([(d, r, t) for d in dec for r in rows for t in lens],
-                [(b, s) for b in loops for s in sorted({1, c.num_continuous_decode_steps})])
+        return shared_chunk_len(c.chunked_prefill_size, c.max_prefill_rows)
 
+    def chunks(self, lengths: list[int]) -> tuple[int, int]:
+        """(rows, tokens a row) of a step's prompt chunks of these lengths."""
+        if len(lengths) > 1:
+            assert max(lengths) <= self.shared_len, lengths
+            return self.config.max_prefill_rows, self.shared_len
+        return 1, self._single(lengths[0])
 
-def step_key(feeds) -> tuple:
-    """A mixed step's compiled shape, as the runner logs and counts it."""
-    return ("step", *((f.tokens.shape, f.sampling.filtering) for f in feeds))
+    def _single(self, n: int) -> int:
+        return bucket(n, MIN_CHUNK, bucket(self.config.chunked_prefill_size, 1, 1 << 30), FACTOR)
 
+    def step(self, pages: int, decode: int, lengths: list[int], filtering: bool) -> Shape:
+        r, t = self.chunks(lengths)
+        return Shape("step", pages, self.rows(decode), r, t, 1, filtering)
 
-def loop_key(state, steps: int) -> tuple:
-    """A decode loop's compiled shape: rows, stop ids a row, filtering, steps."""
-    return ("decode loop", *state.stop_ids.shape, state.sampling.filtering, steps)
+    def loop(self, pages: int, rows: int, steps: int, filtering: bool) -> Shape:
+        return Shape("loop", pages, self.rows(rows), steps=steps, filtering=filtering)
+
+    def shapes(self, pages: int) -> list[Shape]:
+        """Every shape a launch at a pool of `pages` pages may need, without filtering."""
+        c = self.config
+        rows = sorted({self.rows(n) for n in range(1, c.max_running_requests + 1)})
+        chunks = sorted({(1, self._single(n)) for n in range(1, c.chunked_prefill_size + 1)})
+        if c.max_prefill_rows > 1:
+            chunks.append((c.max_prefill_rows, self.shared_len))
+        steps = sorted({1, c.num_continuous_decode_steps})
+        return ([Shape("step", pages, d, r, t) for d in [0, *rows] for r, t in chunks]
+                + [Shape("loop", pages, b, steps=s) for b in rows for s in steps])
+
+    def largest(self, pages: int) -> list[Shape]:
+        """The fewest shapes that cover every launch at `pages` pages, filtering included: the
+        longest decode loop at the most rows, and a mixed step at the most decode rows for
+        each chunk layout (the longest single chunk; the most shared chunks)."""
+        every = self.shapes(pages)
+        loops = [s for s in every if s.kind == "loop"]
+        steps = [s for s in every if s.kind == "step"]
+        top = [max(loops, key=lambda s: s.cost)]
+        for r in sorted({s.chunk_rows for s in steps}):
+            top.append(max((s for s in steps if s.chunk_rows == r), key=lambda s: s.cost))
+        return [dataclasses.replace(s, filtering=True) for s in top]

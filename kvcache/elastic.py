@@ -62,18 +62,20 @@ class PoolSizes:
     def largest(self) -> int:
         return self.sizes[-1]
 
-    def grow(self, current: int, short: int) -> int | None:
-        """The size to grow a pool of `current` pages to, for `short` more pages; None if even
-        the largest does not cover them."""
-        size = next((s for s in self.sizes if s - current >= short), None)
+    def grow(self, current: int, short: int, usable=lambda size: True) -> int | None:
+        """The size to grow a pool of `current` pages to, for `short` more pages; None if no
+        size that covers them is usable (the engine: its programs are compiled) or none
+        does."""
+        size = next((s for s in self.sizes if s - current >= short and usable(s)), None)
         if size is not None:
             self.counts["grows"] += 1
         return size
 
-    def shrink_due(self, current: int, pinned: int, now: float) -> tuple[int | None, float | None]:
-        """(the size to shrink to now, or None; seconds until a shrink may be due, or None while
-        the pool is not oversized)."""
-        smaller = [s for s in self.sizes if s < current and s - 1 >= 2 * pinned]
+    def shrink_due(self, current: int, pinned: int, now: float,
+                   usable=lambda size: True) -> tuple[int | None, float | None]:
+        """(the usable size to shrink to now, or None; seconds until a shrink may be due, or
+        None while the pool is not oversized)."""
+        smaller = [s for s in self.sizes if s < current and s - 1 >= 2 * pinned and usable(s)]
         if not smaller:
             self._oversized_since = None
             return None, None

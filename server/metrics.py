@@ -69,8 +69,10 @@ class Metrics:
                                       s["hit_tokens"] / max(s["prompt_tokens"], 1)),
             "running_requests": ("Requests holding a cache row", s["running"]),
             "queued_requests": ("Requests waiting for admission", s["waiting"]),
-            "compiled_step_shapes": ("Step shapes compiled so far (lazily, once per bucket)",
+            "compiled_step_shapes": ("Step programs compiled so far (engine.programs)",
                                      s["compiled_shapes"]),
+            "step_shapes_pending": ("Step programs queued for the background compile thread",
+                                    s["shapes_pending"]),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"hybridkv_{name}", doc, value=value)
@@ -78,6 +80,9 @@ class Metrics:
             "preemptions": ("Requests preempted to free pages", s["preemptions"]),
             "xla_compiles": ("XLA compilations in this process (step shapes, page operations; "
                              "persistent-cache hits included)", s["xla_compiles"]),
+            "request_path_compiles": ("Step programs a launch waited to compile (none unless "
+                                      "--precompile none, or a shape no compiled one covers)",
+                                      s["request_path_compiles"]),
             "prompt_tokens": ("Prompt tokens admitted (first admissions)", s["prompt_tokens"]),
             "prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
                                         s["hit_tokens"]),

@@ -26,7 +26,7 @@ def test_flags_set_every_option():
               "max_prefill_rows": 2, "num_continuous_decode_steps": 5,
               "disable_radix_cache": True, "host_kv_size": 0, "kv_pool": "elastic",
               "kv_pool_min_tokens": 64, "kv_pool_growth": 4, "kv_shrink_after": 1.5,
-              "attention_impl": "reference", "tensor_parallel_size": 1}
+              "attention_impl": "reference", "precompile": "all", "tensor_parallel_size": 1}
     assert set(values) == {f.name for f in FIELDS}, "a new option needs a value here"
     argv = []
     for name, value in values.items():

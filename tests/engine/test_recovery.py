@@ -32,20 +32,34 @@ def reference(llm):
 
 
 class Fault:
-    """A jitted launch whose `at`-th call fails like a device error: "before" it runs (a
-    compile error), "after" it ran, its cache donated (an error at execution), or when the
-    host reads its result (an asynchronous error, raised by np.asarray)."""
+    """The `at`-th launch of one kind ("step" or "loop") fails like a device error: "before"
+    it runs (a compile error), "after" it ran, its cache donated (an error at execution), or
+    when the host reads its result (an asynchronous error, raised by np.asarray). Wraps the
+    programs that runner.programs hands out."""
 
-    def __init__(self, fn, at: int, when: str):
-        self.fn, self.at, self.when, self.calls = fn, at, when, 0
+    def __init__(self, runner, kind: str, at: int, when: str):
+        self.runner, self.kind, self.at, self.when, self.calls = runner, kind, at, when, 0
+        self.get = runner.programs.get
 
-    def __call__(self, *args, **kwargs):
+    def __enter__(self):
+        def get(need):
+            shape, (program, key) = self.get(need)
+            if shape.kind != self.kind:
+                return shape, (program, key)
+            return shape, (lambda *args: self.call(program, *args), key)
+        self.runner.programs.get = get
+        return self
+
+    def __exit__(self, *exc):
+        del self.runner.programs.get
+
+    def call(self, program, *args):
         self.calls += 1
         if self.calls != self.at:
-            return self.fn(*args, **kwargs)
+            return program(*args)
         if self.when == "before":
             raise RuntimeError("INTERNAL: injected compile failure")
-        out, cache = self.fn(*args, **kwargs)
+        out, cache = program(*args)
         if self.when == "after":
             raise RuntimeError("RESOURCE_EXHAUSTED: injected out of memory")
         out.delete()
@@ -71,18 +85,14 @@ def submit(engine, tag: str) -> list:
     return reqs
 
 
-@pytest.mark.parametrize("launch, at", [("_step", 1), ("_loop", 3)])
+@pytest.mark.parametrize("launch, at", [("step", 1), ("loop", 3)])
 @pytest.mark.parametrize("when", ["before", "after", "read"])
 def test_a_failed_launch_fails_its_requests_and_the_rest_run_on(llm, reference, launch, at,
                                                                 when):
     engine = llm.engine
-    real = getattr(engine.runner, launch)
-    setattr(engine.runner, launch, Fault(real, at, when))
-    try:
+    with Fault(engine.runner, launch, at, when):
         reqs = submit(engine, f"{launch}-{when}")
         seen = drive(engine)
-    finally:
-        setattr(engine.runner, launch, real)
     failed, done = reqs[:2], reqs[2:]
     for r in failed:    # the two running requests were in the launch that failed
         assert r.finish_reason == "error" and r in seen

@@ -11,6 +11,7 @@ from helpers import assert_host_tier_consistent, assert_pool_clean
 
 from engine import Engine, EngineConfig, SamplingParams
 from engine.request import Request
+from engine.runner import compiles
 from kvcache import Ledger
 
 BASE = dict(model="tiny-random", dtype="float32", page_size=4, context_length=128,
@@ -25,12 +26,16 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
     """Feeds the prompts (all at once, or one more every `arrive_every` steps), steps to the end
     checking the ledger every `check_every` steps, after reading the launches in flight (0: only
     at the end; between checks, each step queues its launch before reading the one before);
-    returns (outputs, engine, requests). warm: Engine.warmup first, and then no model launch
-    may compile. stop: a stop token id per prompt (else every request runs to max_tokens)."""
+    returns (outputs, engine, requests). warm: config compiles every program ahead
+    (precompile "all"), and then nothing may compile. stop: a stop token id per prompt (else
+    every request runs to max_tokens)."""
     engine = Engine(config)
     if warm:
-        assert engine.warmup(progress=False) == sum(map(len, engine.runner.buckets.step_shapes()))
-        compiled = engine.runner._step._cache_size(), engine.runner._loop._cache_size()
+        assert config.precompile == "all"
+        pages = engine.cache.num_pages
+        every = engine.runner.buckets.shapes(pages) + engine.runner.buckets.largest(pages)
+        assert engine.warmup(progress=False) == len(every)
+        compiled = compiles["xla"]
     stop = stop or [None] * len(prompts)
     reqs = [engine.make_request(f"r{i}", p, SamplingParams(
         max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=[s] if s is not None else []))
@@ -57,7 +62,7 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
     assert_pool_clean(engine)
     assert all(len(r.output) == m for r, m, s in zip(reqs, max_tokens, stop) if s is None)
     if warm:
-        assert (engine.runner._step._cache_size(), engine.runner._loop._cache_size()) == compiled
+        assert compiles["xla"] == compiled
     return [r.output for r in reqs], engine, reqs
 
 
@@ -142,7 +147,8 @@ def test_warmup_compiles_every_launch_the_run_needs(reference):
     loops of 1 and 3 steps, and preemption compiles no model launch."""
     outputs, engine, _ = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
                                           chunked_prefill_size=16, max_prefill_rows=2,
-                                          num_continuous_decode_steps=3), arrive_every=1, check_every=0, warm=True)
+                                          num_continuous_decode_steps=3, precompile="all"),
+                             arrive_every=1, check_every=0, warm=True)
     assert outputs == reference
     assert engine.stats()["preemptions"] > 0
 
@@ -150,9 +156,10 @@ def test_warmup_compiles_every_launch_the_run_needs(reference):
 def test_stop_ids_up_to_the_limit_compile_nothing_after_warmup(reference):
     """Every decode launch carries the most stop ids a request may have (engine.limits, EOS
     included), so a request with 32 stop ids runs on the warmed-up shapes."""
-    engine = Engine(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256))
+    engine = Engine(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256,
+                                 precompile="all"))
     engine.warmup(progress=False)
-    compiled = engine.runner._step._cache_size(), engine.runner._loop._cache_size()
+    compiled = compiles["xla"]
     unused = [t for t in range(261) if all(t not in out for out in reference)][:32]
     assert len(unused) == 32
     req = engine.make_request("stops", PROMPTS[-1], SamplingParams(
@@ -161,7 +168,7 @@ def test_stop_ids_up_to_the_limit_compile_nothing_after_warmup(reference):
     while engine.has_work():
         engine.step()
     assert req.output == reference[-1]
-    assert (engine.runner._step._cache_size(), engine.runner._loop._cache_size()) == compiled
+    assert compiles["xla"] == compiled
 
 
 def test_overlapped_launches_under_preemption(reference):
