@@ -3,6 +3,7 @@ Engine, takes requests, aborts and calls between steps, steps while there is wor
 each step's new tokens with the engine's statistics."""
 
 import logging
+import os
 import pickle
 import signal
 import time
@@ -15,6 +16,8 @@ log = logging.getLogger("hybridkv")
 # An engine that fails this many times in a row (each recovery followed by another failure,
 # with no launch between them that succeeded) exits, for the supervisor to restart it.
 MAX_RECOVERIES_IN_A_ROW = 3
+# While programs compile in the background, an idle engine sends its statistics this often.
+IDLE_STATS_S = 1.0
 
 
 def engine_process(start: Callable, conn) -> None:
@@ -37,6 +40,11 @@ def engine_process(start: Callable, conn) -> None:
     except BaseException as e:   # noqa: BLE001 - the server must hear of it
         log.exception("the engine failed")
         conn.send(("error", f"{type(e).__name__}: {e}"))
+    # Gone at once: a normal exit would first wait for the background compile in progress
+    # (engine.programs; ~10 s on the H200), holding the device's memory, which an engine
+    # started next needs (on the H200 a new 8B engine aborted while an old one waited so).
+    logging.shutdown()
+    os._exit(0)
 
 
 class EngineLoop:
@@ -57,6 +65,8 @@ class EngineLoop:
                 wait = 0.0
             else:        # idle until a message arrives or an elastic pool's shrink is due
                 wait = self._guarded(engine.maintain)
+                if engine.runner.programs.pending():   # /metrics follows the compile thread
+                    wait = IDLE_STATS_S if wait is None else min(wait, IDLE_STATS_S)
                 self.conn.send(("step", [], None, engine.stats()))
             if not self._drain(wait):
                 return
