@@ -112,11 +112,6 @@ def start_engine(args):
     setup_process(args)
     log = logging.getLogger("hybridkv")
     engine = Engine(engine_config(args))
-    spec, pages = engine.spec, engine.cache.num_pages
-    log.info("KV pool (%s): %d pages of %d tokens (%.1f MiB), at most %d pages (%d tokens, "
-             "%.1f MiB)", args.kv_pool, pages - 1, spec.page_size,
-             pages * spec.bytes_per_page / 2**20, spec.num_pages - 1, spec.capacity_tokens,
-             spec.total_bytes / 2**20)
     start = time.perf_counter()
     n = engine.warmup()
     log.info("%d step programs compiled in %.1f s (--precompile %s); %d more compiling while "
@@ -178,6 +173,8 @@ def setup_process(args) -> None:
         from engine.engine import use_compilation_cache
         use_compilation_cache(args.compilation_cache_dir)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    # JAX's note that it found no TPU, on every GPU or CPU start: not news at the default level.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def main(argv=None) -> int:

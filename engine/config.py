@@ -38,7 +38,7 @@ class EngineConfig:
     mem_fraction_static: float = knob(0.9, "fraction of device memory for weights + KV pool (the "
                                            "pool never exceeds what --max-running-requests full "
                                            "contexts need, nor the memory free; on a CPU, "
-                                           "without --max-total-tokens, at most 4 GiB)")
+                                           "without --max-total-tokens, at most 1 GiB)")
     context_length: int | None = knob(None, "max tokens (prompt + output) per request; unset: "
                                             "the model's max positions")
     max_running_requests: int = knob(32, "rows of the page table: requests decoded at once")

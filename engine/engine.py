@@ -114,6 +114,11 @@ class Engine:
             host_pages=kvcache.host_tier_pages(c.host_kv_size, self.spec))
         # An elastic pool moves only to sizes whose programs are compiled (engine.programs).
         self.scheduler.pool.usable = self.runner.ready_for
+        spec, pages = self.spec, sizes[0]
+        log.info("KV pool (%s): %d tokens (%.1f MiB) in pages of %d, at most %d tokens "
+                 "(%.1f MiB)", c.kv_pool, (pages - 1) * spec.page_size,
+                 pages * spec.bytes_per_page / 2**20, spec.page_size, spec.capacity_tokens,
+                 spec.total_bytes / 2**20)
         self.front = Front(tokenizer=self.tokenizer, vocab_size=cfg.vocab_size,
                            eos_token_ids=tuple(cfg.eos_token_ids),
                            context_length=self.context_length, page_size=c.page_size,

@@ -79,7 +79,9 @@ class Programs:
                            key=lambda s: s.cost, default=None)
                 if best is not None:
                     return best, self._compiled[best]
-        log.info("compiling %s now: a launch waits for it", need)
+        # Expected with "none" (a debug line); otherwise a launch no program covers.
+        log.log(logging.DEBUG if self.mode == "none" else logging.WARNING,
+                "compiling %s now: a launch waits for it", need)
         self.request_path_compiles += 1
         return need, self.compile(need)
 

@@ -57,8 +57,11 @@ class PoolSpec:
 
 
 # A CPU pool's default budget, when --max-total-tokens does not set it: the host's memory is
-# shared with everything else on it (vLLM's CPU backend defaults its KV cache to 4 GiB too).
-CPU_POOL_BYTES = 4 << 30
+# shared with everything else on it (vLLM's CPU backend defaults its KV cache to 4 GiB). 1 GiB
+# holds ~23k tokens of SmolLM2-135M (46 KiB a token in float32), ~8k of a Llama-3-8B in
+# bfloat16; a laptop's chat then peaks near 2 GB, not 5.5 (measured: serve.py --chat with the
+# SmolLM2 GGUF).
+CPU_POOL_BYTES = 1 << 30
 
 
 def host_memory() -> tuple[int, int]:

@@ -62,30 +62,39 @@ def load_hf(directory: str | Path, dtype=jnp.float32, progress: bool = True) -> 
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     cfg = ModelConfig.from_hf(directory)
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
     files = weight_files(directory)
-    flat = dict(nnx.to_flat_state(state))
     handles = {}
+
+    def tensor(name: str):
+        if name not in files:
+            raise CheckpointError(f"{directory}: tensor {name!r} is missing from the "
+                                  "safetensors files")
+        if files[name] not in handles:
+            handles[files[name]] = safe_open(files[name], "flax")
+        return handles[files[name]].get_tensor(name), f"{files[name].name}: tensor {name!r}"
     try:
-        for path, var in tqdm(flat.items(), desc=f"loading {directory.name}", unit="tensor",
-                              disable=not progress):
-            name, transposed = hf_name(path)
-            if name not in files:
-                raise CheckpointError(f"{directory}: tensor {name!r} is missing from the "
-                                      "safetensors files")
-            file = files[name]
-            if file not in handles:
-                handles[file] = safe_open(file, "flax")
-            array = handles[file].get_tensor(name)
-            expected = var.get_value().shape
-            expected = expected[::-1] if transposed else expected
-            if array.shape != expected:
-                raise CheckpointError(
-                    f"{file.name}: tensor {name!r} has shape {tuple(array.shape)}, config.json "
-                    f"implies {tuple(expected)}")
-            var.set_value(jnp.asarray(array.T if transposed else array, dtype))
+        return load_tensors(cfg, tensor, "config.json", dtype, progress,
+                            f"loading {directory.name}")
     finally:
         handles.clear()
+
+
+def load_tensors(cfg: ModelConfig, tensor, config_source: str, dtype=jnp.float32,
+                 progress: bool = True, desc: str = "loading") -> Llama:
+    """The model of config cfg (read from config_source) with its weights from tensor(HF
+    tensor name) -> (array in HF's layout, where it came from, for errors); tensor raises
+    CheckpointError for one it lacks."""
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in tqdm(flat.items(), desc=desc, unit="tensor", disable=not progress):
+        name, transposed = hf_name(path)
+        array, where = tensor(name)
+        expected = var.get_value().shape
+        expected = expected[::-1] if transposed else expected
+        if array.shape != expected:
+            raise CheckpointError(f"{where} has shape {tuple(array.shape)}, {config_source} "
+                                  f"implies {tuple(expected)}")
+        var.set_value(jnp.asarray(array.T if transposed else array, dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -105,5 +114,5 @@ def restore_params(cfg: ModelConfig, directory: str | Path, dtype=jnp.float32) -
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_hf", "save_params", "restore_params",
-           "abstract_model"]
+__all__ = ["CheckpointError", "ConfigError", "load_hf", "load_tensors", "save_params",
+           "restore_params", "abstract_model"]

@@ -1,0 +1,156 @@
+"""GGUF files (llama.cpp's format, as llama.cpp, Ollama and LM Studio users hold models) -> our
+model and tokenizer, read with the `gguf` package (install it with `pip install gguf`).
+
+The architecture and hyper-parameters come from the file's metadata, as a HF config would
+give them (`models.config.from_hf_dict` then checks them); tensors are renamed to HF's names,
+dequantised to float32 by `gguf.quants.dequantize` (F32/F16/BF16 as stored; Q4_0, Q4_1,
+Q5_x, Q8_0, the K-quants and the others that package dequantises) and cast to the run dtype.
+llama.cpp's converter reorders the rows of a Llama query and key projection (it interleaves
+the two halves of each head for its rotary layout); `unpermute` puts them back. The
+tokenizer is a `tokenizers` byte-level BPE built from the vocabulary and merges in the
+metadata, its control tokens special, and the chat template comes from there too.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from models.config import ConfigError, from_hf_dict
+from models.loader import CheckpointError, load_tensors
+from models.tokenizer import Tokenizer, TokenizerError
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")   # GGUF names; mistral files say "llama"
+CONTROL, USER_DEFINED = 3, 4                   # tokenizer.ggml.token_type values
+LAYER = {"input_layernorm.weight": "attn_norm.weight",
+         "post_attention_layernorm.weight": "ffn_norm.weight",
+         "self_attn.q_norm.weight": "attn_q_norm.weight",
+         "self_attn.k_norm.weight": "attn_k_norm.weight",
+         **{f"self_attn.{p}_proj.{k}": f"attn_{p}.{k}" for p in "qkv" for k in ("weight", "bias")},
+         "self_attn.o_proj.weight": "attn_output.weight",
+         "self_attn.o_proj.bias": "attn_output.bias",
+         **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")}}
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+       "lm_head.weight": "output.weight"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading a .gguf file needs the gguf package: pip install gguf "
+                              "(or pip install -e '.[real]')") from None
+    return gguf
+
+
+def gguf_name(hf: str) -> str:
+    """HF tensor name -> the GGUF name llama.cpp's converter gives it."""
+    if hf in TOP:
+        return TOP[hf]
+    _, _, layer, rest = hf.split(".", 3)        # model.layers.<i>.<rest>
+    return f"blk.{layer}.{LAYER[rest]}"
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's reordering of a query / key projection's rows (or bias): within each
+    head, rows 0, 2, 4, ... (then 1, 3, 5, ...) are HF's first (then second) half."""
+    return (w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def read_config(fields: dict, path: Path) -> dict:
+    """A HF-style config dict from a GGUF file's metadata."""
+    arch = fields.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported; "
+                          f"supported: {list(ARCHITECTURES)}")
+
+    def need(key, default=None):
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ConfigError(f"{path.name}: GGUF metadata {arch}.{key} is missing")
+        return value
+    if fields.get(f"{arch}.rope.scaling.type", "none") not in ("none", None):
+        raise ConfigError(f"{path.name}: rope scaling {fields[f'{arch}.rope.scaling.type']!r} "
+                          "in GGUF metadata is not supported yet")
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    vocab = fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return {"model_type": arch, "vocab_size": int(vocab), "hidden_size": hidden,
+            "intermediate_size": int(need("feed_forward_length")),
+            "num_hidden_layers": int(need("block_count")), "num_attention_heads": heads,
+            "num_key_value_heads": int(need("attention.head_count_kv", heads)),
+            "head_dim": int(need("attention.key_length", hidden // heads)),
+            "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(need("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(need("context_length")),
+            "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": None if eos is None else int(eos)}
+
+
+def read_tokenizer(fields: dict, path: Path) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2, Llama 3 and Qwen use) from the
+    GGUF vocabulary and merges; control and user-defined tokens are added as special."""
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerError(f"{path.name}: GGUF tokenizer model {kind!r} is not supported; "
+                             "supported: 'gpt2' (byte-level BPE)")
+    tokens = list(fields["tokenizer.ggml.tokens"])
+    types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
+    tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                          fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k in (CONTROL, USER_DEFINED)])
+
+    def token(key):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return None if i is None else tokens[int(i)]
+    if fields.get("tokenizer.ggml.add_bos_token") and token("bos") is not None:
+        bos = token("bos")
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, tokens.index(bos))])])
+    return Tokenizer(tok, chat_template=fields.get("tokenizer.chat_template"),
+                     bos_token=token("bos"), eos_token=token("eos"))
+
+
+def load_gguf(path: str | Path, dtype, progress: bool = True):
+    """A .gguf file -> (model, tokenizer)."""
+    gguf, path = _gguf(), Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    raw = read_config(fields, path)
+    tokenizer = read_tokenizer(fields, path)     # before the weights: refused early
+    cfg = from_hf_dict(raw | {"tie_word_embeddings": "output.weight" not in
+                              {t.name for t in reader.tensors}}, source=path.name)
+    stored = {t.name: t for t in reader.tensors}
+    permuted = ({"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
+                if cfg.model_type == "llama" else {})
+
+    def tensor(hf: str):
+        name = gguf_name(hf)
+        if name not in stored:
+            raise CheckpointError(f"{path.name}: tensor {name!r} ({hf}) is missing")
+        t = stored[name]
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{path.name}: tensor {name!r} is stored as "
+                                  f"{t.tensor_type.name}, which the gguf package cannot "
+                                  "dequantise") from None
+        array = np.asarray(array, np.float32).reshape(tuple(int(n) for n in t.shape[::-1]))
+        heads = permuted.get(name.split(".")[-2])
+        return (unpermute(array, heads) if heads else array), f"{path.name}: tensor {name!r}"
+    model = load_tensors(cfg, tensor, f"{path.name}'s metadata", dtype, progress,
+                         f"dequantising {path.name}")
+    return model, tokenizer

