@@ -8,7 +8,8 @@ Q5_x, Q8_0, the K-quants and the others that package dequantises) and cast to th
 llama.cpp's converter reorders the rows of a Llama query and key projection (it interleaves
 the two halves of each head for its rotary layout); `unpermute` puts them back. The
 tokenizer is a `tokenizers` byte-level BPE built from the vocabulary and merges in the
-metadata, its control tokens special, and the chat template comes from there too.
+metadata, its control tokens special, and the chat template comes from there too; only
+pre-tokenizers that split as GPT-2's does are taken (PRE_TOKENIZERS).
 """
 
 from pathlib import Path
@@ -23,6 +24,10 @@ from models.tokenizer import Tokenizer, TokenizerError
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")   # GGUF names; mistral files say "llama"
 CONTROL, USER_DEFINED = 3, 4                   # tokenizer.ggml.token_type values
+# Pre-tokenizers that split text as GPT-2's byte-level regex does (transformers builds SmolLM2's
+# so too: its vocabulary has no multi-digit merges, so llama.cpp's digit split changes nothing).
+# Llama 3's "llama-bpe" and Qwen's "qwen2" split differently: refused until tested.
+PRE_TOKENIZERS = ("default", "gpt2", "smollm")
 LAYER = {"input_layernorm.weight": "attn_norm.weight",
          "post_attention_layernorm.weight": "ffn_norm.weight",
          "self_attn.q_norm.weight": "attn_q_norm.weight",
@@ -97,6 +102,10 @@ def read_tokenizer(fields: dict, path: Path) -> Tokenizer:
     if kind != "gpt2":
         raise TokenizerError(f"{path.name}: GGUF tokenizer model {kind!r} is not supported; "
                              "supported: 'gpt2' (byte-level BPE)")
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise TokenizerError(f"{path.name}: GGUF pre-tokenizer {pre!r} is not supported yet; "
+                             f"supported: {list(PRE_TOKENIZERS)}")
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]

@@ -138,7 +138,7 @@ def test_a_chat_answer_names_paris(llm, golden):
 
 # -- errors, on tiny files ---------------------------------------------------------------------
 
-def write(path: Path, arch: str, tokenizer_model: str = "gpt2") -> Path:
+def write(path: Path, arch: str, tokenizer_model: str = "gpt2", pre: str | None = None) -> Path:
     """A GGUF file with an architecture's metadata, a byte-level vocabulary and no tensors."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
@@ -149,6 +149,8 @@ def write(path: Path, arch: str, tokenizer_model: str = "gpt2") -> Path:
     w.add_head_count_kv(1)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model(tokenizer_model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     w.add_token_list(["a", "b", "ab"])
     w.add_token_merges(["a b"])
     w.write_header_to_file()
@@ -168,6 +170,12 @@ def test_a_sentencepiece_vocabulary_is_named(tmp_path):
     with pytest.raises(TokenizerError, match=r"s\.gguf: GGUF tokenizer model 'llama' is not "
                                              r"supported; supported: 'gpt2'"):
         load_model(str(write(tmp_path / "s.gguf", "llama", "llama")))
+
+
+def test_an_untested_pre_tokenizer_is_refused(tmp_path):
+    with pytest.raises(TokenizerError, match=r"pre-tokenizer 'llama-bpe' is not supported yet; "
+                                             r"supported: \['default', 'gpt2', 'smollm'\]"):
+        load_model(str(write(tmp_path / "p.gguf", "llama", pre="llama-bpe")))
 
 
 def test_a_missing_tensor_is_named(tmp_path):
