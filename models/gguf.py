@@ -2,9 +2,10 @@
 model and tokenizer, read with the `gguf` package (install it with `pip install gguf`).
 
 The architecture and hyper-parameters come from the file's metadata, as a HF config would
-give them (`models.config.from_hf_dict` then checks them); tensors are renamed to HF's names,
-dequantised to float32 by `gguf.quants.dequantize` (F32/F16/BF16 as stored; Q4_0, Q4_1,
-Q5_x, Q8_0, the K-quants and the others that package dequantises) and cast to the run dtype.
+give them (`models.config.from_hf_dict` then checks them); tensors are found under the names
+llama.cpp's converter gives HF's (the gguf package's own name map), dequantised to float32 by
+`gguf.quants.dequantize` (F32/F16/BF16 as stored; Q4_0, Q4_1, Q5_x, Q8_0, the K-quants and
+the others that package dequantises) and cast to the run dtype.
 llama.cpp's converter reorders the rows of a Llama query and key projection (it interleaves
 the two halves of each head for its rotary layout); `unpermute` puts them back. The
 tokenizer is a `tokenizers` byte-level BPE built from the vocabulary and merges in the
@@ -28,18 +29,6 @@ CONTROL, USER_DEFINED = 3, 4                   # tokenizer.ggml.token_type value
 # so too: its vocabulary has no multi-digit merges, so llama.cpp's digit split changes nothing).
 # Llama 3's "llama-bpe" and Qwen's "qwen2" split differently: refused until tested.
 PRE_TOKENIZERS = ("default", "gpt2", "smollm")
-LAYER = {"input_layernorm.weight": "attn_norm.weight",
-         "post_attention_layernorm.weight": "ffn_norm.weight",
-         "self_attn.q_norm.weight": "attn_q_norm.weight",
-         "self_attn.k_norm.weight": "attn_k_norm.weight",
-         **{f"self_attn.{p}_proj.{k}": f"attn_{p}.{k}" for p in "qkv" for k in ("weight", "bias")},
-         "self_attn.o_proj.weight": "attn_output.weight",
-         "self_attn.o_proj.bias": "attn_output.bias",
-         **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")}}
-TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-       "lm_head.weight": "output.weight"}
-
-
 def _gguf():
     try:
         import gguf
@@ -47,14 +36,6 @@ def _gguf():
         raise CheckpointError("reading a .gguf file needs the gguf package: pip install gguf "
                               "(or pip install -e '.[real]')") from None
     return gguf
-
-
-def gguf_name(hf: str) -> str:
-    """HF tensor name -> the GGUF name llama.cpp's converter gives it."""
-    if hf in TOP:
-        return TOP[hf]
-    _, _, layer, rest = hf.split(".", 3)        # model.layers.<i>.<rest>
-    return f"blk.{layer}.{LAYER[rest]}"
 
 
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -143,11 +124,16 @@ def load_gguf(path: str | Path, dtype, progress: bool = True):
     cfg = from_hf_dict(raw | {"tie_word_embeddings": "output.weight" not in
                               {t.name for t in reader.tensors}}, source=path.name)
     stored = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in stored:
+        raise ConfigError(f"{path.name}: per-frequency rope factors (rope_freqs, Llama 3.1-style "
+                          "rope scaling) are not supported yet")
     permuted = ({"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
                 if cfg.model_type == "llama" else {})
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == cfg.model_type)
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)   # HF name -> llama.cpp's
 
     def tensor(hf: str):
-        name = gguf_name(hf)
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name not in stored:
             raise CheckpointError(f"{path.name}: tensor {name!r} ({hf}) is missing")
         t = stored[name]

@@ -18,6 +18,7 @@ gguf = pytest.importorskip("gguf", reason="the real-model tests need the gguf pa
                                           "pip install -e '.[test,real]'")
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "gguf" / "smollm2.json"
+FIXTURES_HF = Path(__file__).parents[1] / "fixtures" / "hf"
 NEAR_TIE = 2e-3      # top-1 minus top-2 logit below which either token is a right answer
 
 
@@ -98,27 +99,31 @@ def test_greedy_tokens_match_transformers(llm, golden, layout):
     assert_pool_clean(llm)
 
 
-@needs_model
-def test_last_prompt_logits_match_transformers(llm, golden):
-    """One forward of the first plain prompt: the logits at its last position."""
+def prompt_logits(llm, ids: list[int]) -> np.ndarray:
+    """[T,V] float32 logits of one forward over ids, in a row taken and given back."""
     import jax.numpy as jnp
     from flax import nnx
 
     import kvcache
     from models import Group
     e = llm.engine
-    want = golden["logits"]
-    [case] = [c for c in golden["generate"] if c["name"] == want["case"]]
-    prompt = jnp.asarray(case["prompt_ids"], jnp.int32)
-    t, rows = len(prompt), jnp.array([0])
+    prompt, rows, t = jnp.asarray(ids, jnp.int32), jnp.array([0]), len(ids)
     cache, ok = kvcache.admit_rows(e.cache, rows, jnp.array([kvcache.LAYOUT_PAGED]),
-                                   jnp.array([-(-t // 16)]), e.pages_per_row)
+                                   jnp.array([-(-t // e.spec.page_size)]), e.pages_per_row)
     assert bool(ok[0])
     model = nnx.merge(e.graphdef, e.params)
     group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]))
     [hidden], _, _ = model((group,), cache.k, cache.v)
-    logits = np.asarray(model.logits(hidden[0, -1:]))[0]
     e.cache = kvcache.release_rows(cache, rows, jnp.array([True]))
+    return np.asarray(model.logits(hidden[0]))
+
+
+@needs_model
+def test_last_prompt_logits_match_transformers(llm, golden):
+    """One forward of the first plain prompt: the logits at its last position."""
+    want = golden["logits"]
+    [case] = [c for c in golden["generate"] if c["name"] == want["case"]]
+    logits = prompt_logits(llm, case["prompt_ids"])[-1]
     first = np.asarray(want["prompt_logits_last"])
     np.testing.assert_allclose(logits[:len(first)], first, rtol=1e-3, atol=2e-3)
     assert abs(np.linalg.norm(logits) - want["logits_l2"]) < 1e-3 * want["logits_l2"]
@@ -138,8 +143,10 @@ def test_a_chat_answer_names_paris(llm, golden):
 
 # -- errors, on tiny files ---------------------------------------------------------------------
 
-def write(path: Path, arch: str, tokenizer_model: str = "gpt2", pre: str | None = None) -> Path:
-    """A GGUF file with an architecture's metadata, a byte-level vocabulary and no tensors."""
+def write(path: Path, arch: str, tokenizer_model: str = "gpt2", pre: str | None = None,
+          tensors: dict | None = None) -> Path:
+    """A GGUF file with an architecture's metadata, a byte-level vocabulary and `tensors`
+    (none by default)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(8)
@@ -153,6 +160,8 @@ def write(path: Path, arch: str, tokenizer_model: str = "gpt2", pre: str | None 
         w.add_tokenizer_pre(pre)
     w.add_token_list(["a", "b", "ab"])
     w.add_token_merges(["a b"])
+    for name, array in (tensors or {}).items():
+        w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -178,6 +187,13 @@ def test_an_untested_pre_tokenizer_is_refused(tmp_path):
         load_model(str(write(tmp_path / "p.gguf", "llama", pre="llama-bpe")))
 
 
+def test_llama31_rope_factors_are_refused_not_ignored(tmp_path):
+    path = write(tmp_path / "r.gguf", "llama",
+                 tensors={"rope_freqs.weight": np.ones(2, np.float32)})
+    with pytest.raises(ConfigError, match=r"r\.gguf: per-frequency rope factors \(rope_freqs"):
+        load_model(str(path))
+
+
 def test_a_missing_tensor_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"m\.gguf: tensor 'token_embd\.weight' "
                                               r"\(model\.embed_tokens\.weight\) is missing"):
@@ -189,3 +205,44 @@ def test_a_directory_of_several_gguf_files_asks_which(tmp_path):
     write(tmp_path / "b.gguf", "llama")
     with pytest.raises(CheckpointError, match="2 .gguf files and no config.json: name the file"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_hf_checkpoints_written_as_gguf_give_transformers_logits(tmp_path, family):
+    """The tiny HF fixtures of tests/models/test_parity.py (Qwen2: biases, tied embeddings,
+    two shards; Qwen3: q/k norms, head_dim apart from hidden / heads) written as float32 GGUF
+    files under the names llama.cpp's converter uses (the gguf package's map): the prompt's
+    logits are transformers' within 1e-4 relative."""
+    from safetensors.numpy import load_file
+    src = FIXTURES_HF / family
+    raw = json.loads((src / "config.json").read_text())
+    layers, vocab = raw["num_hidden_layers"], raw["vocab_size"]
+    path = tmp_path / f"{family}.gguf"
+    w = gguf.GGUFWriter(str(path), family)
+    w.add_context_length(raw["max_position_embeddings"])
+    w.add_embedding_length(raw["hidden_size"])
+    w.add_feed_forward_length(raw["intermediate_size"])
+    w.add_block_count(layers)
+    w.add_head_count(raw["num_attention_heads"])
+    w.add_head_count_kv(raw["num_key_value_heads"])
+    w.add_key_length(raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"])
+    w.add_layer_norm_rms_eps(raw["rms_norm_eps"])
+    w.add_rope_freq_base(raw["rope_parameters"]["rope_theta"])
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"<{i}>" for i in range(vocab)])
+    names = gguf.get_tensor_name_map(
+        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family), layers)
+    for file in sorted(src.glob("*.safetensors")):
+        for name, array in load_file(file).items():
+            w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    golden = dict(np.load(src / "golden.npz"))
+    llm = LLM(str(path), dtype="float32", page_size=4, context_length=64,
+              max_running_requests=2)
+    logits = prompt_logits(llm, golden["prompt_ids"].tolist())
+    ref = golden["prompt_logits"]
+    assert np.max(np.abs(logits - ref)) / np.max(np.abs(ref)) <= 1e-4
