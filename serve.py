@@ -89,7 +89,10 @@ def generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    llm = LLM.from_config(engine_config(args))
+    config = engine_config(args)
+    if config.precompile == "auto":   # one batch, then exit: compile only the shapes it meets
+        config = dataclasses.replace(config, precompile="none")
+    llm = LLM.from_config(config)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": x}] for x in args.prompt], params)
     else:

@@ -51,7 +51,7 @@ class Flight:
     out: jax.Array                   # its one int32 result
     key: tuple                       # its call signature: `result` opens `out` with it
     plan: Plan
-    shape: Shape | None = None       # the shape it ran as
+    shape: Shape                     # the shape it ran as
 
 
 class ModelRunner:
