@@ -205,14 +205,17 @@ class ModelRunner:
 
     def _run_loop(self, program, state: DecodeState) -> jax.Array:
         """Queues a compiled decode loop over state, after the queued page operations."""
-        if self.pages.pending():
-            self.cache, ops = self.pages.take(self.cache)
-            ops_buf = packing.pack(ops)
-        else:        # the empty operations, already on the device
-            ops_buf = self._no_ops[0]
+        ops_buf, _ = self._loop_ops()
         out, self.cache = self._timed(program, self.weights, self.cache, ops_buf,
                                       packing.pack(state))
         return out
+
+    def _loop_ops(self) -> tuple:
+        """(buffer, layout) of the queued page operations a decode loop carries out first."""
+        if self.pages.pending():
+            self.cache, ops = self.pages.take(self.cache)
+            return packing.pack(ops), packing.layout_of(ops)
+        return self._no_ops      # the empty operations, already on the device
 
     def decode(self, state: DecodeState, steps: int) -> tuple[jax.Array, tuple]:
         """Queues `steps` decode steps of state's rows (numpy arrays, any number of rows and
@@ -220,11 +223,7 @@ class ModelRunner:
         and benchmarks; the engine's launches go through `launch`). Returns (its packed
         result, the key `result` opens it with)."""
         layout = packing.layout_of(state)
-        if self.pages.pending():
-            self.cache, ops = self.pages.take(self.cache)
-            ops_buf, ops_layout = packing.pack(ops), packing.layout_of(ops)
-        else:
-            ops_buf, ops_layout = self._no_ops
+        ops_buf, ops_layout = self._loop_ops()
         out, self.cache = self._timed(self._loop, self.weights, self.cache, ops_buf,
                                       packing.pack(state), ops_layout=ops_layout, layout=layout,
                                       num_steps=steps, attn_impl=self.attn_impl)

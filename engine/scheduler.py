@@ -189,7 +189,7 @@ class Scheduler:
                 return      # the queue waits behind a prefill that could not go on
             plan.chunks.append((req, n))
         while self.waiting and self.free_rows and self._chunk_room(plan) > 0:
-            if self._admit(self.waiting[0], self._chunk_room(plan), plan, lookahead) is None:
+            if not self._admit(self.waiting[0], self._chunk_room(plan), plan, lookahead):
                 break
             self.waiting.popleft()
         if plan.chunks:
@@ -206,11 +206,11 @@ class Scheduler:
             return 0
         return min(self.shared_len, self.chunk_size - sum(lengths))
 
-    def _admit(self, req: Request, budget: int, plan: Plan, lookahead: bool) -> int | None:
+    def _admit(self, req: Request, budget: int, plan: Plan, lookahead: bool) -> bool:
         """Admits req if the pool covers its reservation (static) or its whole remaining prompt
         (paged), evicting prefix-cache leaves as needed; the host tier's part of its prefix hit
-        comes back into fresh pages (not while planning ahead: the host picks their ids). Returns
-        the tokens of its first chunk, or None."""
+        comes back into fresh pages (not while planning ahead: the host picks their ids); its
+        first chunk, of at most `budget` tokens, joins plan. Returns whether it was admitted."""
         num_tokens = req.num_tokens
         hit, node, hosted = [], None, []
         if self.pool.radix is not None:
@@ -218,7 +218,7 @@ class Scheduler:
             hit, node, hosted = self.pool.radix.match_host(req.prefix(keep * self.g))
             if hosted and lookahead:
                 plan.wait = True
-                return None
+                return False
             if hit or hosted:
                 self.pool.radix.lock(node)
             else:
@@ -228,7 +228,7 @@ class Scheduler:
         if not self.pool.make_room(adm.take + loads, plan):
             if node is not None:
                 self.pool.radix.unlock(node)
-            return None
+            return False
         if loads:
             hit += self.pool.radix.load(hosted, self.pool.take_fresh(loads))
         req.layout, req.row, req.node = adm.layout, self.free_rows.pop(), node
@@ -244,7 +244,7 @@ class Scheduler:
         self.running.append(req)
         n = min(num_tokens - req.computed, budget)
         plan.chunks.append((req, n))
-        return n
+        return True
 
     def launched(self, plan: Plan) -> None:
         """The engine queued plan's launch: what it does counts as done from now on, for plans
