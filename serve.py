@@ -1,6 +1,7 @@
 """hybridkv server: an OpenAI-compatible HTTP API over the hybrid static / paged KV cache.
 
-    python serve.py                                  # embedded tiny-random model (noise text)
+    python serve.py                                  # smollm2-135m-instruct if installed, else
+                                                     # the embedded tiny-random model (noise text)
     python serve.py --model /path/to/hf-checkpoint --port 30000
     python serve.py --prompt "Hello"                 # generate for the prompt and exit
 
@@ -21,6 +22,7 @@ import typing
 from engine import envs, limits
 from engine.config import EngineConfig  # importing JAX does not start its backend
 from kvcache.elastic import use_returning_allocator
+from models.packaged import default_model
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -66,14 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_engine_flags(group) -> None:
     """A flag per EngineConfig field: --max-running-requests for max_running_requests, with the
-    field's default, choices and help."""
+    field's default, choices and help. One exception: --model defaults to a real model when
+    one is installed (models.packaged.default_model); EngineConfig and LLM() keep the
+    embedded tiny-random, which the tests use."""
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             group.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
-        group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
+        default = default_model() if f.name == "model" else f.default
+        group.add_argument(flag, type=kind, default=default, choices=f.metadata["choices"],
                            help=f.metadata["help"])
 
 

@@ -205,13 +205,19 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
     return rows
 
 
+LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0)
 HF_SHAPES = {
     "llama-3.2-1b-random": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                 num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                                tie_word_embeddings=True),
+                                tie_word_embeddings=True, **LLAMA3),
     "llama-3-8b-random": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                              tie_word_embeddings=False),
+                              tie_word_embeddings=False, **LLAMA3),
+    # The real SmolLM2-135M-Instruct's shape (models/packaged.py); HF runs it with random weights.
+    "smollm2-135m-instruct": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                  tie_word_embeddings=True, vocab_size=49152,
+                                  rope_theta=100000.0),
 }
 
 
@@ -219,12 +225,11 @@ def bench_hf(model: str, batch: int, context: int) -> dict:
     """HF transformers' decode step (seconds) at this batch and prompt length."""
     import torch
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=128256, rope_theta=500000.0,
-                                   max_position_embeddings=context + 256, **HF_SHAPES[model])
+    cfg = transformers.LlamaConfig(max_position_embeddings=context + 256, **HF_SHAPES[model])
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 32000, (batch, context), device="cuda")
+    ids = torch.randint(0, min(32000, cfg.vocab_size), (batch, context), device="cuda")
 
     def generate(n):
         torch.cuda.synchronize()

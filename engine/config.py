@@ -23,8 +23,10 @@ def knob(default, help: str, choices=None):
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes an engine. Defaults serve the embedded model on any backend."""
-    model: str = knob("tiny-random", "preset name or HF checkpoint directory (config.json, "
-                                     "safetensors, tokenizer.json)")
+    model: str = knob("tiny-random", "preset (tiny-random: noise text), packaged model "
+                                     "(smollm2-135m-instruct: serve.py's default when its "
+                                     "package is installed), HF checkpoint directory "
+                                     "(config.json, safetensors, tokenizer.json) or .gguf file")
     dtype: str = knob("auto", "weights, activations and KV pages; auto: bfloat16 on an "
                               "accelerator, float32 on CPU", DTYPES)
     layout: str = knob("hybrid", "static: reserve prompt + max tokens at admission; paged: a "

@@ -7,18 +7,19 @@ import jax.numpy as jnp
 from models.config import FAMILIES, ConfigError, ModelConfig, RopeConfig
 from models.llama import Group, Llama
 from models.loader import CheckpointError, load_hf, restore_params, save_params
+from models.packaged import PACKAGED, default_model, packaged_file
 from models.presets import PRESETS
 from models.tokenizer import Tokenizer, TokenizerError
 
 
 def load_model(model: str, dtype=jnp.float32, progress: bool = True
                ) -> tuple[Llama, Tokenizer | None]:
-    """A preset name (see PRESETS), a HF checkpoint directory, or a GGUF file (or a directory
-    holding one .gguf and no config.json) -> (model, tokenizer or None when a HF directory has
-    no tokenizer.json)."""
+    """A preset name (see PRESETS), a packaged model's name (see PACKAGED), a HF checkpoint
+    directory, or a GGUF file (or a directory holding one .gguf and no config.json) ->
+    (model, tokenizer or None when a HF directory has no tokenizer.json)."""
     if model in PRESETS:
         return PRESETS[model](dtype)
-    path = Path(model)
+    path = packaged_file(model) if model in PACKAGED else Path(model)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if path.is_dir() and not (path / "config.json").is_file() and len(ggufs) == 1:
         path = ggufs[0]
@@ -27,7 +28,8 @@ def load_model(model: str, dtype=jnp.float32, progress: bool = True
         return load_gguf(path, dtype, progress)
     directory = path
     if not directory.is_dir():
-        raise CheckpointError(f"model {model!r} is neither a preset ({sorted(PRESETS)}), a HF "
+        raise CheckpointError(f"model {model!r} is neither a preset ({sorted(PRESETS)}), a "
+                              f"packaged model ({sorted(PACKAGED)}), a HF "
                               "checkpoint directory (config.json, *.safetensors, "
                               "tokenizer.json) nor a .gguf file")
     if ggufs and not (directory / "config.json").is_file():
@@ -39,5 +41,5 @@ def load_model(model: str, dtype=jnp.float32, progress: bool = True
 
 
 __all__ = ["FAMILIES", "ConfigError", "ModelConfig", "RopeConfig", "Group", "Llama", "CheckpointError",
-           "load_hf", "restore_params", "save_params", "PRESETS", "Tokenizer", "TokenizerError",
-           "load_model"]
+           "load_hf", "restore_params", "save_params", "PRESETS", "PACKAGED", "default_model",
+           "Tokenizer", "TokenizerError", "load_model"]

@@ -27,11 +27,17 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # Per-frequency divisors stored with the weights (a GGUF file's rope_freqs: llama.cpp's
+    # converter writes Llama 3.1-style scaling so); () for none.
+    freq_factors: tuple[float, ...] = ()
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
-        """[H/2] float32 inverse frequencies, as HF computes them (llama3 scaling included)."""
+        """[H/2] float32 inverse frequencies, as HF computes them (llama3 scaling included), or
+        as llama.cpp does with freq_factors."""
         exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
         inv = (1.0 / (np.float32(self.theta) ** exponent)).astype(np.float32)
+        if self.freq_factors:
+            return (inv / np.asarray(self.freq_factors, np.float32)).astype(np.float32)
         if self.kind == "default":
             return inv
         old_len = self.original_max_position_embeddings

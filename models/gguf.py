@@ -9,10 +9,11 @@ the others that package dequantises) and cast to the run dtype.
 llama.cpp's converter reorders the rows of a Llama query and key projection (it interleaves
 the two halves of each head for its rotary layout); `unpermute` puts them back. The
 tokenizer is a `tokenizers` byte-level BPE built from the vocabulary and merges in the
-metadata, its control tokens special, and the chat template comes from there too; only
-pre-tokenizers that split as GPT-2's does are taken (PRE_TOKENIZERS).
+metadata, its control tokens special, split before BPE as the named pre-tokenizer splits
+(PRE_TOKENIZERS: GPT-2's, Llama 3's, Qwen's), and the chat template comes from there too.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,20 @@ from models.tokenizer import Tokenizer, TokenizerError
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")   # GGUF names; mistral files say "llama"
 CONTROL, USER_DEFINED = 3, 4                   # tokenizer.ggml.token_type values
-# Pre-tokenizers that split text as GPT-2's byte-level regex does (transformers builds SmolLM2's
-# so too: its vocabulary has no multi-digit merges, so llama.cpp's digit split changes nothing).
-# Llama 3's "llama-bpe" and Qwen's "qwen2" split differently: refused until tested.
-PRE_TOKENIZERS = ("default", "gpt2", "smollm")
+# How each pre-tokenizer named in the metadata splits text before BPE: None is GPT-2's
+# byte-level regex (transformers builds SmolLM2's so too: its vocabulary has no multi-digit
+# merges, so llama.cpp's digit split changes nothing); otherwise the split pattern of that
+# family's own tokenizer.json (Llama 3: digits in runs of up to 3; Qwen2/2.5/3: one digit at a
+# time), then byte-level mapping. Others are refused, naming them.
+_CONTRACTIONS_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_PUNCT_SPACE = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    "default": None, "gpt2": None, "smollm": None,
+    "llama-bpe": _CONTRACTIONS_WORDS + r"\p{N}{1,3}" + _PUNCT_SPACE,
+    "qwen2": _CONTRACTIONS_WORDS + r"\p{N}" + _PUNCT_SPACE,
+}
+
+
 def _gguf():
     try:
         import gguf
@@ -86,13 +97,17 @@ def read_tokenizer(fields: dict, path: Path) -> Tokenizer:
     pre = fields.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise TokenizerError(f"{path.name}: GGUF pre-tokenizer {pre!r} is not supported yet; "
-                             f"supported: {list(PRE_TOKENIZERS)}")
+                             f"supported: {sorted(PRE_TOKENIZERS)}")
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
     tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
                                           fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = PRE_TOKENIZERS[pre]
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else (
+        pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
@@ -124,9 +139,13 @@ def load_gguf(path: str | Path, dtype, progress: bool = True):
     cfg = from_hf_dict(raw | {"tie_word_embeddings": "output.weight" not in
                               {t.name for t in reader.tensors}}, source=path.name)
     stored = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in stored:
-        raise ConfigError(f"{path.name}: per-frequency rope factors (rope_freqs, Llama 3.1-style "
-                          "rope scaling) are not supported yet")
+    if "rope_freqs.weight" in stored:     # Llama 3.1-style scaling, as per-frequency divisors
+        factors = np.asarray(stored["rope_freqs.weight"].data, np.float32).ravel()
+        if factors.size != cfg.head_dim // 2:
+            raise ConfigError(f"{path.name}: tensor 'rope_freqs.weight' holds {factors.size} "
+                              f"factors; head_dim {cfg.head_dim} needs {cfg.head_dim // 2}")
+        cfg = dataclasses.replace(cfg, rope=dataclasses.replace(
+            cfg.rope, freq_factors=tuple(float(f) for f in factors)))
     permuted = ({"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
                 if cfg.model_type == "llama" else {})
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == cfg.model_type)

@@ -69,7 +69,9 @@ def install(app: FastAPI, *, api_key: str | None, max_request_bytes: int) -> Non
         if first.get("type") == "json_invalid":
             return error(400, f"the body is not valid JSON: {first.get('msg')}", None)
         param = field_name(first.get("loc", ()))
-        return error(400, f"{param or 'body'}: {first.get('msg')}", param)
+        message = ("this server does not know this field (server.protocol says which it "
+                   "takes)" if first.get("type") == "extra_forbidden" else first.get("msg"))
+        return error(400, f"{param or 'body'}: {message}", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):

@@ -51,7 +51,7 @@ async def chat(body: ChatRequest, http: Request, s: Ctx):
         raise ApiError(400, "this model has no tokenizer, so no chat template", "messages")
     try:
         ids = tokenizer.encode(tokenizer.apply_chat_template(
-            [m.model_dump() for m in body.messages]), add_special_tokens=False)
+            [m.model_dump(exclude_none=True) for m in body.messages]), add_special_tokens=False)
     except Exception as e:   # noqa: BLE001 - a template error is the client's input
         raise ApiError(400, f"the chat template failed on these messages: {e}",
                        "messages") from None

@@ -2,9 +2,16 @@
 pydantic: a field of the wrong type, or a value past engine.limits that the schema itself checks
 (choices per request, stop strings, text that is not Unicode), becomes a 400 that names it (see
 server.errors). Sampling values are range-checked once, by SamplingParams, for every API.
+
+No field is silently ignored. A field these bodies do not declare is refused (400 naming it),
+but for IGNORED_FIELDS, which tell an engine nothing (who the end user is, what OpenAI should
+store). Fields of OpenAI's, vLLM's or SGLang's APIs that this server does not implement yet
+(logprobs, penalties, logit_bias, structured output, tools, ...) are declared `Unsupported`:
+accepted at the value that asks for nothing (what clients send by default: null, 0, false, {},
+[]), refused naming the field at any other.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -14,6 +21,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 from engine import limits
@@ -41,9 +49,30 @@ Stop = Annotated[Text | list[Text] | None, AfterValidator(_stop_list),
                  Field(default=None, validate_default=True)]
 
 
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier",
+                  "prompt_cache_key")
+
+
+def Unsupported(*neutral) -> Any:
+    """A field this server does not implement: `neutral` values (and null) pass, others are a
+    400 naming the field."""
+    def check(v):
+        if v is not None and not any(v == x and type(v) is type(x) for x in neutral):
+            shown = ", ".join(repr(x) for x in (None, *neutral)).replace("None", "null")
+            raise ValueError(f"not supported by this server (yet): send {shown} or leave it out")
+        return v
+    return Annotated[Any, AfterValidator(check), Field(default=None)]
+
+
 class _Body(BaseModel):
-    # Unknown fields are ignored, as OpenAI clients send many optional ones.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
+        return data
 
 
 class StreamOptions(_Body):
@@ -64,11 +93,20 @@ class _Sampling(_Body):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: Unsupported(0, 0.0)
+    frequency_penalty: Unsupported(0, 0.0)
+    repetition_penalty: Unsupported(1, 1.0)
+    logit_bias: Unsupported({})
+    min_tokens: Unsupported(0)
 
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[NonNegInt] | list[Text] | list[list[NonNegInt]]
     max_tokens: StrictInt | None = 16
+    logprobs: Unsupported()
+    echo: Unsupported(False)
+    best_of: Unsupported(1)
+    suffix: Unsupported("")
 
     @field_validator("max_tokens")
     @classmethod
@@ -90,6 +128,7 @@ class CompletionRequest(_Sampling):
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[dict] | None = None
+    name: Text | None = None           # given to the chat template, which may use it
 
     @field_validator("content")
     @classmethod
@@ -104,6 +143,14 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    logprobs: Unsupported(False)
+    top_logprobs: Unsupported(0)
+    response_format: Unsupported({"type": "text"})
+    tools: Unsupported([])
+    tool_choice: Unsupported("none")
+    parallel_tool_calls: Unsupported(True, False)      # says nothing while tools are refused
+    functions: Unsupported([])
+    function_call: Unsupported("none")
 
 
 class GenerateSampling(_Body):
@@ -115,6 +162,14 @@ class GenerateSampling(_Body):
     stop: Stop
     stop_token_ids: list[StrictInt] = []
     ignore_eos: StrictBool = False
+    presence_penalty: Unsupported(0, 0.0)
+    frequency_penalty: Unsupported(0, 0.0)
+    repetition_penalty: Unsupported(1, 1.0)
+    min_new_tokens: Unsupported(0)
+    n: Unsupported(1)
+    regex: Unsupported()
+    json_schema: Unsupported()
+    ebnf: Unsupported()
 
 
 class GenerateRequest(_Body):
@@ -122,3 +177,6 @@ class GenerateRequest(_Body):
     input_ids: list[NonNegInt] | None = None
     sampling_params: GenerateSampling = GenerateSampling()
     stream: StrictBool = False
+    return_logprob: Unsupported(False)
+    top_logprobs_num: Unsupported(0)
+    logprob_start_len: Unsupported(-1)

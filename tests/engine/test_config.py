@@ -8,15 +8,18 @@ import pytest
 import serve
 from engine import EngineConfig
 from engine.config import make_config
+from models.packaged import default_model
 
 FIELDS = dataclasses.fields(EngineConfig)
 
 
 def test_every_option_is_a_flag_with_the_same_default():
+    """But --model: a real model when one is installed (tests/models/test_packaged.py)."""
     args = serve.parse_args([])
-    assert serve.engine_config(args) == EngineConfig()
+    assert serve.engine_config(args) == EngineConfig(model=default_model())
     for f in FIELDS:
-        assert getattr(args, f.name) == f.default, f.name
+        assert getattr(args, f.name) == (default_model() if f.name == "model" else f.default), \
+            f.name
 
 
 def test_flags_set_every_option():

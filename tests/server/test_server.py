@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).parent.parent.parent
 MODEL = "tiny-random"
 CONTEXT, POOL_TOKENS = 2048, 1024
-FLAGS = ["--dtype", "float32", "--page-size", "4", "--context-length", str(CONTEXT),
+FLAGS = ["--model", MODEL, "--dtype", "float32", "--page-size", "4", "--context-length", str(CONTEXT),
          "--max-total-tokens", str(POOL_TOKENS), "--max-running-requests", "16",
          "--static-max-tokens", "64", "--chunked-prefill-size", "64", "--log-level", "warning"]
 
