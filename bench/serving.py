@@ -163,6 +163,8 @@ async def send(client: httpx.AsyncClient, model: str, req: Request, args,
     payload = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len,
                "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
                "ignore_eos": True}
+    if args.logprobs is not None:
+        payload["logprobs"] = args.logprobs
     res, usage = Result(prompt_tokens=len(req.prompt)), None
     start = last = time.perf_counter()
     try:
@@ -421,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           ("system-prompt-len", 1024), ("question-len", 128), ("output-len", 128)]:
         p.add_argument(f"--gsp-{name}", type=int, default=default, help="generated-shared-prefix")
     p.add_argument("--page-size", type=int, default=16, help="server's KV page, for the optimum")
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="ask for each token's log probability and this many most likely")
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="requests in flight at most (default: no limit)")

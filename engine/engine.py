@@ -225,13 +225,13 @@ class Engine:
         self.timing["device_steps"] += plan.steps
         chunked = {r for r, _ in plan.chunks}
         advanced = []
-        for r, pages, stored, emitted in rows:
+        for r, pages, stored, emitted, logprobs in rows:
             if not self.scheduler.landed(plan, r, pages, stored) or r.finish_reason is not None:
                 continue        # a chunk with prompt left to feed, or a row already finished
             if r in chunked:    # its prompt is stored: the prefix cache takes its full pages
                 self.runner.share(self.scheduler.prefilled(r))
-            for token in emitted:
-                r.emit(token)
+            for token, lp in zip(emitted, logprobs or [None] * len(emitted)):
+                r.emit(token, lp)
             advanced.append(r)
         self._finish([r for r in advanced if r.finish_reason is not None])
         return advanced

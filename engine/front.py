@@ -38,7 +38,8 @@ class Front:
         else:
             raise InvalidRequest("the prompt must be text or a list of token ids", "prompt")
         vocab = self.vocab_size
-        for name, values in (("prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+        for name, values in (("prompt", ids), ("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", [t for t, _ in params.logit_bias])):
             bad = [t for t in values if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequest(f"{name} has token ids outside [0, {vocab}): {bad[:5]}",

@@ -17,6 +17,8 @@ MAX_N = 8                       # choices (n) per request, and prompts per compl
 MAX_STOP_TOKEN_IDS = 32         # stop_token_ids per request (the model's EOS ids come on top)
 MAX_STOP_STRINGS = 16           # stop strings per request
 MAX_STOP_STRING_CHARS = 256     # characters per stop string
+MAX_LOGIT_BIAS = 300            # logit_bias entries per request (OpenAI's cap), each in [-100, 100]
+MAX_LOGPROBS = 20               # most likely tokens returned per sampled token (OpenAI's cap)
 MAX_REQUEST_BYTES = 32 << 20    # default of --max-request-bytes: a larger body gets a 413
 
 

@@ -17,6 +17,10 @@ class RequestOutput:
     finish_reason: str        # "stop" (stop token / EOS) or "length" (max_tokens)
     layout: str               # "static" or "paged"
     cached_tokens: int        # prompt tokens found in the prefix cache
+    # SamplingParams(logprobs=N): per token of token_ids, {token id: log probability} of the
+    # sampled token and the N most likely (vLLM's shape, floats for its Logprob objects);
+    # else None.
+    logprobs: list[dict[int, float]] | None = None
 
 
 class LLM:
@@ -65,7 +69,7 @@ class LLM:
         while self.engine.has_work():
             self.engine.step()
         return [RequestOutput(r.prompt, r.output, self._text(r), r.finish_reason, r.layout,
-                              r.cached_tokens) for r in reqs]
+                              r.cached_tokens, _logprobs(r)) for r in reqs]
 
     def chat(self, conversations, sampling_params: SamplingParams | None = None,
              ) -> list[RequestOutput]:
@@ -94,3 +98,9 @@ class LLM:
         report = kvcache.usage(self.engine.cache)
         report["pool"] |= self.engine.scheduler.pool.report()
         return report
+
+
+def _logprobs(r) -> list[dict[int, float]] | None:
+    if r.params.logprobs is None:
+        return None
+    return [top | {token: lp} for token, (lp, top) in zip(r.output, r.logprobs)]

@@ -30,6 +30,9 @@ class Request:
     pending: int = 0                 # tokens sampled in launches the host has not read
     unread_pages: int = 0            # pages taken in launches the host has not read
     inflight: int = 0                # launches holding the row that the host has not read
+    # Per output token, when params.logprobs is set: (its log probability, {token: log
+    # probability} of the params.logprobs most likely), engine.sampling.SamplingParams.
+    logprobs: list[tuple[float, dict[int, float]]] = dataclasses.field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -60,8 +63,10 @@ class Request:
         """Tokens not stored yet, the samples not read yet included: 1 for a decode row."""
         return self.num_tokens + self.pending - self.computed
 
-    def emit(self, token: int) -> None:
+    def emit(self, token: int, logprobs: tuple[float, dict[int, float]] | None = None) -> None:
         self.output.append(token)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         if token in self.stop_ids:
             self.finish_reason = "stop"
         elif len(self.output) >= self.params.max_tokens:

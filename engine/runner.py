@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvcache
-from engine import packing, parallel
+from engine import limits, packing, parallel
 from engine.config import EngineConfig
 from engine.page_ops import PageOpQueue, PageOps, padded_ids, without_kv
 from engine.plan import Plan
@@ -236,18 +236,24 @@ class ModelRunner:
 
     def read(self, flight: Flight) -> tuple[list[tuple], list[tuple]]:
         """Waits for a launch's result. Returns (admissions as (request, its page-table row,
-        pages reserved), rows as (request, pages taken, tokens stored, tokens sampled)); a row
-        of a decode loop stores one token per token it samples, until a stop token or its
-        budget. Raises if the pool refused pages that the scheduler counted as free."""
+        pages reserved), rows as (request, pages taken, tokens stored, tokens sampled, their
+        log probabilities: per token (logprob, {token: logprob} of the most likely), or None
+        where the request asked for none)); a row of a decode loop stores one token per token
+        it samples, until a stop token or its budget. Raises if the pool refused pages that
+        the scheduler counted as free."""
         plan = flight.plan
         result = self.result(flight.out, flight.key)
         if not plan.chunks:
             if result.stalled[:len(plan.decode)].any():
                 raise RuntimeError("the pool ran out of pages the scheduler had counted")
             rows = []
-            for r, tokens, pages in zip(plan.decode, result.tokens, result.pages):
-                emitted = [int(t) for t in tokens if t >= 0]
-                rows.append((r, pages.tolist(), len(emitted), emitted))
+            for i, (r, tokens, pages) in enumerate(zip(plan.decode, result.tokens,
+                                                       result.pages)):
+                steps = np.flatnonzero(tokens >= 0)
+                lps = None if r.params.logprobs is None else [
+                    _logprobs(r, result.logprob[i, j], result.top_ids[i, j],
+                              result.top_logprobs[i, j]) for j in steps]
+                rows.append((r, pages.tolist(), len(steps), tokens[steps].tolist(), lps))
             return [], rows
         if not result.admit_ok[:len(plan.admit)].all():
             raise RuntimeError("the pool refused pages that the scheduler had counted as free")
@@ -258,7 +264,9 @@ class ModelRunner:
         for group, feed in zip(groups, result.feeds):
             if not feed.ok[:len(group)].all():
                 raise RuntimeError("the pool ran out of pages the scheduler had counted")
-            rows += [(r, feed.new_pages[i].tolist(), n, [int(feed.next[i])])
+            rows += [(r, feed.new_pages[i].tolist(), n, [int(feed.next[i])],
+                      None if r.params.logprobs is None else [_logprobs(
+                          r, feed.logprob[i], feed.top_ids[i], feed.top_logprobs[i])])
                      for i, (r, n) in enumerate(group)]
         return admitted, rows
 
@@ -283,12 +291,17 @@ class ModelRunner:
     def _sampling(reqs: list[Request], width: int, filtering: bool) -> SamplingArrays:
         pad = width - len(reqs)
         p = [r.params for r in reqs]
+        n = limits.MAX_LOGIT_BIAS if filtering else 0   # the full sampler's programs take biases
+        bias_ids, bias = np.full((width, n), -1, np.int32), np.zeros((width, n), np.float32)
+        for i, x in enumerate(p):
+            if x.logit_bias:
+                bias_ids[i, :len(x.logit_bias)], bias[i, :len(x.logit_bias)] = zip(*x.logit_bias)
         return SamplingArrays(
             temperature=np.asarray([x.temperature for x in p] + [0.0] * pad, np.float32),
             top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
             top_p=np.asarray([x.top_p for x in p] + [1.0] * pad, np.float32),
             seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32),
-            filtering=filtering)
+            filtering=filtering, bias_ids=bias_ids, bias=bias)
 
     def _feed(self, group, tokens: np.ndarray, filtering: bool) -> Feed:
         """A Feed of group's (request, tokens fed) rows, padded to tokens' rows."""
@@ -384,3 +397,9 @@ class ModelRunner:
         if mode == "background":
             self.programs.background([x for s in others for x in self.shapes_for(s)[0]] + rest)
         return len(self.programs)
+
+
+def _logprobs(r: Request, logprob, top_ids, top_logprobs) -> tuple[float, dict[int, float]]:
+    """A sampled token's log probability and the r.params.logprobs most likely tokens'."""
+    n = r.params.logprobs
+    return float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist()))

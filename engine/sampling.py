@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import numbers
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,12 @@ from engine.limits import InvalidRequest
 class SamplingParams:
     """temperature=0 is greedy; top_k of -1 or 0 and top_p=1 switch those filters off;
     seed=None draws a fresh seed per request. Stop tokens (and EOS unless ignore_eos) end a
-    request and are kept in its token_ids, not in its text. Values outside engine.limits raise
+    request and are kept in its token_ids, not in its text. logprobs=N (0-20): each sampled
+    token comes with its log probability and the N most likely tokens' (vLLM's meaning), of
+    the model's own distribution (log_softmax of the logits, before temperature, top-k and
+    top-p, as vLLM returns by default). logit_bias {token id: bias in [-100, 100]} (at most
+    300) is added to the logits before every draw, greedy ones included (OpenAI's meaning;
+    the log probabilities stay the model's). Values outside engine.limits raise
     InvalidRequest (a ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
@@ -24,6 +30,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()    # or a dict; kept as sorted pairs
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= limits.INT32_MAX:
@@ -39,6 +47,23 @@ class SamplingParams:
             _bad("seed", "an integer in [0, 2**32)", self.seed)
         if not isinstance(self.ignore_eos, bool):
             _bad("ignore_eos", "true or false", self.ignore_eos)
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= limits.MAX_LOGPROBS):
+            _bad("logprobs", f"an integer in [0, {limits.MAX_LOGPROBS}]", self.logprobs)
+        bias = self.logit_bias
+        bias = bias.items() if isinstance(bias, dict) else bias
+        try:
+            bias = tuple(sorted((t, b) for t, b in bias))
+        except (TypeError, ValueError):
+            _bad("logit_bias", "a map of token ids to biases", self.logit_bias)
+        if len(bias) > limits.MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias has {len(bias)} entries; at most "
+                                 f"{limits.MAX_LOGIT_BIAS} are allowed", "logit_bias")
+        if not all(_is_int(t) and 0 <= t <= limits.INT32_MAX and _is_real(b)
+                   and -100 <= b <= 100 for t, b in bias):
+            _bad("logit_bias", "token ids (integers >= 0) mapped to biases in [-100, 100]",
+                 dict(bias))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         ids = self.stop_token_ids
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             _bad("stop_token_ids", "a list of token ids", ids)
@@ -63,22 +88,41 @@ def _bad(param: str, want: str, got) -> None:
 
 
 def filters(params: SamplingParams) -> bool:
-    """Whether a request's draws go through the top-k / top-p filter (a sort of the vocabulary)."""
-    return params.temperature > 0 and (params.top_k > 0 or params.top_p < 1)
+    """Whether a request needs the full sampler: draws through the top-k / top-p filter (a sort
+    of the vocabulary), log probabilities, or a logit bias."""
+    return (params.temperature > 0 and (params.top_k > 0 or params.top_p < 1)
+            or params.logprobs is not None or bool(params.logit_bias))
 
 
-def sample(logits, temperature, top_k, top_p, seed, position, *, filtering: bool = True):
+class Sampled(typing.NamedTuple):
+    tokens: jax.Array        # [B] int32
+    logprob: jax.Array       # [B] float32 the token's log probability (0 without filtering)
+    top_ids: jax.Array       # [B,K] int32 the K most likely tokens, most likely first
+    top_logprobs: jax.Array  # [B,K] float32 theirs; K is MAX_LOGPROBS with filtering, else 0
+                             # (-1 and -inf past a vocabulary smaller than K)
+
+
+def sample(logits, temperature, top_k, top_p, seed, position, bias_ids=None, bias=None, *,
+           filtering: bool = True) -> Sampled:
     """logits [B,V] float32; temperature, top_p [B] float32; top_k [B] int32 (<= 0: off);
     seed [B] uint32; position [B] int32 (index of the token being drawn, so a request draws
-    the same tokens whatever batch it runs in) -> tokens [B] int32.
+    the same tokens whatever batch it runs in); bias_ids [B,N] int32 (-1: none), bias [B,N]
+    float32: added to those logits first -> the tokens drawn and, with filtering, their
+    log probabilities and the most likely tokens' (of log_softmax(logits): the model's own
+    distribution, before the bias, temperature and filters).
 
-    filtering (static): whether any row may filter by top-k or top-p. Only then is the
-    vocabulary sorted, for the rows that filter. The caller decides on the host: a `lax.cond`
+    filtering (static): whether any row may filter by top-k or top-p, or wants log
+    probabilities. Only then is the vocabulary sorted, for the rows that filter, and the log
+    probabilities computed. The caller decides on the host: a `lax.cond`
     on the device would decide it too, but on a GPU XLA reads a cond's predicate back to the
     host, which blocks the dispatching thread until the step is done (measured on the H100: a
     4-step decode launch returned after 14.6 ms with the cond, after 2.3 ms without), so the
     next launch could not be queued behind it."""
     vocab = logits.shape[-1]
+    raw = logits
+    if bias_ids is not None and bias_ids.shape[1]:
+        rows = jnp.arange(logits.shape[0])[:, None]
+        logits = logits.at[rows, jnp.where(bias_ids < 0, vocab, bias_ids)].add(bias, mode="drop")
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
@@ -99,4 +143,14 @@ def sample(logits, temperature, top_k, top_p, seed, position, *, filtering: bool
         rows = (temperature > 0) & ((top_k > 0) | (top_p < 1))
         masked = jnp.where(rows[:, None], filtered(scaled), scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    tokens = jnp.where(temperature > 0, drawn, greedy)
+    b = logits.shape[0]
+    if not filtering:
+        return Sampled(tokens, jnp.zeros(b, jnp.float32), jnp.zeros((b, 0), jnp.int32),
+                       jnp.zeros((b, 0), jnp.float32))
+    logp = jax.nn.log_softmax(raw, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, min(limits.MAX_LOGPROBS, vocab))
+    pad = ((0, 0), (0, limits.MAX_LOGPROBS - top_ids.shape[1]))    # a vocabulary under 20
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    return Sampled(tokens, chosen, jnp.pad(top_ids.astype(jnp.int32), pad, constant_values=-1),
+                   jnp.pad(top_lp, pad, constant_values=-jnp.inf))

@@ -37,7 +37,8 @@ def shared_chunk_len(chunk_size: int, max_prefill_rows: int) -> int:
 class Shape:
     """One compiled launch, at a pool of `pages` pages: a mixed step ("step": `rows` decode
     rows, 0 for none, beside `chunk_rows` chunks of `chunk_len` tokens) or a decode loop
-    ("loop": `rows` rows, `steps` steps). filtering: it may sample with top-k / top-p."""
+    ("loop": `rows` rows, `steps` steps). filtering: the full sampler: it may sample with
+    top-k / top-p and returns log probabilities (engine.sampling.filters)."""
     kind: str
     pages: int
     rows: int

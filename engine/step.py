@@ -23,12 +23,13 @@ from flax import nnx
 
 import kvcache
 from engine.page_ops import PageOps, PageOpsArrays
-from engine.sampling import sample
+from engine import limits
+from engine.sampling import Sampled, sample
 from models import Group
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["temperature", "top_k", "top_p", "seed"],
+                   data_fields=["temperature", "top_k", "top_p", "seed", "bias_ids", "bias"],
                    meta_fields=["filtering"])
 @dataclasses.dataclass
 class SamplingArrays:
@@ -36,7 +37,9 @@ class SamplingArrays:
     top_k: jax.Array        # [B] int32, <= 0: off
     top_p: jax.Array        # [B] float32
     seed: jax.Array         # [B] uint32
-    filtering: bool = True  # static: some row may filter by top-k / top-p (engine.sampling)
+    filtering: bool = True  # static: the full sampler (engine.sampling.filters)
+    bias_ids: jax.Array | None = None  # [B,N] int32 logit_bias tokens, -1: none (N = 0 or 300)
+    bias: jax.Array | None = None      # [B,N] float32 their biases
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -67,8 +70,8 @@ class DecodeState:
 def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *,
             attn_impl: str = "auto", mesh=None):
     """One step over every feed at once. Returns (results, cache'), one result per feed:
-    (next [B] sampled after each row's last fed token, logits [B,V] float32 there,
-    new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B]). A row
+    (sampled: engine.sampling.Sampled after each row's last fed token, logits [B,V] float32
+    there, new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B]). A row
     with ok False found the pool empty (or its page table full) and did not move. mesh: the
     tensor-parallel mesh the params and pages are sharded over (None: one device)."""
     model = nnx.merge(graphdef, params)
@@ -100,21 +103,22 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         lengths = lengths.at[moved].add(num, mode="drop")
         logits = model.logits(h[jnp.arange(h.shape[0]), jnp.maximum(num - 1, 0)])   # [B,V]
         s = f.sampling
-        nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num,
-                     filtering=s.filtering)
-        next_token = next_token.at[moved].set(nxt, mode="drop")
-        results.append((nxt, logits, new, ok))
+        sampled = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num,
+                         s.bias_ids, s.bias, filtering=s.filtering)
+        next_token = next_token.at[moved].set(sampled.tokens, mode="drop")
+        results.append((sampled, logits, new, ok))
     return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths, next_token=next_token)
 
 
 def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
                 sampling: SamplingArrays, *, attn_impl: str = "auto", mesh=None):
-    """Feeds tokens [B] to the active rows. Returns (next [B], logits [B,V], cache', ok [B],
-    new_page [B]: the page a row took this step, or the trash page)."""
+    """Feeds tokens [B] to the active rows. Returns (sampled: engine.sampling.Sampled,
+    logits [B,V], cache', ok [B], new_page [B]: the page a row took this step, or the trash
+    page)."""
     feed = Feed(rows, tokens[:, None], active.astype(jnp.int32), sampling)
-    [(nxt, logits, new, ok)], cache = forward(graphdef, params, cache, (feed,),
-                                              attn_impl=attn_impl, mesh=mesh)
-    return nxt, logits, cache, ok, new[:, 0]
+    [(sampled, logits, new, ok)], cache = forward(graphdef, params, cache, (feed,),
+                                                  attn_impl=attn_impl, mesh=mesh)
+    return sampled, logits, cache, ok, new[:, 0]
 
 
 def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
@@ -128,35 +132,48 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
 
     Returns (out [B,num_steps] int32 with -1 where a row produced nothing, pages [B,num_steps]
     int32 the page each step took or the trash page, cache', state', stalled [B] bool: rows that
-    found the pool empty and wait, still active, for pages).
+    found the pool empty and wait, still active, for pages, logprobs: engine.sampling.Sampled
+    of each step's draws, a steps axis after the rows; its tokens are out's).
     """
     b = state.rows.shape[0]
+    k = limits.MAX_LOGPROBS if state.sampling.filtering else 0
 
     def body(i, carry):
-        cache, st, out, pages, stalled = carry
+        cache, st, out, pages, stalled, lps = carry
         live = st.active & ~stalled
-        nxt, _, cache, ok, new = decode_step(graphdef, params, cache, st.rows, st.tokens, live,
-                                             st.sampling, attn_impl=attn_impl, mesh=mesh)
+        sampled, _, cache, ok, new = decode_step(graphdef, params, cache, st.rows, st.tokens,
+                                                 live, st.sampling, attn_impl=attn_impl,
+                                                 mesh=mesh)
+        nxt = sampled.tokens
         emitted = live & ok
         out = out.at[:, i].set(jnp.where(emitted, nxt, -1))
         pages = pages.at[:, i].set(new)
+        lps = lps._replace(logprob=lps.logprob.at[:, i].set(sampled.logprob),
+                           top_ids=lps.top_ids.at[:, i].set(sampled.top_ids),
+                           top_logprobs=lps.top_logprobs.at[:, i].set(sampled.top_logprobs))
         remaining = st.remaining - emitted
         stop = jnp.any(nxt[:, None] == st.stop_ids, axis=-1) | (remaining <= 0)
         st = dataclasses.replace(st, tokens=jnp.where(emitted, nxt, st.tokens),
                                  active=st.active & ~(emitted & stop), remaining=remaining)
-        return cache, st, out, pages, stalled | (live & ~ok)
+        return cache, st, out, pages, stalled | (live & ~ok), lps
 
     out = jnp.full((b, num_steps), -1, jnp.int32)
     pages = jnp.zeros((b, num_steps), jnp.int32)
-    init = (cache, state, out, pages, jnp.zeros(b, bool))
-    cache, state, out, pages, stalled = jax.lax.fori_loop(0, num_steps, body, init)
-    return out, pages, cache, state, stalled
+    lps = Sampled(out, jnp.zeros((b, num_steps), jnp.float32),
+                  jnp.zeros((b, num_steps, k), jnp.int32),
+                  jnp.zeros((b, num_steps, k), jnp.float32))
+    init = (cache, state, out, pages, jnp.zeros(b, bool), lps)
+    cache, state, out, pages, stalled, lps = jax.lax.fori_loop(0, num_steps, body, init)
+    return out, pages, cache, state, stalled, lps
 
 
 class FeedResult(typing.NamedTuple):
     next: jax.Array        # [B] int32 the token sampled after each row's last fed token
     ok: jax.Array          # [B] bool False: the row found the pool empty and did not move
     new_pages: jax.Array   # [B,W] int32 pages taken this step, trash past them
+    logprob: jax.Array     # [B] float32 next's log probability (filtering programs only)
+    top_ids: jax.Array     # [B,K] int32 the most likely tokens (K = 0 without filtering)
+    top_logprobs: jax.Array  # [B,K] float32
 
 
 class MixedResult(typing.NamedTuple):
@@ -169,6 +186,9 @@ class LoopResult(typing.NamedTuple):
     tokens: jax.Array      # [B,steps] int32 -1 where a row produced nothing
     pages: jax.Array       # [B,steps] int32 the page each step took, or the trash page
     stalled: jax.Array     # [B] bool rows that found the pool empty and wait for pages
+    logprob: jax.Array     # [B,steps] float32 each token's log probability (filtering only)
+    top_ids: jax.Array     # [B,steps,K] int32 the most likely tokens (K = 0 without filtering)
+    top_logprobs: jax.Array  # [B,steps,K] float32
 
 
 def mixed_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsArrays,
@@ -178,8 +198,9 @@ def mixed_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsAr
     step over the feeds."""
     cache, admit_ok, admit_pages = ops.apply(cache, ops_arrays)
     results, cache = forward(graphdef, params, cache, feeds, attn_impl=attn_impl, mesh=mesh)
-    return MixedResult(admit_ok, admit_pages,
-                       tuple(FeedResult(nxt, ok, new) for nxt, _, new, ok in results)), cache
+    return MixedResult(admit_ok, admit_pages, tuple(
+        FeedResult(sampled.tokens, ok, new, sampled.logprob, sampled.top_ids,
+                   sampled.top_logprobs) for sampled, _, new, ok in results)), cache
 
 
 def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsArrays,
@@ -188,7 +209,7 @@ def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsArr
     """The engine's decode call: the page operations carried out (no admissions among them),
     then `decode_loop`."""
     cache, _, _ = ops.apply(cache, ops_arrays)
-    out, pages, cache, _, stalled = decode_loop(graphdef, params, cache, state,
-                                                num_steps=num_steps, attn_impl=attn_impl,
-                                                mesh=mesh)
-    return LoopResult(out, pages, stalled), cache
+    out, pages, cache, _, stalled, lps = decode_loop(graphdef, params, cache, state,
+                                                     num_steps=num_steps, attn_impl=attn_impl,
+                                                     mesh=mesh)
+    return LoopResult(out, pages, stalled, lps.logprob, lps.top_ids, lps.top_logprobs), cache

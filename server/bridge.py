@@ -10,7 +10,8 @@ the server around it reached 13.2k, its event-loop thread on the CPU for 43% of 
 One duplex pipe (multiprocessing.connection, pickled tuples) joins them:
   server -> engine: ("add", Request), ("abort", rid), ("call", id, method name), ("stop",)
   engine -> server: ("ready", Front) once started, then per step ("step", updates, seconds,
-                    stats) with updates [(rid, new tokens, finish_reason, meta)] (meta, on a
+                    stats) with updates [(rid, new tokens, their logprobs or None,
+                    finish_reason, meta)] (meta, on a
                     request's last update: its layout, cached and host-cached prompt tokens,
                     and the error that failed it, if one did); ("result", id, ok, value) per
                     call; ("error", message) if it fails for good.
@@ -58,6 +59,7 @@ class RequestFailed(RuntimeError):
 class Update:
     tokens: tuple[int, ...]      # new output tokens since the last update
     finish_reason: str | None    # set on the last update: "stop", "length", "abort" or "error"
+    logprobs: list | None = None  # per token, as engine.request.Request.logprobs holds them
 
 
 def _exit_text(code: int | None) -> str:
@@ -191,7 +193,7 @@ class AsyncEngine:
     def _deliver(self, updates: list[tuple], now: float) -> None:
         """On the event loop: each update to its request and stream, timing its tokens for the
         metrics."""
-        for rid, tokens, reason, meta in updates:
+        for rid, tokens, logprobs, reason, meta in updates:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
@@ -200,11 +202,13 @@ class AsyncEngine:
                 self.metrics.tokens(now - last[0], len(tokens), first=not req.output)
             last[0] = now
             req.output += tokens
+            if logprobs is not None:
+                req.logprobs += logprobs
             if reason is not None:
                 req.finish_reason = reason
             if meta is not None:
                 req.layout, req.cached_tokens, req.host_cached_tokens, req.error = meta
-            queue.put_nowait(Update(tokens, reason))
+            queue.put_nowait(Update(tokens, reason, logprobs))
 
     def _resolve(self, key: int, ok: bool, value) -> None:
         future = self._calls.pop(key, None)

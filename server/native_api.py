@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import ApiError
+from server.logprobs import sglang as sglang_logprobs
 from server.protocol import GenerateRequest
 from server.serving import Serving, sampling_params, serving
 
@@ -23,21 +24,26 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
     prompt_field = "text" if body.text is not None else "input_ids"
     names = {"prompt": prompt_field, "max_tokens": "sampling_params.max_new_tokens"} | {
         f: f"sampling_params.{f}" for f in ("temperature", "top_p", "top_k", "seed",
-                                            "stop_token_ids", "ignore_eos")}
+                                            "stop_token_ids", "ignore_eos", "logit_bias")}
+    logprobs = body.top_logprobs_num if body.return_logprob else None
     [req] = s.make_requests([getattr(body, prompt_field)],
-                            lambda _, j: sampling_params(sp, sp.max_new_tokens, j), 1, names)
+                            lambda _, j: sampling_params(sp, sp.max_new_tokens, j, logprobs),
+                            1, names)
     s.check_up()
 
     def result(text, reason):
-        return {"text": text, "output_ids": list(req.output), "meta_info": {
-            "id": req.rid, "prompt_tokens": len(req.prompt),
-            "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens,
-            "host_cached_tokens": req.host_cached_tokens,
-            "layout": req.layout, "finish_reason": reason}}
+        output = list(req.output)
+        meta = {"id": req.rid, "prompt_tokens": len(req.prompt),
+                "completion_tokens": len(output), "cached_tokens": req.cached_tokens,
+                "host_cached_tokens": req.host_cached_tokens,
+                "layout": req.layout, "finish_reason": reason}
+        if logprobs is not None:
+            meta |= sglang_logprobs(output, req.logprobs[:len(output)])
+        return {"text": text, "output_ids": output, "meta_info": meta}
 
     text = [""]
 
-    def chunk(_, new, tokens, reason):     # each event carries the whole text so far
+    def chunk(_, new, tokens, _logprobs, reason):  # each event: the whole text so far
         text[0] += new
         return result(text[0], reason)
     return await s.respond(body.stream, [req], http, sp.stop, chunk,

@@ -6,7 +6,8 @@ server.errors). Sampling values are range-checked once, by SamplingParams, for e
 No field is silently ignored. A field these bodies do not declare is refused (400 naming it),
 but for IGNORED_FIELDS, which tell an engine nothing (who the end user is, what OpenAI should
 store). Fields of OpenAI's, vLLM's or SGLang's APIs that this server does not implement yet
-(logprobs, penalties, logit_bias, structured output, tools, ...) are declared `Unsupported`:
+(prompt logprobs / echo, penalties, logit_bias, structured output, tools, ...) are declared
+`Unsupported`:
 accepted at the value that asks for nothing (what clients send by default: null, 0, false, {},
 []), refused naming the field at any other.
 """
@@ -64,6 +65,20 @@ def Unsupported(*neutral) -> Any:
     return Annotated[Any, AfterValidator(check), Field(default=None)]
 
 
+def _logit_bias(v: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings); the values are range-checked by
+    SamplingParams."""
+    if v is None:
+        return {}
+    try:
+        return {int(k): b for k, b in v.items()}
+    except ValueError:
+        raise ValueError("keys must be token ids (integers written as strings)") from None
+
+
+LogitBias = Annotated[dict[str, float] | None, AfterValidator(_logit_bias), Field(default=None)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,14 +111,14 @@ class _Sampling(_Body):
     presence_penalty: Unsupported(0, 0.0)
     frequency_penalty: Unsupported(0, 0.0)
     repetition_penalty: Unsupported(1, 1.0)
-    logit_bias: Unsupported({})
+    logit_bias: LogitBias
     min_tokens: Unsupported(0)
 
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[NonNegInt] | list[Text] | list[list[NonNegInt]]
     max_tokens: StrictInt | None = 16
-    logprobs: Unsupported()
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=limits.MAX_LOGPROBS)
     echo: Unsupported(False)
     best_of: Unsupported(1)
     suffix: Unsupported("")
@@ -143,14 +158,21 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
-    logprobs: Unsupported(False)
-    top_logprobs: Unsupported(0)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=limits.MAX_LOGPROBS)
     response_format: Unsupported({"type": "text"})
     tools: Unsupported([])
     tool_choice: Unsupported("none")
     parallel_tool_calls: Unsupported(True, False)      # says nothing while tools are refused
     functions: Unsupported([])
     function_call: Unsupported("none")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
 
 class GenerateSampling(_Body):
@@ -165,6 +187,7 @@ class GenerateSampling(_Body):
     presence_penalty: Unsupported(0, 0.0)
     frequency_penalty: Unsupported(0, 0.0)
     repetition_penalty: Unsupported(1, 1.0)
+    logit_bias: LogitBias
     min_new_tokens: Unsupported(0)
     n: Unsupported(1)
     regex: Unsupported()
@@ -177,6 +200,6 @@ class GenerateRequest(_Body):
     input_ids: list[NonNegInt] | None = None
     sampling_params: GenerateSampling = GenerateSampling()
     stream: StrictBool = False
-    return_logprob: Unsupported(False)
-    top_logprobs_num: Unsupported(0)
+    return_logprob: StrictBool = False
+    top_logprobs_num: StrictInt = Field(default=0, ge=0, le=limits.MAX_LOGPROBS)
     logprob_start_len: Unsupported(-1)

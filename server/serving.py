@@ -31,15 +31,18 @@ def usage(reqs) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in reqs)}}
 
 
-def sampling_params(body, max_tokens, n_index: int = 0) -> SamplingParams:
+def sampling_params(body, max_tokens, n_index: int = 0, logprobs: int | None = None
+                    ) -> SamplingParams:
     """A body's sampling fields (OpenAI's or /generate's sampling_params) for its choice
-    n_index, which draws with seed + n_index."""
+    n_index, which draws with seed + n_index; logprobs: most likely tokens to return with
+    each sampled one (None: no log probabilities)."""
     seed = body.seed                  # a seed out of range is refused as it came
     if seed is not None and 0 <= seed < limits.SEED_END:
         seed = (seed + n_index) % limits.SEED_END
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                           top_p=body.top_p, top_k=body.top_k, seed=seed,
-                          stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos)
+                          stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
+                          logprobs=logprobs, logit_bias=body.logit_bias or {})
 
 
 @dataclasses.dataclass
@@ -77,8 +80,8 @@ class Serving:
 
     # -- results --------------------------------------------------------------------------------
     async def updates(self, reqs, stops) -> AsyncIterator[tuple]:
-        """Yields (index, new text, new token ids, finish reason) as any request advances; a
-        stop string ends its request early (finish reason "stop")."""
+        """Yields (index, new text, new token ids, their logprobs or None, finish reason) as
+        any request advances; a stop string ends its request early (finish reason "stop")."""
         streams = [TextStream(self.front.tokenizer, r.stop_ids, stops) for r in reqs]
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -111,7 +114,7 @@ class Serving:
                     self.engine.abort(reqs[i].rid)
                     reason = "stop"
                 if text or update.tokens or reason:
-                    yield i, text, list(update.tokens), reason
+                    yield i, text, list(update.tokens), update.logprobs, reason
         finally:
             for t in tasks:
                 t.cancel()
@@ -122,7 +125,7 @@ class Serving:
         texts, reasons = [""] * len(reqs), [None] * len(reqs)
 
         async def run():
-            async for i, text, _, reason in self.updates(reqs, stops):
+            async for i, text, _, _, reason in self.updates(reqs, stops):
                 texts[i] += text
                 reasons[i] = reason or reasons[i]
 
@@ -138,12 +141,12 @@ class Serving:
         return texts, reasons
 
     async def events(self, reqs, stops, chunk_of: Callable, tail: Callable | None = None):
-        """SSE: chunk_of(index, text, tokens, reason) per update, then tail() if given, then
-        [DONE]; a request the engine fails ends the stream with an `error` event (it began
-        with a 200)."""
+        """SSE: chunk_of(index, text, tokens, logprobs, reason) per update, then tail() if
+        given, then [DONE]; a request the engine fails ends the stream with an `error` event
+        (it began with a 200)."""
         try:
-            async for i, text, tokens, reason in self.updates(reqs, stops):
-                yield sse(chunk_of(i, text, tokens, reason))
+            async for i, text, tokens, logprobs, reason in self.updates(reqs, stops):
+                yield sse(chunk_of(i, text, tokens, logprobs, reason))
         except (EngineUnavailable, RequestFailed) as e:
             yield sse(engine_error_body(e))
         else:

@@ -80,6 +80,7 @@ def fake_server(with_metrics: bool) -> FastAPI:
     (rounded down) as cached; /metrics counts the same when enabled, and engine timing counters
     of one model step per chunk: 4 ms of engine time, 3 of them on the device."""
     app, counters = FastAPI(), {"hit": 0, "prompt": 0, "steps": 0}
+    app.state.logprobs = set()          # the logprobs fields the requests carried
 
     @app.get("/v1/models")
     async def models():
@@ -102,6 +103,7 @@ def fake_server(with_metrics: bool) -> FastAPI:
     async def completions(body: dict):
         prompt, n = body["prompt"], body["max_tokens"]
         assert body["stream"] and body["ignore_eos"] and body["model"] == "fake-model"
+        app.state.logprobs.add(body.get("logprobs"))
         counters["hit"] += len(prompt) // 2
         counters["prompt"] += len(prompt)
 
@@ -132,23 +134,26 @@ def fake_server(with_metrics: bool) -> FastAPI:
 def server_url(request):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(fake_server(request.param), log_level="warning"))
+    app = fake_server(request.param)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", request.param
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", request.param, app
     server.should_exit = True
     thread.join(5)
     sock.close()
 
 
 def test_run_against_fake_server_adds_up(server_url, tmp_path):
-    url, with_metrics = server_url
+    url, with_metrics, app = server_url
     out = tmp_path / "report.json"
+    logprobs = ["--logprobs", "5"] if with_metrics else []
     report = serving.main(["--disable-tqdm", "--base-url", url, *GSP, "--gsp-output-len", "6",
                            "--request-rate", "200", "--max-concurrency", "4",
-                           "--output-file", str(out)])
+                           "--output-file", str(out), *logprobs])
+    assert app.state.logprobs == ({5} if with_metrics else {None})
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     requests = serving.make_dataset(args_for(*GSP))
     m = report["metrics"]

@@ -90,11 +90,11 @@ def test_sampler_filters():
     seeds = jnp.asarray(rng.integers(0, 2**32, b), jnp.uint32)
     argmax = np.argmax(np.asarray(logits), axis=-1)
     top2 = np.argsort(-np.asarray(logits), axis=-1)[:, :2]
-    greedy = sample(logits, jnp.zeros(b), zeros, ones, seeds, zeros)
-    top_k1 = sample(logits, ones, zeros + 1, ones, seeds, zeros)
-    tiny_p = sample(logits, ones, zeros, ones * 1e-6, seeds, zeros)
-    k2 = np.asarray(sample(logits, ones * 5, zeros + 2, ones, seeds, zeros))
-    free = np.asarray(sample(logits, ones * 5, zeros, ones, seeds, zeros))
+    greedy = sample(logits, jnp.zeros(b), zeros, ones, seeds, zeros).tokens
+    top_k1 = sample(logits, ones, zeros + 1, ones, seeds, zeros).tokens
+    tiny_p = sample(logits, ones, zeros, ones * 1e-6, seeds, zeros).tokens
+    k2 = np.asarray(sample(logits, ones * 5, zeros + 2, ones, seeds, zeros).tokens)
+    free = np.asarray(sample(logits, ones * 5, zeros, ones, seeds, zeros).tokens)
     np.testing.assert_array_equal(greedy, argmax)
     np.testing.assert_array_equal(top_k1, argmax)
     np.testing.assert_array_equal(tiny_p, argmax)
@@ -102,10 +102,10 @@ def test_sampler_filters():
     assert np.mean([free[i] in top2[i] for i in range(b)]) < 0.9  # hot: the filter mattered
     # filtering=False skips the sort: right for rows that do not filter, and the filtering
     # path leaves those rows' draws alone when others in the batch filter.
-    unsorted = sample(logits, ones * 5, zeros, ones, seeds, zeros, filtering=False)
+    unsorted = sample(logits, ones * 5, zeros, ones, seeds, zeros, filtering=False).tokens
     np.testing.assert_array_equal(unsorted, free)
     mixed_k = jnp.where(jnp.arange(b) % 2 == 0, 2, 0)
-    mixed = np.asarray(sample(logits, ones * 5, mixed_k, ones, seeds, zeros))
+    mixed = np.asarray(sample(logits, ones * 5, mixed_k, ones, seeds, zeros).tokens)
     np.testing.assert_array_equal(mixed[1::2], free[1::2])
     np.testing.assert_array_equal(mixed[::2], k2[::2])
 

@@ -215,16 +215,14 @@ BASE = {C: {"model": MODEL, "prompt": "hi", "max_tokens": 2},
         GEN: {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}}
 # (path, field, a value asking for something this server does not do, the value asking nothing)
 UNSUPPORTED = [
-    (C, "logprobs", 5, None), (C, "logprobs", 0, None), (C, "echo", True, False),
+    (C, "echo", True, False),
     (C, "best_of", 3, 1), (C, "suffix", "}", ""), (C, "presence_penalty", 0.5, 0.0),
     (C, "frequency_penalty", -1, 0), (C, "repetition_penalty", 1.2, 1.0),
-    (C, "logit_bias", {"5": 100}, {}), (C, "min_tokens", 4, 0),
-    (CHAT, "logprobs", True, False), (CHAT, "top_logprobs", 5, 0),
+    (C, "min_tokens", 4, 0),
     (CHAT, "response_format", {"type": "json_object"}, {"type": "text"}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}], []),
     (CHAT, "tool_choice", "required", "none"), (CHAT, "presence_penalty", 1, 0),
     (CHAT, "functions", [{"name": "f"}], []),
-    (GEN, "return_logprob", True, False), (GEN, "top_logprobs_num", 3, 0),
     (GEN, "logprob_start_len", 0, -1), (GEN, "sampling_params.regex", "a+", None),
     (GEN, "sampling_params.json_schema", "{}", None),
     (GEN, "sampling_params.frequency_penalty", 0.3, 0.0),
@@ -263,11 +261,77 @@ def test_unknown_fields_are_refused_and_the_meaningless_ones_accepted(client, pa
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.tool_call_id"
 
 
-def test_the_official_client_gets_a_400_for_logprobs(client):
-    """What an SDK user meets: an error naming the field, not text without logprobs."""
+def sorted_desc(values) -> bool:
+    return all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_logprobs_through_the_official_client(client):
+    """Completions (logprobs=3) and chat (top_logprobs=2), whole and streamed: one entry per
+    token, the top lists sorted and holding the sampled token's value where they name it; the
+    stream carries the same numbers as the whole answer (greedy)."""
     sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client)
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    whole = sdk.completions.create(prompt="hello", logprobs=3, **kw).choices[0]
+    lp = whole.logprobs
+    ids = whole.model_extra["token_ids"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # Keyed by text, as OpenAI's legacy shape is: the byte tokens of the tiny model's
+        # vocabulary past ASCII all read "\ufffd", so fewer than 3 keys may remain.
+        assert 1 <= len(top) <= 3 and value <= 0
+        if token != "\ufffd":
+            assert sorted_desc(list(top.values()))
+            assert top[token] == pytest.approx(value, abs=1e-6)
+            assert value == pytest.approx(max(top.values()), abs=1e-6)   # greedy: the top one
+    chunks = [c.choices[0] for c in sdk.completions.create(prompt="hello", logprobs=3,
+                                                           stream=True, **kw) if c.choices]
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = sdk.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2,
+                                       **kw).choices[0].logprobs.content
+    assert len(chat) == 6
+    for entry in chat:
+        assert [t.logprob for t in entry.top_logprobs][0] == pytest.approx(entry.logprob)
+        assert len(entry.top_logprobs) == 2 and bytes(entry.bytes).decode() == entry.token
+    plain = sdk.chat.completions.create(messages=messages, **kw).choices[0]
+    assert plain.logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        sdk.chat.completions.create(messages=messages, top_logprobs=2, **kw)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        sdk.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=2)
+        sdk.completions.create(prompt="hi", logprobs=21, **kw)
+
+
+@pytest.mark.parametrize("path", [C, CHAT, GEN])
+def test_logit_bias_is_honoured_and_checked(client, path):
+    """Every sampled token is the one biased by +100; a bad key or bias is a 400 naming it."""
+    body = body_with(path, "sampling_params.logit_bias" if path == GEN else "logit_bias",
+                     {"65": 100})
+    r = post(client, path, body)
+    assert r.status_code == 200, r.text
+    if path == CHAT:       # a chat choice carries its text only: token 65 is "A"
+        assert r.json()["choices"][0]["message"]["content"] == "AA"
+    else:
+        ids = r.json()["output_ids"] if path == GEN else r.json()["choices"][0]["token_ids"]
+        assert ids == [65, 65]
+    for bad in ({"x": 1}, {"65": 200}):
+        field = "sampling_params.logit_bias" if path == GEN else "logit_bias"
+        r = post(client, path, body_with(path, field, bad))
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_generate_returns_sglang_logprobs(client):
+    r = post(client, GEN, {"input_ids": [5, 6, 7], "return_logprob": True,
+                           "top_logprobs_num": 2,
+                           "sampling_params": {"max_new_tokens": 4, "temperature": 0,
+                                               "ignore_eos": True}})
+    meta = r.json()["meta_info"]
+    out = meta["output_token_logprobs"]
+    assert [t for _, t, _ in out] == r.json()["output_ids"] and len(out) == 4
+    for (value, token, _), top in zip(out, meta["output_top_logprobs"]):
+        assert len(top) == 2 and top[0][1] == token and top[0][0] == pytest.approx(value)
+    assert "output_token_logprobs" not in post(client, GEN, BASE[GEN]).json()["meta_info"]
 
 
 def test_chat_with_a_lone_surrogate_names_the_message(client):
