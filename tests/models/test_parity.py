@@ -51,8 +51,9 @@ def test_logits_match_hf(family):
     step = jax.jit(decode_step, static_argnums=0)
     generated = [int(token[0])]
     for i in range(16):
-        token, logits, cache, ok, _ = step(e.graphdef, e.params, cache, rows, token,
-                                           jnp.array([True]), greedy)
+        sampled, logits, cache, ok, _ = step(e.graphdef, e.params, cache, rows, token,
+                                             jnp.array([True]), greedy)
+        token = sampled.tokens
         assert bool(ok[0])
         assert rel_err(logits[0], golden["decode_logits"][i]) <= 1e-4, f"decode step {i}"
         generated.append(int(token[0]))
