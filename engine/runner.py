@@ -287,15 +287,21 @@ class ModelRunner:
         self._device_end = end
 
     # -- inputs ---------------------------------------------------------------------------------
-    @staticmethod
-    def _sampling(reqs: list[Request], width: int, filtering: bool) -> SamplingArrays:
+    def _sampling(self, reqs: list[Request], width: int, filtering: bool) -> SamplingArrays:
+        """Sampling arrays of reqs padded to width rows; the full sampler's (filtering) take
+        each row's logit_bias, then its stop ids, barred (-inf) while it is short of
+        min_tokens (a decode loop updates that part each step: engine.step.decode_loop)."""
         pad = width - len(reqs)
         p = [r.params for r in reqs]
-        n = limits.MAX_LOGIT_BIAS if filtering else 0   # the full sampler's programs take biases
-        bias_ids, bias = np.full((width, n), -1, np.int32), np.zeros((width, n), np.float32)
-        for i, x in enumerate(p):
+        n = limits.MAX_LOGIT_BIAS
+        cols = n + self.stop_width if filtering else 0
+        bias_ids, bias = np.full((width, cols), -1, np.int32), np.zeros((width, cols), np.float32)
+        for i, (r, x) in enumerate(zip(reqs, p)) if filtering else ():
             if x.logit_bias:
                 bias_ids[i, :len(x.logit_bias)], bias[i, :len(x.logit_bias)] = zip(*x.logit_bias)
+            bias_ids[i, n:n + len(r.stop_ids)] = r.stop_ids
+            if _min_left(r) > 0:
+                bias[i, n:n + len(r.stop_ids)] = -np.inf
         return SamplingArrays(
             temperature=np.asarray([x.temperature for x in p] + [0.0] * pad, np.float32),
             top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
@@ -331,7 +337,8 @@ class ModelRunner:
             rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
             tokens=np.asarray([self._next_token(r) for r in reqs] + [0] * pad, np.int32),
             active=remaining > 0, remaining=remaining, stop_ids=stop,
-            sampling=self._sampling(reqs, b, filtering))
+            sampling=self._sampling(reqs, b, filtering),
+            min_left=np.asarray([_min_left(r) for r in reqs] + [0] * pad, np.int32))
 
     # -- compiled programs (engine.programs) ----------------------------------------------------
     def _compile(self, shape: Shape) -> tuple:
@@ -403,3 +410,8 @@ def _logprobs(r: Request, logprob, top_ids, top_logprobs) -> tuple[float, dict[i
     """A sampled token's log probability and the r.params.logprobs most likely tokens'."""
     n = r.params.logprobs
     return float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist()))
+
+
+def _min_left(r: Request) -> int:
+    """Tokens r must still draw before a stop id may end it (its unread draws counted)."""
+    return max(0, r.params.min_tokens - len(r.output) - r.pending)

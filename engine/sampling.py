@@ -21,7 +21,8 @@ class SamplingParams:
     the model's own distribution (log_softmax of the logits, before temperature, top-k and
     top-p, as vLLM returns by default). logit_bias {token id: bias in [-100, 100]} (at most
     300) is added to the logits before every draw, greedy ones included (OpenAI's meaning;
-    the log probabilities stay the model's). Values outside engine.limits raise
+    the log probabilities stay the model's). min_tokens: no stop token (EOS included) is drawn
+    before that many tokens (vLLM's meaning). Values outside engine.limits raise
     InvalidRequest (a ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
@@ -32,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()    # or a dict; kept as sorted pairs
+    min_tokens: int = 0
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= limits.INT32_MAX:
@@ -64,6 +66,9 @@ class SamplingParams:
             _bad("logit_bias", "token ids (integers >= 0) mapped to biases in [-100, 100]",
                  dict(bias))
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            _bad("min_tokens", f"an integer in [0, max_tokens = {self.max_tokens}]",
+                 self.min_tokens)
         ids = self.stop_token_ids
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             _bad("stop_token_ids", "a list of token ids", ids)
@@ -89,9 +94,9 @@ def _bad(param: str, want: str, got) -> None:
 
 def filters(params: SamplingParams) -> bool:
     """Whether a request needs the full sampler: draws through the top-k / top-p filter (a sort
-    of the vocabulary), log probabilities, or a logit bias."""
+    of the vocabulary), log probabilities, a logit bias or min_tokens."""
     return (params.temperature > 0 and (params.top_k > 0 or params.top_p < 1)
-            or params.logprobs is not None or bool(params.logit_bias))
+            or params.logprobs is not None or bool(params.logit_bias) or params.min_tokens > 0)
 
 
 class Sampled(typing.NamedTuple):

@@ -38,8 +38,11 @@ class SamplingArrays:
     top_p: jax.Array        # [B] float32
     seed: jax.Array         # [B] uint32
     filtering: bool = True  # static: the full sampler (engine.sampling.filters)
-    bias_ids: jax.Array | None = None  # [B,N] int32 logit_bias tokens, -1: none (N = 0 or 300)
-    bias: jax.Array | None = None      # [B,N] float32 their biases
+    # [B,N] int32 / float32: the tokens whose logits get a bias, -1 for none, and the biases.
+    # N is 0 in plain programs; in the full sampler's, limits.MAX_LOGIT_BIAS for logit_bias,
+    # then one column per stop id, biased by -inf while the row is short of min_tokens.
+    bias_ids: jax.Array | None = None
+    bias: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -56,7 +59,7 @@ class Feed:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["rows", "tokens", "active", "remaining", "stop_ids",
-                                "sampling"], meta_fields=[])
+                                "sampling", "min_left"], meta_fields=[])
 @dataclasses.dataclass
 class DecodeState:
     rows: jax.Array       # [B] int32 cache rows
@@ -65,6 +68,7 @@ class DecodeState:
     remaining: jax.Array  # [B] int32 tokens each row may still produce
     stop_ids: jax.Array   # [B,E] int32 tokens that end a row (EOS included), -1 = none
     sampling: SamplingArrays
+    min_left: jax.Array | None = None   # [B] int32 tokens before a stop id may be drawn
 
 
 def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *,
@@ -141,8 +145,14 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     def body(i, carry):
         cache, st, out, pages, stalled, lps = carry
         live = st.active & ~stalled
+        sampling = st.sampling
+        if st.min_left is not None and sampling.bias is not None and sampling.bias.shape[1]:
+            # stop ids are barred while a row is short of min_tokens
+            barred = (st.min_left > 0)[:, None] & (st.stop_ids >= 0)
+            sampling = dataclasses.replace(sampling, bias=sampling.bias.at[
+                :, limits.MAX_LOGIT_BIAS:].set(jnp.where(barred, -jnp.inf, 0.0)))
         sampled, _, cache, ok, new = decode_step(graphdef, params, cache, st.rows, st.tokens,
-                                                 live, st.sampling, attn_impl=attn_impl,
+                                                 live, sampling, attn_impl=attn_impl,
                                                  mesh=mesh)
         nxt = sampled.tokens
         emitted = live & ok
@@ -154,7 +164,8 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
         remaining = st.remaining - emitted
         stop = jnp.any(nxt[:, None] == st.stop_ids, axis=-1) | (remaining <= 0)
         st = dataclasses.replace(st, tokens=jnp.where(emitted, nxt, st.tokens),
-                                 active=st.active & ~(emitted & stop), remaining=remaining)
+                                 active=st.active & ~(emitted & stop), remaining=remaining,
+                                 min_left=None if st.min_left is None else st.min_left - emitted)
         return cache, st, out, pages, stalled | (live & ~ok), lps
 
     out = jnp.full((b, num_steps), -1, jnp.int32)

@@ -112,7 +112,7 @@ class _Sampling(_Body):
     frequency_penalty: Unsupported(0, 0.0)
     repetition_penalty: Unsupported(1, 1.0)
     logit_bias: LogitBias
-    min_tokens: Unsupported(0)
+    min_tokens: StrictInt = 0
 
 
 class CompletionRequest(_Sampling):
@@ -188,7 +188,7 @@ class GenerateSampling(_Body):
     frequency_penalty: Unsupported(0, 0.0)
     repetition_penalty: Unsupported(1, 1.0)
     logit_bias: LogitBias
-    min_new_tokens: Unsupported(0)
+    min_new_tokens: StrictInt = 0
     n: Unsupported(1)
     regex: Unsupported()
     json_schema: Unsupported()

@@ -42,7 +42,9 @@ def sampling_params(body, max_tokens, n_index: int = 0, logprobs: int | None = N
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                           top_p=body.top_p, top_k=body.top_k, seed=seed,
                           stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
-                          logprobs=logprobs, logit_bias=body.logit_bias or {})
+                          logprobs=logprobs, logit_bias=body.logit_bias or {},
+                          min_tokens=getattr(body, "min_tokens", None)
+                          or getattr(body, "min_new_tokens", 0))
 
 
 @dataclasses.dataclass

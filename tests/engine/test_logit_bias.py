@@ -1,6 +1,6 @@
 """logit_bias (SamplingParams(logit_bias={token: bias})): added to the logits before every
 draw, against a numpy re-implementation; in the engine, alone and beside requests without
-one; bad values named."""
+one; bad values named. min_tokens, which bars the stop ids the same way while a row is short."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,3 +70,34 @@ def test_bad_biases_are_named(bias, message):
 def test_a_token_past_the_vocabulary_is_named(tiny):
     with pytest.raises(InvalidRequest, match="logit_bias has token ids outside"):
         tiny.generate([[256, 65]], SamplingParams(logit_bias={10**6: 1.0}))
+
+
+@pytest.mark.parametrize("min_tokens", [1, 3, 7])
+def test_min_tokens_bar_the_stop_ids_until_reached(tiny, min_tokens):
+    """A stop id the greedy run would draw at once: with min_tokens the first min_tokens tokens
+    are those of a run that bars it by bias (through the prefill step and the 4-step decode
+    loops), then it may stop the request."""
+    prompt = [256, 72, 105]
+    [first] = tiny.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
+    stop = first.token_ids[0]
+    [barred] = tiny.generate([prompt], SamplingParams(
+        max_tokens=min_tokens, temperature=0, logit_bias={stop: -100}))
+    [out] = tiny.generate([prompt], SamplingParams(
+        max_tokens=12, temperature=0, stop_token_ids=[stop], min_tokens=min_tokens))
+    assert out.token_ids[:min_tokens] == barred.token_ids
+    assert stop not in out.token_ids[:min_tokens]
+    # Then the bar lifts: the rest is a plain greedy continuation of those tokens.
+    [rest] = tiny.generate([prompt + barred.token_ids], SamplingParams(
+        max_tokens=12 - min_tokens, temperature=0, stop_token_ids=[stop]))
+    assert out.token_ids[min_tokens:] == rest.token_ids
+    assert out.finish_reason == rest.finish_reason
+    [plain] = tiny.generate([prompt], SamplingParams(max_tokens=12, temperature=0,
+                                                     stop_token_ids=[stop]))
+    assert plain.token_ids == [stop] and plain.finish_reason == "stop"
+    assert_pool_clean(tiny)
+
+
+def test_min_tokens_past_max_tokens_is_named():
+    with pytest.raises(InvalidRequest, match="min_tokens must be an integer in") as e:
+        SamplingParams(max_tokens=4, min_tokens=5)
+    assert e.value.param == "min_tokens"

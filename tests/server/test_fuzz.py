@@ -218,7 +218,6 @@ UNSUPPORTED = [
     (C, "echo", True, False),
     (C, "best_of", 3, 1), (C, "suffix", "}", ""), (C, "presence_penalty", 0.5, 0.0),
     (C, "frequency_penalty", -1, 0), (C, "repetition_penalty", 1.2, 1.0),
-    (C, "min_tokens", 4, 0),
     (CHAT, "response_format", {"type": "json_object"}, {"type": "text"}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}], []),
     (CHAT, "tool_choice", "required", "none"), (CHAT, "presence_penalty", 1, 0),
@@ -226,7 +225,7 @@ UNSUPPORTED = [
     (GEN, "logprob_start_len", 0, -1), (GEN, "sampling_params.regex", "a+", None),
     (GEN, "sampling_params.json_schema", "{}", None),
     (GEN, "sampling_params.frequency_penalty", 0.3, 0.0),
-    (GEN, "sampling_params.min_new_tokens", 2, 0), (GEN, "sampling_params.n", 2, 1),
+    (GEN, "sampling_params.n", 2, 1),
 ]
 
 
@@ -319,6 +318,19 @@ def test_logit_bias_is_honoured_and_checked(client, path):
         field = "sampling_params.logit_bias" if path == GEN else "logit_bias"
         r = post(client, path, body_with(path, field, bad))
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_min_tokens_hold_off_the_stop_token(client):
+    """The greedy first token made a stop token: min_tokens 3 draws three others first."""
+    greedy = {**BASE[C], "temperature": 0}
+    ids = post(client, C, {**greedy, "max_tokens": 1}).json()["choices"][0]["token_ids"]
+    body = {**greedy, "max_tokens": 6, "stop_token_ids": ids}
+    assert post(client, C, body).json()["choices"][0]["token_ids"] == ids
+    held = post(client, C, {**body, "min_tokens": 3}).json()["choices"][0]["token_ids"]
+    assert len(held) >= 3 and ids[0] not in held[:3]
+    r = post(client, GEN, {"input_ids": [5], "sampling_params": {"max_new_tokens": 2,
+                                                                 "min_new_tokens": 3}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.min_new_tokens"
 
 
 def test_generate_returns_sglang_logprobs(client):
