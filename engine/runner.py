@@ -20,15 +20,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvcache
-from engine import limits, packing, parallel
+from engine import launch_io, packing, parallel
 from engine.config import EngineConfig
 from engine.page_ops import PageOpQueue, PageOps, padded_ids, without_kv
 from engine.plan import Plan
 from engine.programs import Programs
-from engine.request import Request
 from engine.sampling import filters
 from engine.shapes import Buckets, Shape, bucket
-from engine.step import DecodeState, Feed, SamplingArrays, loop_launch, mixed_launch
+from engine.step import DecodeState, loop_launch, mixed_launch
 
 log = logging.getLogger("hybridkv")
 
@@ -182,7 +181,8 @@ class ModelRunner:
         if not plan.chunks:
             need = self.buckets.loop(pages, len(plan.decode), plan.steps, filtering)
             shape, (program, key) = self.programs.get(need)
-            state = self._decode_state(plan.decode, shape.rows, shape.filtering, plan.steps)
+            state = launch_io.decode_state(plan.decode, shape.rows, shape.filtering,
+                                            self.stop_width, plan.steps)
             out = self._run_loop(program, state)
             return Flight(out, key, plan, shape)
         need = self.buckets.step(pages, len(plan.decode), [n for _, n in plan.chunks], filtering)
@@ -192,12 +192,13 @@ class ModelRunner:
         feeds = []
         if shape.rows:
             tokens = np.zeros((shape.rows, 1), np.int32)
-            tokens[:len(plan.decode), 0] = [self._next_token(r) for r in plan.decode]
-            feeds.append(self._feed([(r, 1) for r in plan.decode], tokens, shape.filtering))
+            tokens[:len(plan.decode), 0] = [launch_io.next_token(r) for r in plan.decode]
+            feeds.append(launch_io.feed([(r, 1) for r in plan.decode], tokens, shape.filtering,
+                                         self.stop_width))
         tokens = np.zeros((shape.chunk_rows, shape.chunk_len), np.int32)
         for i, (r, n) in enumerate(plan.chunks):
             tokens[i, :n] = r.tokens[r.computed:r.computed + n]
-        feeds.append(self._feed(plan.chunks, tokens, shape.filtering))
+        feeds.append(launch_io.feed(plan.chunks, tokens, shape.filtering, self.stop_width))
         self.cache, ops = self.pages.take(self.cache, admits)
         out, self.cache = self._timed(program, self.weights, self.cache,
                                       packing.pack((ops, tuple(feeds))))
@@ -251,8 +252,8 @@ class ModelRunner:
                                                        result.pages)):
                 steps = np.flatnonzero(tokens >= 0)
                 lps = None if r.params.logprobs is None else [
-                    _logprobs(r, result.logprob[i, j], result.top_ids[i, j],
-                              result.top_logprobs[i, j]) for j in steps]
+                    launch_io.token_logprobs(r, result.logprob[i, j], result.top_ids[i, j],
+                                         result.top_logprobs[i, j]) for j in steps]
                 rows.append((r, pages.tolist(), len(steps), tokens[steps].tolist(), lps))
             return [], rows
         if not result.admit_ok[:len(plan.admit)].all():
@@ -265,7 +266,7 @@ class ModelRunner:
             if not feed.ok[:len(group)].all():
                 raise RuntimeError("the pool ran out of pages the scheduler had counted")
             rows += [(r, feed.new_pages[i].tolist(), n, [int(feed.next[i])],
-                      None if r.params.logprobs is None else [_logprobs(
+                      None if r.params.logprobs is None else [launch_io.token_logprobs(
                           r, feed.logprob[i], feed.top_ids[i], feed.top_logprobs[i])])
                      for i, (r, n) in enumerate(group)]
         return admitted, rows
@@ -286,60 +287,6 @@ class ModelRunner:
         self.device_busy_seconds += end - max(queued, self._device_end)
         self._device_end = end
 
-    # -- inputs ---------------------------------------------------------------------------------
-    def _sampling(self, reqs: list[Request], width: int, filtering: bool) -> SamplingArrays:
-        """Sampling arrays of reqs padded to width rows; the full sampler's (filtering) take
-        each row's logit_bias, then its stop ids, barred (-inf) while it is short of
-        min_tokens (a decode loop updates that part each step: engine.step.decode_loop)."""
-        pad = width - len(reqs)
-        p = [r.params for r in reqs]
-        n = limits.MAX_LOGIT_BIAS
-        cols = n + self.stop_width if filtering else 0
-        bias_ids, bias = np.full((width, cols), -1, np.int32), np.zeros((width, cols), np.float32)
-        for i, (r, x) in enumerate(zip(reqs, p)) if filtering else ():
-            if x.logit_bias:
-                bias_ids[i, :len(x.logit_bias)], bias[i, :len(x.logit_bias)] = zip(*x.logit_bias)
-            bias_ids[i, n:n + len(r.stop_ids)] = r.stop_ids
-            if _min_left(r) > 0:
-                bias[i, n:n + len(r.stop_ids)] = -np.inf
-        return SamplingArrays(
-            temperature=np.asarray([x.temperature for x in p] + [0.0] * pad, np.float32),
-            top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
-            top_p=np.asarray([x.top_p for x in p] + [1.0] * pad, np.float32),
-            seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32),
-            filtering=filtering, bias_ids=bias_ids, bias=bias)
-
-    def _feed(self, group, tokens: np.ndarray, filtering: bool) -> Feed:
-        """A Feed of group's (request, tokens fed) rows, padded to tokens' rows."""
-        reqs = [r for r, _ in group]
-        b = tokens.shape[0]
-        pad = b - len(group)
-        return Feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32), tokens=tokens,
-                    num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
-                    sampling=self._sampling(reqs, b, filtering))
-
-    @staticmethod
-    def _next_token(r: Request) -> int:
-        """What decode row r feeds: -1 for its row's next_token when that is a sample the host
-        has not read, else its last token (a prompt's last token, when a chunk left just that)."""
-        return -1 if r.pending else (r.output[-1] if r.output else r.prompt[-1])
-
-    def _decode_state(self, reqs: list[Request], b: int, filtering: bool,
-                      steps: int = 1 << 30) -> DecodeState:
-        """The DecodeState of a decode launch over reqs, padded to b rows, each row producing
-        at most `steps` tokens (the plan's steps, when the loop runs more)."""
-        stop = np.full((b, self.stop_width), -1, np.int32)
-        for i, r in enumerate(reqs):
-            stop[i, :len(r.stop_ids)] = r.stop_ids
-        pad = b - len(reqs)
-        remaining = np.asarray([min(r.budget, steps) for r in reqs] + [0] * pad, np.int32)
-        return DecodeState(
-            rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
-            tokens=np.asarray([self._next_token(r) for r in reqs] + [0] * pad, np.int32),
-            active=remaining > 0, remaining=remaining, stop_ids=stop,
-            sampling=self._sampling(reqs, b, filtering),
-            min_left=np.asarray([_min_left(r) for r in reqs] + [0] * pad, np.int32))
-
     # -- compiled programs (engine.programs) ----------------------------------------------------
     def _compile(self, shape: Shape) -> tuple:
         """shape's launch compiled ahead of time, on padding inputs and a pool of shape.pages
@@ -351,7 +298,7 @@ class ModelRunner:
         cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              structs, placement)
         if shape.kind == "loop":
-            state = self._decode_state([], shape.rows, shape.filtering)
+            state = launch_io.decode_state([], shape.rows, shape.filtering, self.stop_width)
             layout = packing.layout_of(state)
             ops_buf, ops_layout = self._no_ops
             traced = self._loop.trace(self.weights, cache, ops_buf, packing.pack(state),
@@ -360,7 +307,8 @@ class ModelRunner:
             key = ("loop", layout, shape.steps)
         else:
             groups = [(shape.rows, 1)] if shape.rows else []
-            feeds = tuple(self._feed([], np.zeros((b, n), np.int32), shape.filtering)
+            feeds = tuple(launch_io.feed([], np.zeros((b, n), np.int32), shape.filtering,
+                                       self.stop_width)
                           for b, n in groups + [(shape.chunk_rows, shape.chunk_len)])
             inputs = (self.pages.ops.fill(), feeds)
             layout = packing.layout_of(inputs)
@@ -405,13 +353,3 @@ class ModelRunner:
             self.programs.background([x for s in others for x in self.shapes_for(s)[0]] + rest)
         return len(self.programs)
 
-
-def _logprobs(r: Request, logprob, top_ids, top_logprobs) -> tuple[float, dict[int, float]]:
-    """A sampled token's log probability and the r.params.logprobs most likely tokens'."""
-    n = r.params.logprobs
-    return float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist()))
-
-
-def _min_left(r: Request) -> int:
-    """Tokens r must still draw before a stop id may end it (its unread draws counted)."""
-    return max(0, r.params.min_tokens - len(r.output) - r.pending)

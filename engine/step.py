@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kvcache
-from engine.page_ops import PageOps, PageOpsArrays
 from engine import limits
+from engine.page_ops import PageOps, PageOpsArrays
 from engine.sampling import Sampled, sample
 from models import Group
 
@@ -141,13 +141,16 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     """
     b = state.rows.shape[0]
     k = limits.MAX_LOGPROBS if state.sampling.filtering else 0
+    bias = state.sampling.bias
+    # Static: whether rows carry stop-id columns in their bias table (min_tokens; the full
+    # sampler's programs only). Plain programs do none of this per-step work.
+    bars = state.min_left is not None and bias is not None and bias.shape[1] > 0
 
     def body(i, carry):
         cache, st, out, pages, stalled, lps = carry
         live = st.active & ~stalled
         sampling = st.sampling
-        if st.min_left is not None and sampling.bias is not None and sampling.bias.shape[1]:
-            # stop ids are barred while a row is short of min_tokens
+        if bars:        # stop ids are barred while a row is short of min_tokens
             barred = (st.min_left > 0)[:, None] & (st.stop_ids >= 0)
             sampling = dataclasses.replace(sampling, bias=sampling.bias.at[
                 :, limits.MAX_LOGIT_BIAS:].set(jnp.where(barred, -jnp.inf, 0.0)))
@@ -158,24 +161,22 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
         emitted = live & ok
         out = out.at[:, i].set(jnp.where(emitted, nxt, -1))
         pages = pages.at[:, i].set(new)
-        lps = lps._replace(logprob=lps.logprob.at[:, i].set(sampled.logprob),
-                           top_ids=lps.top_ids.at[:, i].set(sampled.top_ids),
-                           top_logprobs=lps.top_logprobs.at[:, i].set(sampled.top_logprobs))
+        if k:
+            lps = tuple(acc.at[:, i].set(x) for acc, x in zip(lps, sampled[1:]))
         remaining = st.remaining - emitted
         stop = jnp.any(nxt[:, None] == st.stop_ids, axis=-1) | (remaining <= 0)
         st = dataclasses.replace(st, tokens=jnp.where(emitted, nxt, st.tokens),
                                  active=st.active & ~(emitted & stop), remaining=remaining,
-                                 min_left=None if st.min_left is None else st.min_left - emitted)
+                                 min_left=st.min_left - emitted if bars else st.min_left)
         return cache, st, out, pages, stalled | (live & ~ok), lps
 
     out = jnp.full((b, num_steps), -1, jnp.int32)
     pages = jnp.zeros((b, num_steps), jnp.int32)
-    lps = Sampled(out, jnp.zeros((b, num_steps), jnp.float32),
-                  jnp.zeros((b, num_steps, k), jnp.int32),
-                  jnp.zeros((b, num_steps, k), jnp.float32))
+    lps = (jnp.zeros((b, num_steps), jnp.float32), jnp.zeros((b, num_steps, k), jnp.int32),
+           jnp.zeros((b, num_steps, k), jnp.float32))     # logprob, top ids, top logprobs
     init = (cache, state, out, pages, jnp.zeros(b, bool), lps)
     cache, state, out, pages, stalled, lps = jax.lax.fori_loop(0, num_steps, body, init)
-    return out, pages, cache, state, stalled, lps
+    return out, pages, cache, state, stalled, Sampled(out, *lps)
 
 
 class FeedResult(typing.NamedTuple):

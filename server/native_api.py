@@ -22,13 +22,14 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
         raise ApiError(400, "give exactly one of text and input_ids", "text")
     sp = body.sampling_params
     prompt_field = "text" if body.text is not None else "input_ids"
-    names = {"prompt": prompt_field, "max_tokens": "sampling_params.max_new_tokens"} | {
+    names = {"prompt": prompt_field, "max_tokens": "sampling_params.max_new_tokens",
+             "min_tokens": "sampling_params.min_new_tokens"} | {
         f: f"sampling_params.{f}" for f in ("temperature", "top_p", "top_k", "seed",
-                                            "stop_token_ids", "ignore_eos", "logit_bias")} | {
-        "min_tokens": "sampling_params.min_new_tokens"}
+                                            "stop_token_ids", "ignore_eos", "logit_bias")}
     logprobs = body.top_logprobs_num if body.return_logprob else None
     [req] = s.make_requests([getattr(body, prompt_field)],
-                            lambda _, j: sampling_params(sp, sp.max_new_tokens, j, logprobs),
+                            lambda _, j: sampling_params(sp, sp.max_new_tokens,
+                                                         sp.min_new_tokens, j, logprobs),
                             1, names)
     s.check_up()
 

@@ -26,7 +26,8 @@ def _include_usage(body) -> bool:
 async def completions(body: CompletionRequest, http: Request, s: Ctx):
     s.check_model(body.model)
     reqs = s.make_requests(
-        body.prompt, lambda _, j: sampling_params(body, body.max_tokens, j, body.logprobs),
+        body.prompt,
+        lambda _, j: sampling_params(body, body.max_tokens, body.min_tokens, j, body.logprobs),
         body.n)
     s.check_up()
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -73,7 +74,7 @@ async def chat(body: ChatRequest, http: Request, s: Ctx):
 
     def params_of(prompt, j):
         n = s.front.default_max_tokens(len(prompt)) if max_tokens is None else max_tokens
-        return sampling_params(body, n, j, top)
+        return sampling_params(body, n, body.min_tokens, j, top)
     reqs = s.make_requests([ids], params_of, body.n, {"prompt": "messages", "max_tokens": named})
     s.check_up()
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",

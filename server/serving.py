@@ -31,11 +31,12 @@ def usage(reqs) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in reqs)}}
 
 
-def sampling_params(body, max_tokens, n_index: int = 0, logprobs: int | None = None
-                    ) -> SamplingParams:
-    """A body's sampling fields (OpenAI's or /generate's sampling_params) for its choice
-    n_index, which draws with seed + n_index; logprobs: most likely tokens to return with
-    each sampled one (None: no log probabilities)."""
+def sampling_params(body, max_tokens, min_tokens: int, n_index: int = 0,
+                    logprobs: int | None = None) -> SamplingParams:
+    """A body's sampling fields (OpenAI's or /generate's sampling_params; max_tokens and
+    min_tokens come apart, as each API names them) for its choice n_index, which draws with
+    seed + n_index; logprobs: most likely tokens to return with each sampled one (None: no
+    log probabilities)."""
     seed = body.seed                  # a seed out of range is refused as it came
     if seed is not None and 0 <= seed < limits.SEED_END:
         seed = (seed + n_index) % limits.SEED_END
@@ -43,8 +44,7 @@ def sampling_params(body, max_tokens, n_index: int = 0, logprobs: int | None = N
                           top_p=body.top_p, top_k=body.top_k, seed=seed,
                           stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
                           logprobs=logprobs, logit_bias=body.logit_bias or {},
-                          min_tokens=getattr(body, "min_tokens", None)
-                          or getattr(body, "min_new_tokens", 0))
+                          min_tokens=min_tokens)
 
 
 @dataclasses.dataclass

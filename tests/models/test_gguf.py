@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.gguf_files import write_tokenizer_gguf
 from helpers import assert_pool_clean
 
 from engine import LLM, SamplingParams
@@ -183,22 +184,9 @@ def test_llama3_and_qwen_pre_tokenizers_split_as_transformers_does(tmp_path, pre
     cases = model["cases"]
     assert sum(c["gpt2_split_differs"] for c in cases) >= 5
     assert sum(any(c["other_split_differs"].values()) for c in cases) >= 5
+    assert fields["pre"] == pre
     path = tmp_path / f"{pre}.gguf"
-    w = gguf.GGUFWriter(str(path), fields["architecture"])
-    for key, value in fields["hparams"].items():
-        getattr(w, f"add_{key}")(value)
-    w.add_tokenizer_model(fields["tokenizer_model"])
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(fields["tokens"])
-    w.add_token_types(fields["token_types"])
-    w.add_token_merges(fields["merges"])
-    w.add_bos_token_id(fields["bos_token_id"])
-    w.add_eos_token_id(fields["eos_token_id"])
-    w.add_add_bos_token(fields["add_bos_token"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tokenizer_gguf(path, fields)
     reader = gguf.GGUFReader(path)
     tok = read_tokenizer({k: f.contents() for k, f in reader.fields.items()}, path)
     for case in cases:
