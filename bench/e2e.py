@@ -88,6 +88,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     import jax
 
     import kvcache
+    from engine.sampling import PLAIN
     from engine.shapes import bucket
     from engine.step import DecodeState, SamplingArrays
     kind, reserved = CASES[case]
@@ -121,7 +122,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
         sampling=SamplingArrays(temperature=np.zeros(batch, np.float32),
                                 top_k=np.zeros(batch, np.int32),
                                 top_p=np.ones(batch, np.float32),
-                                seed=np.zeros(batch, np.uint32), filtering=False))
+                                seed=np.zeros(batch, np.uint32), level=PLAIN))
 
 
 def run_loop(engine, state, launches: int, steps: int) -> float:

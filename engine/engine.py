@@ -86,10 +86,11 @@ class Engine:
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         # Sized on one device, which holds its share of the weights and K/tp heads of each page.
         device = jax.devices()[0]
+        counts_bytes = c.max_running_requests * cfg.vocab_size * 4     # KVCache.counts
         spec = kvcache.size_pool(
             num_layers=cfg.num_layers, page_size=c.page_size, num_kv_heads=cfg.num_kv_heads // tp,
             head_dim=cfg.head_dim, dtype=jnp.dtype(dtype).name,
-            weight_bytes=parallel.device_bytes(self.params, device), device=device,
+            weight_bytes=parallel.device_bytes(self.params, device) + counts_bytes, device=device,
             mem_fraction_static=c.mem_fraction_static, max_total_tokens=c.max_total_tokens,
             default_tokens=c.max_running_requests * self.context_length)
         self.spec = dataclasses.replace(spec, num_kv_heads=cfg.num_kv_heads)
@@ -105,6 +106,7 @@ class Engine:
                                   pages_per_row=self.pages_per_row, pool_pages=sizes[0],
                                   mesh=mesh, attn_impl=attn_impl,
                                   stop_ids=limits.MAX_STOP_TOKEN_IDS + len(cfg.eos_token_ids),
+                                  vocab=cfg.vocab_size,
                                   precompile=resolve_precompile(c.precompile))
         self.scheduler = Scheduler(
             sizes=kvcache.elastic.PoolSizes(sizes, c.kv_shrink_after), page_size=c.page_size,
@@ -225,7 +227,9 @@ class Engine:
         self.timing["device_steps"] += plan.steps
         chunked = {r for r, _ in plan.chunks}
         advanced = []
-        for r, pages, stored, emitted, logprobs in rows:
+        for r, pages, stored, emitted, logprobs, prompt_logprobs in rows:
+            for position, lp in prompt_logprobs:
+                r.prompt_logprob(position, lp)
             if not self.scheduler.landed(plan, r, pages, stored) or r.finish_reason is not None:
                 continue        # a chunk with prompt left to feed, or a row already finished
             if r in chunked:    # its prompt is stored: the prefix cache takes its full pages

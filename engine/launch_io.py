@@ -6,41 +6,55 @@ import numpy as np
 
 from engine import limits
 from engine.request import Request
+from engine.sampling import PLAIN, PROMPT_SEEN
 from engine.step import DecodeState, Feed, SamplingArrays
 
 
-def sampling_arrays(reqs: list[Request], width: int, filtering: bool,
+def sampling_arrays(reqs: list[Request], width: int, level: int,
                     stop_width: int) -> SamplingArrays:
-    """Sampling arrays of reqs padded to width rows; the full sampler's (filtering) take each
-    row's logit_bias, then its stop ids, barred (-inf) while it is short of min_tokens (a
-    decode loop updates that part each step: engine.step.decode_loop)."""
+    """Sampling arrays of reqs padded to width rows, for a sampler of `level`
+    (engine.sampling); above PLAIN they take each row's logit_bias, then its stop ids, barred
+    (-inf) while it is short of min_tokens (a decode loop updates that part each step:
+    engine.step.decode_loop)."""
     pad = width - len(reqs)
     p = [r.params for r in reqs]
     n = limits.MAX_LOGIT_BIAS
-    cols = n + stop_width if filtering else 0
+    cols = n + stop_width if level > PLAIN else 0
     bias_ids, bias = np.full((width, cols), -1, np.int32), np.zeros((width, cols), np.float32)
-    for i, (r, x) in enumerate(zip(reqs, p)) if filtering else ():
+    for i, (r, x) in enumerate(zip(reqs, p)) if cols else ():
         if x.logit_bias:
             bias_ids[i, :len(x.logit_bias)], bias[i, :len(x.logit_bias)] = zip(*x.logit_bias)
         bias_ids[i, n:n + len(r.stop_ids)] = r.stop_ids
         if min_left(r) > 0:
             bias[i, n:n + len(r.stop_ids)] = -np.inf
+    def per_row(values, fill, dtype):
+        return np.asarray(values + [fill] * pad, dtype)
+
     return SamplingArrays(
-        temperature=np.asarray([x.temperature for x in p] + [0.0] * pad, np.float32),
-        top_k=np.asarray([x.top_k for x in p] + [0] * pad, np.int32),
-        top_p=np.asarray([x.top_p for x in p] + [1.0] * pad, np.float32),
-        seed=np.asarray([r.seed for r in reqs] + [0] * pad, np.uint32),
-        filtering=filtering, bias_ids=bias_ids, bias=bias)
+        temperature=per_row([x.temperature for x in p], 0.0, np.float32),
+        top_k=per_row([x.top_k for x in p], 0, np.int32),
+        top_p=per_row([x.top_p for x in p], 1.0, np.float32),
+        seed=per_row([r.seed for r in reqs], 0, np.uint32),
+        level=level, bias_ids=bias_ids, bias=bias,
+        presence=per_row([x.presence_penalty for x in p], 0.0, np.float32),
+        frequency=per_row([x.frequency_penalty for x in p], 0.0, np.float32),
+        repetition=per_row([x.repetition_penalty for x in p], 1.0, np.float32))
 
 
-def feed(group, tokens: np.ndarray, filtering: bool, stop_width: int) -> Feed:
-    """A Feed of group's (request, tokens fed) rows, padded to tokens' rows."""
+def feed(group, tokens: np.ndarray, level: int, stop_width: int,
+         targets: np.ndarray | None = None) -> Feed:
+    """A Feed of group's (request, tokens fed) rows, padded to tokens' rows (targets, if
+    given, to tokens' shape)."""
     reqs = [r for r, _ in group]
     b = tokens.shape[0]
     pad = b - len(group)
     return Feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32), tokens=tokens,
                 num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
-                sampling=sampling_arrays(reqs, b, filtering, stop_width))
+                sampling=sampling_arrays(reqs, b, level, stop_width),
+                emits=np.asarray([n == r.to_feed for r, n in group] + [False] * pad),
+                targets=None if targets is None else np.pad(
+                    targets, [(0, m - n) for m, n in zip(tokens.shape, targets.shape)],
+                    constant_values=-1))
 
 
 def next_token(r: Request) -> int:
@@ -49,7 +63,7 @@ def next_token(r: Request) -> int:
     return -1 if r.pending else (r.output[-1] if r.output else r.prompt[-1])
 
 
-def decode_state(reqs: list[Request], b: int, filtering: bool, stop_width: int,
+def decode_state(reqs: list[Request], b: int, level: int, stop_width: int,
                  steps: int = 1 << 30) -> DecodeState:
     """The DecodeState of a decode launch over reqs, padded to b rows, each row producing at
     most `steps` tokens (the plan's steps, when the loop runs more)."""
@@ -62,8 +76,22 @@ def decode_state(reqs: list[Request], b: int, filtering: bool, stop_width: int,
         rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
         tokens=np.asarray([next_token(r) for r in reqs] + [0] * pad, np.int32),
         active=remaining > 0, remaining=remaining, stop_ids=stop,
-        sampling=sampling_arrays(reqs, b, filtering, stop_width),
+        sampling=sampling_arrays(reqs, b, level, stop_width),
         min_left=np.asarray([min_left(r) for r in reqs] + [0] * pad, np.int32))
+
+
+def counts_rows(reqs: list[Request], width: int, max_rows: int,
+                vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [width], their KVCache.counts [width, vocab]) of requests being admitted, as the
+    host knows them: generated tokens counted (those of a request preempted before), the
+    prompt's ids flagged; padded with row max_rows (past the last: written nowhere)."""
+    rows = np.full(width, max_rows, np.int32)
+    values = np.zeros((width, vocab), np.int32)
+    for i, r in enumerate(reqs):
+        rows[i] = r.row
+        values[i] = np.bincount(np.asarray(r.output, np.int64), minlength=vocab)
+        values[i, np.asarray(r.prompt, np.int64)] |= PROMPT_SEEN
+    return rows, values
 
 
 def min_left(r: Request) -> int:
@@ -71,7 +99,27 @@ def min_left(r: Request) -> int:
     return max(0, r.params.min_tokens - len(r.output) - r.pending)
 
 
-def token_logprobs(r: Request, logprob, top_ids, top_logprobs) -> tuple[float, dict[int, float]]:
-    """A sampled token's log probability and the r.params.logprobs most likely tokens'."""
-    n = r.params.logprobs
+def token_logprobs(n: int, logprob, top_ids, top_logprobs) -> tuple[float, dict[int, float]]:
+    """A token's log probability and the n most likely tokens'."""
     return float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist()))
+
+
+def prompt_targets(group, starts: list[int], width: int) -> np.ndarray:
+    """Feed.targets of a group of (request, tokens fed) chunks starting at `starts`, padded to
+    `width` positions a row: the prompt token after each position, for requests that want
+    prompt_logprobs (-1 elsewhere)."""
+    targets = np.full((len(group), width), -1, np.int32)
+    for i, ((r, n), start) in enumerate(zip(group, starts)):
+        if r.params.prompt_logprobs is not None:
+            after = r.prompt[start + 1:start + n + 1]
+            targets[i, :len(after)] = after
+    return targets
+
+
+def read_prompt_logprobs(r: Request, start: int, n: int, logprob, top_ids,
+                         top_logprobs) -> list[tuple[int, tuple]]:
+    """(prompt position, its log probabilities) of the positions a chunk of n tokens from
+    `start` predicts, from its row of engine.step.PromptLogprobs (numpy)."""
+    k = r.params.prompt_logprobs
+    return [(start + j + 1, token_logprobs(k, logprob[j], top_ids[j], top_logprobs[j]))
+            for j in range(min(n, len(r.prompt) - 1 - start))]

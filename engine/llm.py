@@ -21,6 +21,9 @@ class RequestOutput:
     # sampled token and the N most likely (vLLM's shape, floats for its Logprob objects);
     # else None.
     logprobs: list[dict[int, float]] | None = None
+    # SamplingParams(prompt_logprobs=N): per prompt token, the same of the prompt token and the
+    # N most likely in its place, None for the first (vLLM's shape); else None.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class LLM:
@@ -69,7 +72,7 @@ class LLM:
         while self.engine.has_work():
             self.engine.step()
         return [RequestOutput(r.prompt, r.output, self._text(r), r.finish_reason, r.layout,
-                              r.cached_tokens, _logprobs(r)) for r in reqs]
+                              r.cached_tokens, _logprobs(r), _prompt_logprobs(r)) for r in reqs]
 
     def chat(self, conversations, sampling_params: SamplingParams | None = None,
              ) -> list[RequestOutput]:
@@ -104,3 +107,10 @@ def _logprobs(r) -> list[dict[int, float]] | None:
     if r.params.logprobs is None:
         return None
     return [top | {token: lp} for token, (lp, top) in zip(r.output, r.logprobs)]
+
+
+def _prompt_logprobs(r) -> list[dict[int, float] | None] | None:
+    if r.params.prompt_logprobs is None:
+        return None
+    return [None] + [top | {token: lp} for token, (lp, top) in
+                     zip(r.prompt[1:], r.prompt_logprobs)]

@@ -33,6 +33,9 @@ class Request:
     # Per output token, when params.logprobs is set: (its log probability, {token: log
     # probability} of the params.logprobs most likely), engine.sampling.SamplingParams.
     logprobs: list[tuple[float, dict[int, float]]] = dataclasses.field(default_factory=list)
+    # The same per prompt token after the first, when params.prompt_logprobs is set.
+    prompt_logprobs: list[tuple[float, dict[int, float]]] = dataclasses.field(
+        default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -62,6 +65,12 @@ class Request:
     def to_feed(self) -> int:
         """Tokens not stored yet, the samples not read yet included: 1 for a decode row."""
         return self.num_tokens + self.pending - self.computed
+
+    def prompt_logprob(self, position: int, logprobs: tuple[float, dict[int, float]]) -> None:
+        """Prompt token `position`'s log probabilities, in order; a position computed again
+        (after a preemption) is not taken twice."""
+        if position == len(self.prompt_logprobs) + 1:
+            self.prompt_logprobs.append(logprobs)
 
     def emit(self, token: int, logprobs: tuple[float, dict[int, float]] | None = None) -> None:
         self.output.append(token)

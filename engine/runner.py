@@ -20,12 +20,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvcache
-from engine import launch_io, packing, parallel
+from engine import launch_io, packing, parallel, sampling
 from engine.config import EngineConfig
-from engine.page_ops import PageOpQueue, PageOps, padded_ids, without_kv
+from engine.page_ops import PageOpQueue, PageOps, padded_ids, page_op, without_kv
 from engine.plan import Plan
 from engine.programs import Programs
-from engine.sampling import filters
+from engine.request import Request
 from engine.shapes import Buckets, Shape, bucket
 from engine.step import DecodeState, loop_launch, mixed_launch
 
@@ -51,15 +51,18 @@ class Flight:
     key: tuple                       # its call signature: `result` opens `out` with it
     plan: Plan
     shape: Shape                     # the shape it ran as
+    starts: tuple[int, ...] = ()     # where each of plan's chunks started
 
 
 class ModelRunner:
     def __init__(self, graphdef, params, *, config: EngineConfig, spec: kvcache.PoolSpec,
                  pages_per_row: int, pool_pages: int, mesh, attn_impl: str, stop_ids: int,
-                 precompile: str):
+                 vocab: int, precompile: str):
         """stop_ids: the most stop ids a request may carry (engine.limits, EOS included);
-        precompile: when programs compile (engine.programs, "auto" resolved)."""
+        vocab: the logits' width; precompile: when programs compile (engine.programs, "auto"
+        resolved)."""
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
+        self.vocab = vocab
         # Every decode launch carries this many stop ids a row: one compiled shape for all.
         self.stop_width = bucket(stop_ids, 4, 1 << 16)
         self.buckets = Buckets(config)
@@ -79,6 +82,9 @@ class ModelRunner:
                       releases=c.max_running_requests, admits=c.max_prefill_rows,
                       width=pages_per_row)
         self.pages = PageOpQueue(ops, self.host, None if cs is None else without_kv(cs))
+        self._write_counts = page_op(lambda cache, rows, values: dataclasses.replace(
+            cache, counts=cache.counts.at[rows].set(values, mode="drop")),
+            out_shardings=None if cs is None else without_kv(cs))
         no_ops = ops.fill()
         self._no_ops = (jax.device_put(packing.pack(no_ops), rep), packing.layout_of(no_ops))
         # Each launch's result layout, by its inputs' layout: recorded when the launch is traced
@@ -117,7 +123,8 @@ class ModelRunner:
     # -- the cache ------------------------------------------------------------------------------
     def _init_cache(self, num_pages: int) -> kvcache.KVCache:
         spec = dataclasses.replace(self.spec, num_pages=num_pages)
-        return kvcache.init_cache(spec, self.config.max_running_requests, self.pages_per_row)
+        return kvcache.init_cache(spec, self.config.max_running_requests, self.pages_per_row,
+                                  self.vocab)
 
     def new_cache(self, num_pages: int) -> kvcache.KVCache:
         """An empty cache of num_pages pages, created where it lives (on a mesh, each device
@@ -131,6 +138,14 @@ class ModelRunner:
         if self._cache_sharding is not None:
             return self._cache_sharding
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def _set_counts(self, reqs: list[Request]) -> None:
+        """Sets the KVCache.counts rows of requests being admitted whose penalties read them,
+        ahead of the launch that admits them (launches after it count what they draw)."""
+        if reqs and self.cache.counts.shape[1]:
+            c = self.config
+            self.cache = self._write_counts(self.cache, *launch_io.counts_rows(
+                reqs, c.max_prefill_rows, c.max_running_requests, self.vocab))
 
     def reset(self, num_pages: int) -> None:
         """A new empty cache of num_pages pages in place of one that cannot be trusted (a
@@ -176,33 +191,41 @@ class ModelRunner:
         first), else plan.steps decode steps in one on-device loop. It runs as the compiled
         program that covers it at least cost (engine.programs)."""
         reqs = plan.decode + [r for r, _ in plan.chunks]
-        filtering = any(filters(r.params) for r in reqs)
+        level = max(sampling.level(r.params) for r in reqs)
+        if any(r.params.prompt_logprobs is not None for r, _ in plan.chunks):
+            level = sampling.PROMPT
         pages = self.cache.num_pages
         if not plan.chunks:
-            need = self.buckets.loop(pages, len(plan.decode), plan.steps, filtering)
+            need = self.buckets.loop(pages, len(plan.decode), plan.steps, level)
             shape, (program, key) = self.programs.get(need)
-            state = launch_io.decode_state(plan.decode, shape.rows, shape.filtering,
+            state = launch_io.decode_state(plan.decode, shape.rows, shape.sampler,
                                             self.stop_width, plan.steps)
             out = self._run_loop(program, state)
             return Flight(out, key, plan, shape)
-        need = self.buckets.step(pages, len(plan.decode), [n for _, n in plan.chunks], filtering)
+        need = self.buckets.step(pages, len(plan.decode), [n for _, n in plan.chunks], level)
         shape, (program, key) = self.programs.get(need)
         admits = [(req.row, kvcache.LAYOUT_CODES[req.layout], n, req.computed, hit)
                   for req, hit, n in plan.admit]
+        self._set_counts([req for req, _, _ in plan.admit if sampling.penalizes(req.params)])
         feeds = []
         if shape.rows:
             tokens = np.zeros((shape.rows, 1), np.int32)
             tokens[:len(plan.decode), 0] = [launch_io.next_token(r) for r in plan.decode]
-            feeds.append(launch_io.feed([(r, 1) for r in plan.decode], tokens, shape.filtering,
+            feeds.append(launch_io.feed([(r, 1) for r in plan.decode], tokens, shape.sampler,
                                          self.stop_width))
         tokens = np.zeros((shape.chunk_rows, shape.chunk_len), np.int32)
-        for i, (r, n) in enumerate(plan.chunks):
-            tokens[i, :n] = r.tokens[r.computed:r.computed + n]
-        feeds.append(launch_io.feed(plan.chunks, tokens, shape.filtering, self.stop_width))
+        starts = tuple(r.computed for r, _ in plan.chunks)
+        for i, ((r, n), start) in enumerate(zip(plan.chunks, starts)):
+            tokens[i, :n] = r.tokens[start:start + n]
+        targets = None
+        if shape.sampler == sampling.PROMPT:
+            targets = launch_io.prompt_targets(plan.chunks, starts, shape.chunk_len)
+        feeds.append(launch_io.feed(plan.chunks, tokens, shape.sampler, self.stop_width,
+                                    targets))
         self.cache, ops = self.pages.take(self.cache, admits)
         out, self.cache = self._timed(program, self.weights, self.cache,
                                       packing.pack((ops, tuple(feeds))))
-        return Flight(out, key, plan, shape)
+        return Flight(out, key, plan, shape, starts)
 
     def _run_loop(self, program, state: DecodeState) -> jax.Array:
         """Queues a compiled decode loop over state, after the queued page operations."""
@@ -239,8 +262,9 @@ class ModelRunner:
         """Waits for a launch's result. Returns (admissions as (request, its page-table row,
         pages reserved), rows as (request, pages taken, tokens stored, tokens sampled, their
         log probabilities: per token (logprob, {token: logprob} of the most likely), or None
-        where the request asked for none)); a row of a decode loop stores one token per token
-        it samples, until a stop token or its budget. Raises if the pool refused pages that
+        where the request asked for none, and (prompt position, the same) of the prompt tokens
+        a chunk predicts, for requests that want prompt_logprobs)); a row of a decode loop
+        stores one token per token it samples, until a stop token or its budget. Raises if the pool refused pages that
         the scheduler counted as free."""
         plan = flight.plan
         result = self.result(flight.out, flight.key)
@@ -252,23 +276,30 @@ class ModelRunner:
                                                        result.pages)):
                 steps = np.flatnonzero(tokens >= 0)
                 lps = None if r.params.logprobs is None else [
-                    launch_io.token_logprobs(r, result.logprob[i, j], result.top_ids[i, j],
-                                         result.top_logprobs[i, j]) for j in steps]
-                rows.append((r, pages.tolist(), len(steps), tokens[steps].tolist(), lps))
+                    launch_io.token_logprobs(r.params.logprobs, result.logprob[i, j],
+                                             result.top_ids[i, j], result.top_logprobs[i, j])
+                    for j in steps]
+                rows.append((r, pages.tolist(), len(steps), tokens[steps].tolist(), lps, []))
             return [], rows
         if not result.admit_ok[:len(plan.admit)].all():
             raise RuntimeError("the pool refused pages that the scheduler had counted as free")
         admitted = [(req, row, n) for (req, _, n), row in
                     zip(plan.admit, result.admit_pages.tolist())]
-        groups = ([[(r, 1) for r in plan.decode]] if flight.shape.rows else []) + [plan.chunks]
+        decode = bool(flight.shape.rows)
+        groups = [[(r, 1) for r in plan.decode]] * decode + [plan.chunks]
+        starts = [[0] * len(plan.decode)] * decode + [flight.starts]
         rows = []
-        for group, feed in zip(groups, result.feeds):
+        for group, feed, start in zip(groups, result.feeds, starts):
             if not feed.ok[:len(group)].all():
                 raise RuntimeError("the pool ran out of pages the scheduler had counted")
-            rows += [(r, feed.new_pages[i].tolist(), n, [int(feed.next[i])],
-                      None if r.params.logprobs is None else [launch_io.token_logprobs(
-                          r, feed.logprob[i], feed.top_ids[i], feed.top_logprobs[i])])
-                     for i, (r, n) in enumerate(group)]
+            for i, ((r, n), c) in enumerate(zip(group, start)):
+                lps = None if r.params.logprobs is None else [launch_io.token_logprobs(
+                    r.params.logprobs, feed.logprob[i], feed.top_ids[i], feed.top_logprobs[i])]
+                prompt = []
+                if r.params.prompt_logprobs is not None and feed.prompt.logprob.shape[1]:
+                    prompt = launch_io.read_prompt_logprobs(r, c, n, *(x[i] for x in feed.prompt))
+                rows.append((r, feed.new_pages[i].tolist(), n, [int(feed.next[i])], lps,
+                             prompt))
         return admitted, rows
 
     def _timed(self, fn, *args, **kwargs) -> tuple:
@@ -298,7 +329,7 @@ class ModelRunner:
         cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              structs, placement)
         if shape.kind == "loop":
-            state = launch_io.decode_state([], shape.rows, shape.filtering, self.stop_width)
+            state = launch_io.decode_state([], shape.rows, shape.sampler, self.stop_width)
             layout = packing.layout_of(state)
             ops_buf, ops_layout = self._no_ops
             traced = self._loop.trace(self.weights, cache, ops_buf, packing.pack(state),
@@ -307,9 +338,13 @@ class ModelRunner:
             key = ("loop", layout, shape.steps)
         else:
             groups = [(shape.rows, 1)] if shape.rows else []
-            feeds = tuple(launch_io.feed([], np.zeros((b, n), np.int32), shape.filtering,
+            feeds = tuple(launch_io.feed([], np.zeros((b, n), np.int32), shape.sampler,
                                        self.stop_width)
-                          for b, n in groups + [(shape.chunk_rows, shape.chunk_len)])
+                          for b, n in groups)
+            chunk = (shape.chunk_rows, shape.chunk_len)
+            feeds += (launch_io.feed([], np.zeros(chunk, np.int32), shape.sampler,
+                                     self.stop_width, np.full(chunk, -1, np.int32)
+                                     if shape.sampler == sampling.PROMPT else None),)
             inputs = (self.pages.ops.fill(), feeds)
             layout = packing.layout_of(inputs)
             traced = self._step.trace(self.weights, cache, packing.pack(inputs), layout=layout,
@@ -318,9 +353,13 @@ class ModelRunner:
         return traced.lower().compile(), key
 
     def shapes_for(self, pages: int) -> tuple[list[Shape], list[Shape]]:
-        """(the largest shapes, the others) at a pool of `pages` pages."""
-        first = self.buckets.largest(pages)
-        return first, [s for s in self.buckets.shapes(pages) if s not in first]
+        """(the largest shapes, the others) at a pool of `pages` pages. The others: every
+        shape at the PLAIN sampler, then the largest at ADJUSTED (so that launches wanting log
+        probabilities or biases, without top-k / top-p, stop sorting the vocabulary), then the
+        largest mixed steps at PROMPT (prompt log probabilities)."""
+        b = self.buckets
+        prompt = [s for s in b.largest(pages, sampling.PROMPT) if s.kind == "step"]
+        return b.largest(pages), b.shapes(pages) + b.largest(pages, sampling.ADJUSTED) + prompt
 
     def ready_for(self, pages: int) -> bool:
         """Whether launches at a pool of `pages` pages run without compiling first."""

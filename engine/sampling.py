@@ -19,11 +19,18 @@ class SamplingParams:
     request and are kept in its token_ids, not in its text. logprobs=N (0-20): each sampled
     token comes with its log probability and the N most likely tokens' (vLLM's meaning), of
     the model's own distribution (log_softmax of the logits, before temperature, top-k and
-    top-p, as vLLM returns by default). logit_bias {token id: bias in [-100, 100]} (at most
+    top-p, as vLLM returns by default). prompt_logprobs=N (0-20): the same for each prompt
+    token after the first (vLLM's meaning; such a request takes no prefix-cache hit, its
+    prompt is computed whole). logit_bias {token id: bias in [-100, 100]} (at most
     300) is added to the logits before every draw, greedy ones included (OpenAI's meaning;
     the log probabilities stay the model's). min_tokens: no stop token (EOS included) is drawn
-    before that many tokens (vLLM's meaning). Values outside engine.limits raise
-    InvalidRequest (a ValueError) naming the field."""
+    before that many tokens (vLLM's meaning). presence_penalty and frequency_penalty (in
+    [-2, 2]) are subtracted from a token's logit once if it was generated before / once per
+    time it was (OpenAI's and vLLM's meaning: generated tokens only); repetition_penalty
+    (> 0) divides the positive logits and multiplies the negative ones of every token of the
+    prompt or generated before (HF's and vLLM's meaning). The bias comes first, then the
+    penalties (vLLM's order). Values outside engine.limits raise InvalidRequest (a
+    ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -32,8 +39,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()    # or a dict; kept as sorted pairs
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= limits.INT32_MAX:
@@ -49,9 +60,10 @@ class SamplingParams:
             _bad("seed", "an integer in [0, 2**32)", self.seed)
         if not isinstance(self.ignore_eos, bool):
             _bad("ignore_eos", "true or false", self.ignore_eos)
-        if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= limits.MAX_LOGPROBS):
-            _bad("logprobs", f"an integer in [0, {limits.MAX_LOGPROBS}]", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            x = getattr(self, name)
+            if x is not None and (not _is_int(x) or not 0 <= x <= limits.MAX_LOGPROBS):
+                _bad(name, f"an integer in [0, {limits.MAX_LOGPROBS}]", x)
         bias = self.logit_bias
         bias = bias.items() if isinstance(bias, dict) else bias
         try:
@@ -69,6 +81,13 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             _bad("min_tokens", f"an integer in [0, max_tokens = {self.max_tokens}]",
                  self.min_tokens)
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            if not _is_real(x) or not -2 <= x <= 2:
+                _bad(name, "a number in [-2, 2]", x)
+        x = self.repetition_penalty
+        if not _is_real(x) or not 0 < x <= limits.MAX_REPETITION_PENALTY:
+            _bad("repetition_penalty", f"a number in (0, {limits.MAX_REPETITION_PENALTY}]", x)
         ids = self.stop_token_ids
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             _bad("stop_token_ids", "a list of token ids", ids)
@@ -92,42 +111,92 @@ def _bad(param: str, want: str, got) -> None:
     raise InvalidRequest(f"{param} must be {want}, got {got!r}"[:300], param)
 
 
-def filters(params: SamplingParams) -> bool:
-    """Whether a request needs the full sampler: draws through the top-k / top-p filter (a sort
-    of the vocabulary), log probabilities, a logit bias or min_tokens."""
-    return (params.temperature > 0 and (params.top_k > 0 or params.top_p < 1)
-            or params.logprobs is not None or bool(params.logit_bias) or params.min_tokens > 0)
+# The sampler's levels, each a compiled variant of a program (static): PLAIN draws greedy or
+# by temperature; ADJUSTED also adds each row's bias table to the logits (logit_bias,
+# min_tokens), applies the penalties, counts each row's generated tokens and returns log
+# probabilities; FILTERED also filters by top-k / top-p, which sorts the vocabulary of every
+# row; PROMPT also returns the log probabilities of every position of the prompt chunks (a
+# mixed step with a chunk of a request that wants prompt_logprobs). A launch runs at the
+# highest level any of its rows needs.
+PLAIN, ADJUSTED, FILTERED, PROMPT = 0, 1, 2, 3
+# KVCache.counts: a row's generated tokens counted per id, with this bit set on its prompt's
+# ids (and on those of a prompt recomputed after a preemption: engine.runner sets the row).
+PROMPT_SEEN = 1 << 30
+
+
+def penalizes(params: SamplingParams) -> bool:
+    return (params.presence_penalty != 0 or params.frequency_penalty != 0
+            or params.repetition_penalty != 1)
+
+
+def level(params: SamplingParams) -> int:
+    """The sampler level a request's draws need (its prompt chunks may need PROMPT)."""
+    if params.temperature > 0 and (params.top_k > 0 or params.top_p < 1):
+        return FILTERED
+    if (params.logprobs is not None or params.logit_bias or params.min_tokens > 0
+            or penalizes(params)):
+        return ADJUSTED
+    return PLAIN
+
+
+def penalize(logits, counts, presence, frequency, repetition):
+    """logits [B,V] float32 with the penalties of SamplingParams applied; counts [B,V] int32
+    (KVCache.counts of the rows), presence, frequency, repetition [B] float32."""
+    generated = (counts & (PROMPT_SEEN - 1)).astype(jnp.float32)
+    rep = repetition[:, None]
+    logits = jnp.where(counts != 0, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * generated - presence[:, None] * (generated > 0)
+
+
+def chunked_top_k(x, k: int, chunk: int = 1024):
+    """lax.top_k(x, k) over the last axis of x [B,V], exactly (ties to the lower index, as
+    lax.top_k), for k <= chunk: the k largest of each chunk of the vocabulary, then the k
+    largest of those. On a GPU a top_k over a whole vocabulary lowers to a sort of it; per
+    chunk the sort stays in one thread block (bench/sampler.py measures both)."""
+    b, v = x.shape
+    n = -(-v // chunk)
+    if n == 1 or k > chunk:
+        return jax.lax.top_k(x, k)
+    x = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
+    vals, ids = jax.lax.top_k(x.reshape(b, n, chunk), k)
+    ids = ids + (jnp.arange(n, dtype=ids.dtype) * chunk)[None, :, None]
+    vals, pos = jax.lax.top_k(vals.reshape(b, n * k), k)
+    return vals, jnp.take_along_axis(ids.reshape(b, n * k), pos, axis=1)
 
 
 class Sampled(typing.NamedTuple):
     tokens: jax.Array        # [B] int32
-    logprob: jax.Array       # [B] float32 the token's log probability (0 without filtering)
+    logprob: jax.Array       # [B] float32 the token's log probability (0 at level PLAIN)
     top_ids: jax.Array       # [B,K] int32 the K most likely tokens, most likely first
-    top_logprobs: jax.Array  # [B,K] float32 theirs; K is MAX_LOGPROBS with filtering, else 0
+    top_logprobs: jax.Array  # [B,K] float32 theirs; K is MAX_LOGPROBS above PLAIN, else 0
                              # (-1 and -inf past a vocabulary smaller than K)
 
 
 def sample(logits, temperature, top_k, top_p, seed, position, bias_ids=None, bias=None, *,
-           filtering: bool = True) -> Sampled:
+           penalties=None, level: int = FILTERED) -> Sampled:
     """logits [B,V] float32; temperature, top_p [B] float32; top_k [B] int32 (<= 0: off);
     seed [B] uint32; position [B] int32 (index of the token being drawn, so a request draws
     the same tokens whatever batch it runs in); bias_ids [B,N] int32 (-1: none), bias [B,N]
-    float32: added to those logits first -> the tokens drawn and, with filtering, their
-    log probabilities and the most likely tokens' (of log_softmax(logits): the model's own
-    distribution, before the bias, temperature and filters).
+    float32: added to those logits first; penalties: None, or (counts [B,V] int32, presence,
+    frequency, repetition [B] float32) for `penalize`, applied next -> the tokens drawn and,
+    above PLAIN, their log probabilities and the most likely tokens' (of log_softmax(logits): the model's own
+    distribution, before the bias, penalties, temperature and filters).
 
-    filtering (static): whether any row may filter by top-k or top-p, or wants log
-    probabilities. Only then is the vocabulary sorted, for the rows that filter, and the log
-    probabilities computed. The caller decides on the host: a `lax.cond`
+    level (static, PLAIN / ADJUSTED / FILTERED above): only at FILTERED is the vocabulary
+    sorted (every row's: the rows that do not filter keep their logits), only above PLAIN
+    the bias added and the log probabilities computed. The caller decides on the host: a
+    `lax.cond`
     on the device would decide it too, but on a GPU XLA reads a cond's predicate back to the
     host, which blocks the dispatching thread until the step is done (measured on the H100: a
     4-step decode launch returned after 14.6 ms with the cond, after 2.3 ms without), so the
     next launch could not be queued behind it."""
     vocab = logits.shape[-1]
     raw = logits
-    if bias_ids is not None and bias_ids.shape[1]:
+    if level > PLAIN and bias_ids is not None and bias_ids.shape[1]:
         rows = jnp.arange(logits.shape[0])[:, None]
         logits = logits.at[rows, jnp.where(bias_ids < 0, vocab, bias_ids)].add(bias, mode="drop")
+    if level > PLAIN and penalties is not None:
+        logits = penalize(logits, *penalties)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
@@ -144,18 +213,27 @@ def sample(logits, temperature, top_k, top_p, seed, position, bias_ids=None, bia
         return jnp.where(scaled >= jnp.maximum(kth, floor), scaled, -jnp.inf)
 
     masked = scaled
-    if filtering:
+    if level >= FILTERED:
         rows = (temperature > 0) & ((top_k > 0) | (top_p < 1))
         masked = jnp.where(rows[:, None], filtered(scaled), scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     tokens = jnp.where(temperature > 0, drawn, greedy)
     b = logits.shape[0]
-    if not filtering:
+    if level == PLAIN:
         return Sampled(tokens, jnp.zeros(b, jnp.float32), jnp.zeros((b, 0), jnp.int32),
                        jnp.zeros((b, 0), jnp.float32))
-    logp = jax.nn.log_softmax(raw, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp, min(limits.MAX_LOGPROBS, vocab))
+    return Sampled(tokens, *log_probs(raw, tokens))
+
+
+def log_probs(logits, ids):
+    """logits [N,V] float32, ids [N] int32 -> (log_softmax(logits) at ids [N], the
+    MAX_LOGPROBS most likely tokens [N,K] int32 and theirs [N,K] float32, padded with -1 and
+    -inf past a vocabulary smaller than K). The top tokens of the logits are those of
+    log_softmax, so it is never written out: one logsumexp pass and the top-k read them."""
+    n, vocab = logits.shape
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    top, top_ids = chunked_top_k(logits, min(limits.MAX_LOGPROBS, vocab))
     pad = ((0, 0), (0, limits.MAX_LOGPROBS - top_ids.shape[1]))    # a vocabulary under 20
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    return Sampled(tokens, chosen, jnp.pad(top_ids.astype(jnp.int32), pad, constant_values=-1),
-                   jnp.pad(top_lp, pad, constant_values=-jnp.inf))
+    chosen = jnp.take_along_axis(logits, jnp.maximum(ids, 0)[:, None], axis=-1)[:, 0] - lse
+    return (chosen, jnp.pad(top_ids.astype(jnp.int32), pad, constant_values=-1),
+            jnp.pad(top - lse[:, None], pad, constant_values=-jnp.inf))

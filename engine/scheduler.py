@@ -213,7 +213,8 @@ class Scheduler:
         first chunk, of at most `budget` tokens, joins plan. Returns whether it was admitted."""
         num_tokens = req.num_tokens
         hit, node, hosted = [], None, []
-        if self.pool.radix is not None:
+        # A request that wants its prompt's log probabilities computes the whole prompt.
+        if self.pool.radix is not None and req.params.prompt_logprobs is None:
             keep = (num_tokens - 1) // self.g             # keep one token to feed
             hit, node, hosted = self.pool.radix.match_host(req.prefix(keep * self.g))
             if hosted and lookahead:

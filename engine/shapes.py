@@ -8,13 +8,15 @@ and its prompt chunks: one chunk of 64, 256 or --chunked-prefill-size tokens, or
 scheduler lets several rows share a step only in such short chunks). Powers of 4, not 2: the
 padding is cheap (a padded decode row is one token of weight-bound matrix work and reads no
 KV; a short prompt rarely pads by more than 4x) and the shapes are half as many. Each shape
-has a variant that sorts the vocabulary for top-k / top-p sampling; only the largest shapes
-are compiled with it (the rest run requests that filter padded to them).
+has a variant per sampler level (engine.sampling: PLAIN; ADJUSTED, with log probabilities and
+biases; FILTERED, which sorts the vocabulary for top-k / top-p); only the largest shapes are
+compiled above PLAIN (the rest run such requests padded to them).
 """
 
 import dataclasses
 
 from engine.config import EngineConfig
+from engine.sampling import FILTERED, PLAIN
 
 FACTOR = 4          # bucket growth of rows and single-chunk lengths
 MIN_CHUNK = 64      # the shortest single-chunk bucket
@@ -37,27 +39,27 @@ def shared_chunk_len(chunk_size: int, max_prefill_rows: int) -> int:
 class Shape:
     """One compiled launch, at a pool of `pages` pages: a mixed step ("step": `rows` decode
     rows, 0 for none, beside `chunk_rows` chunks of `chunk_len` tokens) or a decode loop
-    ("loop": `rows` rows, `steps` steps). filtering: the full sampler: it may sample with
-    top-k / top-p and returns log probabilities (engine.sampling.filters)."""
+    ("loop": `rows` rows, `steps` steps). sampler: its sampler's level (engine.sampling)."""
     kind: str
     pages: int
     rows: int
     chunk_rows: int = 0
     chunk_len: int = 0
     steps: int = 1
-    filtering: bool = False
+    sampler: int = PLAIN
 
     def covers(self, need: "Shape") -> bool:
         """Whether need's launch can run as this one, padded (rows past need's are padding;
         a loop's steps past need's are spent by rows whose budget is capped at need.steps)."""
         return (self.kind == need.kind and self.pages == need.pages and self.rows >= need.rows
                 and self.chunk_rows >= need.chunk_rows and self.chunk_len >= need.chunk_len
-                and self.steps >= need.steps and self.filtering >= need.filtering)
+                and self.steps >= need.steps and self.sampler >= need.sampler)
 
     @property
     def cost(self) -> tuple:
-        """Padded token-steps, then filtering: the covering shape of least cost runs a launch."""
-        return (self.rows * self.steps + self.chunk_rows * self.chunk_len, self.filtering)
+        """Padded token-steps, then the sampler's level: the covering shape of least cost runs
+        a launch."""
+        return (self.rows * self.steps + self.chunk_rows * self.chunk_len, self.sampler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +85,15 @@ class Buckets:
     def _single(self, n: int) -> int:
         return bucket(n, MIN_CHUNK, bucket(self.config.chunked_prefill_size, 1, 1 << 30), FACTOR)
 
-    def step(self, pages: int, decode: int, lengths: list[int], filtering: bool) -> Shape:
+    def step(self, pages: int, decode: int, lengths: list[int], sampler: int) -> Shape:
         r, t = self.chunks(lengths)
-        return Shape("step", pages, self.rows(decode), r, t, 1, filtering)
+        return Shape("step", pages, self.rows(decode), r, t, 1, sampler)
 
-    def loop(self, pages: int, rows: int, steps: int, filtering: bool) -> Shape:
-        return Shape("loop", pages, self.rows(rows), steps=steps, filtering=filtering)
+    def loop(self, pages: int, rows: int, steps: int, sampler: int) -> Shape:
+        return Shape("loop", pages, self.rows(rows), steps=steps, sampler=sampler)
 
     def shapes(self, pages: int) -> list[Shape]:
-        """Every shape a launch at a pool of `pages` pages may need, without filtering."""
+        """Every shape a launch at a pool of `pages` pages may need, at the PLAIN sampler."""
         c = self.config
         rows = sorted({self.rows(n) for n in range(1, c.max_running_requests + 1)})
         chunks = sorted({(1, self._single(n)) for n in range(1, c.chunked_prefill_size + 1)})
@@ -101,14 +103,14 @@ class Buckets:
         return ([Shape("step", pages, d, r, t) for d in [0, *rows] for r, t in chunks]
                 + [Shape("loop", pages, b, steps=s) for b in rows for s in steps])
 
-    def largest(self, pages: int) -> list[Shape]:
-        """The fewest shapes that cover every launch at `pages` pages, filtering included: the
-        longest decode loop at the most rows, and a mixed step at the most decode rows for
-        each chunk layout (the longest single chunk; the most shared chunks)."""
+    def largest(self, pages: int, sampler: int = FILTERED) -> list[Shape]:
+        """The fewest shapes that cover every launch at `pages` pages up to this sampler
+        level: the longest decode loop at the most rows, and a mixed step at the most decode
+        rows for each chunk layout (the longest single chunk; the most shared chunks)."""
         every = self.shapes(pages)
         loops = [s for s in every if s.kind == "loop"]
         steps = [s for s in every if s.kind == "step"]
         top = [max(loops, key=lambda s: s.cost)]
         for r in sorted({s.chunk_rows for s in steps}):
             top.append(max((s for s in steps if s.chunk_rows == r), key=lambda s: s.cost))
-        return [dataclasses.replace(s, filtering=True) for s in top]
+        return [dataclasses.replace(s, sampler=sampler) for s in top]

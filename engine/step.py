@@ -24,29 +24,35 @@ from flax import nnx
 import kvcache
 from engine import limits
 from engine.page_ops import PageOps, PageOpsArrays
-from engine.sampling import Sampled, sample
+from engine.sampling import FILTERED, PLAIN, PROMPT, Sampled, log_probs, sample
 from models import Group
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["temperature", "top_k", "top_p", "seed", "bias_ids", "bias"],
-                   meta_fields=["filtering"])
+                   data_fields=["temperature", "top_k", "top_p", "seed", "bias_ids", "bias",
+                                "presence", "frequency", "repetition"],
+                   meta_fields=["level"])
 @dataclasses.dataclass
 class SamplingArrays:
     temperature: jax.Array  # [B] float32
     top_k: jax.Array        # [B] int32, <= 0: off
     top_p: jax.Array        # [B] float32
     seed: jax.Array         # [B] uint32
-    filtering: bool = True  # static: the full sampler (engine.sampling.filters)
+    level: int = FILTERED   # static: the sampler's level (engine.sampling.level)
     # [B,N] int32 / float32: the tokens whose logits get a bias, -1 for none, and the biases.
-    # N is 0 in plain programs; in the full sampler's, limits.MAX_LOGIT_BIAS for logit_bias,
-    # then one column per stop id, biased by -inf while the row is short of min_tokens.
+    # N is 0 in PLAIN programs; above, limits.MAX_LOGIT_BIAS for logit_bias, then one column
+    # per stop id, biased by -inf while the row is short of min_tokens.
     bias_ids: jax.Array | None = None
     bias: jax.Array | None = None
+    # [B] float32 the penalties (engine.sampling.SamplingParams), applied above PLAIN.
+    presence: jax.Array | None = None
+    frequency: jax.Array | None = None
+    repetition: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["rows", "tokens", "num", "sampling"], meta_fields=[])
+                   data_fields=["rows", "tokens", "num", "sampling", "emits", "targets"],
+                   meta_fields=[])
 @dataclasses.dataclass
 class Feed:
     """Rows that store new tokens in one step: num[b] tokens of tokens[b] from the row's length
@@ -55,6 +61,35 @@ class Feed:
     tokens: jax.Array  # [B,T] int32, left-aligned; -1: the row's next_token (decode rows)
     num: jax.Array     # [B] int32 tokens fed, <= T
     sampling: SamplingArrays
+    # [B] bool the row's sample is a generated token (a decode row; a chunk that ends what the
+    # row has to feed), counted in KVCache.counts above PLAIN. None: every row that moved.
+    emits: jax.Array | None = None
+    # [B,T] int32 the prompt token each fed position is followed by, -1 for none: given (at the
+    # PROMPT sampler), the step returns every position's log probabilities (PromptLogprobs).
+    targets: jax.Array | None = None
+
+
+class PromptLogprobs(typing.NamedTuple):
+    """Of each fed position: the log probability of its target (the next prompt token) and the
+    most likely next tokens', of log_softmax(logits) (K = MAX_LOGPROBS; T and K are 0 for a
+    feed without targets)."""
+    logprob: jax.Array       # [B,T] float32
+    top_ids: jax.Array       # [B,T,K] int32
+    top_logprobs: jax.Array  # [B,T,K] float32
+
+
+def prompt_logprobs(model, hidden, targets) -> PromptLogprobs:
+    """hidden [B,T,D] of a feed's positions, targets [B,T] -> its PromptLogprobs."""
+    b, t = targets.shape
+    logits = model.logits(hidden)                                               # [B,T,V]
+    chosen, top_ids, top_lp = log_probs(logits.reshape(b * t, -1), targets.reshape(-1))
+    return PromptLogprobs(jnp.where(targets >= 0, chosen.reshape(b, t), 0.0),
+                          top_ids.reshape(b, t, -1), top_lp.reshape(b, t, -1))
+
+
+def no_prompt_logprobs(b: int) -> PromptLogprobs:
+    return PromptLogprobs(jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0, 0), jnp.int32),
+                          jnp.zeros((b, 0, 0), jnp.float32))
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -75,7 +110,9 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
             attn_impl: str = "auto", mesh=None):
     """One step over every feed at once. Returns (results, cache'), one result per feed:
     (sampled: engine.sampling.Sampled after each row's last fed token, logits [B,V] float32
-    there, new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B]). A row
+    there, new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B],
+    PromptLogprobs: of every fed position for a feed with targets at the PROMPT sampler,
+    else empty). A row
     with ok False found the pool empty (or its page table full) and did not move. mesh: the
     tensor-parallel mesh the params and pages are sharded over (None: one device)."""
     model = nnx.merge(graphdef, params)
@@ -100,18 +137,29 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         grown.append((jnp.where(fresh, new, kvcache.allocator.TRASH_PAGE), ok, num))
         starts.append(start)
     hidden, k, v = model(tuple(groups), cache.k, cache.v, attn_impl, mesh)
-    lengths, next_token = cache.lengths, cache.next_token
+    lengths, next_token, counts = cache.lengths, cache.next_token, cache.counts
     results = []
     for f, h, start, (new, ok, num) in zip(feeds, hidden, starts, grown):
         moved = jnp.where(num > 0, f.rows, lengths.shape[0])
         lengths = lengths.at[moved].add(num, mode="drop")
         logits = model.logits(h[jnp.arange(h.shape[0]), jnp.maximum(num - 1, 0)])   # [B,V]
         s = f.sampling
+        penalties = None
+        counted = s.level > PLAIN and counts.shape[1] > 0    # static
+        if counted and s.presence is not None:
+            penalties = (counts[f.rows], s.presence, s.frequency, s.repetition)
         sampled = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num,
-                         s.bias_ids, s.bias, filtering=s.filtering)
+                         s.bias_ids, s.bias, penalties=penalties, level=s.level)
         next_token = next_token.at[moved].set(sampled.tokens, mode="drop")
-        results.append((sampled, logits, new, ok))
-    return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths, next_token=next_token)
+        prompt = no_prompt_logprobs(h.shape[0])
+        if s.level == PROMPT and f.targets is not None:
+            prompt = prompt_logprobs(model, h, f.targets)
+        if counted:
+            emitted = moved if f.emits is None else jnp.where(f.emits, moved, lengths.shape[0])
+            counts = counts.at[emitted, sampled.tokens].add(1, mode="drop")
+        results.append((sampled, logits, new, ok, prompt))
+    return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths, next_token=next_token,
+                                        counts=counts)
 
 
 def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
@@ -120,7 +168,7 @@ def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,
     logits [B,V], cache', ok [B], new_page [B]: the page a row took this step, or the trash
     page)."""
     feed = Feed(rows, tokens[:, None], active.astype(jnp.int32), sampling)
-    [(sampled, logits, new, ok)], cache = forward(graphdef, params, cache, (feed,),
+    [(sampled, logits, new, ok, _)], cache = forward(graphdef, params, cache, (feed,),
                                                   attn_impl=attn_impl, mesh=mesh)
     return sampled, logits, cache, ok, new[:, 0]
 
@@ -140,7 +188,7 @@ def decode_loop(graphdef, params, cache: kvcache.KVCache, state: DecodeState, *,
     of each step's draws, a steps axis after the rows; its tokens are out's).
     """
     b = state.rows.shape[0]
-    k = limits.MAX_LOGPROBS if state.sampling.filtering else 0
+    k = limits.MAX_LOGPROBS if state.sampling.level > PLAIN else 0
     bias = state.sampling.bias
     # Static: whether rows carry stop-id columns in their bias table (min_tokens; the full
     # sampler's programs only). Plain programs do none of this per-step work.
@@ -183,9 +231,10 @@ class FeedResult(typing.NamedTuple):
     next: jax.Array        # [B] int32 the token sampled after each row's last fed token
     ok: jax.Array          # [B] bool False: the row found the pool empty and did not move
     new_pages: jax.Array   # [B,W] int32 pages taken this step, trash past them
-    logprob: jax.Array     # [B] float32 next's log probability (filtering programs only)
-    top_ids: jax.Array     # [B,K] int32 the most likely tokens (K = 0 without filtering)
+    logprob: jax.Array     # [B] float32 next's log probability (above the PLAIN sampler only)
+    top_ids: jax.Array     # [B,K] int32 the most likely tokens (K = 0 at PLAIN)
     top_logprobs: jax.Array  # [B,K] float32
+    prompt: PromptLogprobs
 
 
 class MixedResult(typing.NamedTuple):
@@ -198,8 +247,8 @@ class LoopResult(typing.NamedTuple):
     tokens: jax.Array      # [B,steps] int32 -1 where a row produced nothing
     pages: jax.Array       # [B,steps] int32 the page each step took, or the trash page
     stalled: jax.Array     # [B] bool rows that found the pool empty and wait for pages
-    logprob: jax.Array     # [B,steps] float32 each token's log probability (filtering only)
-    top_ids: jax.Array     # [B,steps,K] int32 the most likely tokens (K = 0 without filtering)
+    logprob: jax.Array     # [B,steps] float32 each token's log probability (above PLAIN only)
+    top_ids: jax.Array     # [B,steps,K] int32 the most likely tokens (K = 0 at PLAIN)
     top_logprobs: jax.Array  # [B,steps,K] float32
 
 
@@ -212,7 +261,7 @@ def mixed_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsAr
     results, cache = forward(graphdef, params, cache, feeds, attn_impl=attn_impl, mesh=mesh)
     return MixedResult(admit_ok, admit_pages, tuple(
         FeedResult(sampled.tokens, ok, new, sampled.logprob, sampled.top_ids,
-                   sampled.top_logprobs) for sampled, _, new, ok in results)), cache
+                   sampled.top_logprobs, prompt) for sampled, _, new, ok, prompt in results)), cache
 
 
 def loop_launch(graphdef, params, cache: kvcache.KVCache, ops_arrays: PageOpsArrays,

@@ -19,7 +19,8 @@ LAYOUT_CODES = {"static": LAYOUT_STATIC, "paged": LAYOUT_PAGED}
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "page_table", "lengths", "next_token", "layout", "alloc"],
+                   data_fields=["k", "v", "page_table", "lengths", "next_token", "layout", "alloc",
+                                "counts"],
                    meta_fields=[])
 @dataclasses.dataclass
 class KVCache:
@@ -30,6 +31,10 @@ class KVCache:
     next_token: jax.Array  # [R] int32, the row's last sample: what its next decode step feeds
     layout: jax.Array      # [R] int32, LAYOUT_NONE for a free row
     alloc: allocator.AllocState
+    # [R,V] int32 per row, what the sampler's penalties read: each token id's count among the
+    # row's generated tokens, with a flag bit on its prompt's ids (engine.sampling.PROMPT_SEEN;
+    # V = 0: no penalties).
+    counts: jax.Array
 
     @property
     def page_size(self) -> int:
@@ -40,7 +45,7 @@ class KVCache:
         return self.k[0].shape[0]
 
 
-def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int) -> KVCache:
+def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int, vocab: int = 0) -> KVCache:
     kv = spec.layer_struct
     return KVCache(
         k=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
@@ -50,6 +55,7 @@ def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int) -> KVCache
         next_token=jnp.zeros(max_rows, jnp.int32),
         layout=jnp.zeros(max_rows, jnp.int32),
         alloc=allocator.init(spec.num_pages),
+        counts=jnp.zeros((max_rows, vocab), jnp.int32),
     )
 
 

@@ -115,8 +115,9 @@ def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: i
               dtype: str, weight_bytes: int, device: jax.Device, mem_fraction_static: float,
               max_total_tokens: int | None, default_tokens: int) -> PoolSpec:
     """Pages for `max_total_tokens`, or else for what `mem_fraction_static` of the device leaves
-    after the weights, capped at `default_tokens` (what the rows could ever hold) and, on a
-    CPU, at CPU_POOL_BYTES. Never more than the memory free now.
+    after the weights (weight_bytes: with whatever else the engine keeps there), capped at
+    `default_tokens` (what the rows could ever hold) and, on a CPU, at CPU_POOL_BYTES. Never
+    more than the memory free now.
 
     Raises PoolDoesNotFit, with bytes needed, bytes available and the flag to change.
     """
@@ -125,7 +126,7 @@ def size_pool(*, num_layers: int, page_size: int, num_kv_heads: int, head_dim: i
     probe = PoolSpec(num_layers, 2, page_size, num_kv_heads, head_dim, dtype)
     budget = int(device_memory_bytes(device) * mem_fraction_static) - weight_bytes
     where = (f"are available on {device} (mem_fraction_static={mem_fraction_static} minus "
-             f"{weight_bytes:,} bytes of weights)")
+             f"{weight_bytes:,} bytes of weights and per-row state)")
     free = free_memory_bytes(device)
     if free is not None and free < budget:
         budget, where = free, f"are free on {device} now"

@@ -11,9 +11,10 @@ One duplex pipe (multiprocessing.connection, pickled tuples) joins them:
   server -> engine: ("add", Request), ("abort", rid), ("call", id, method name), ("stop",)
   engine -> server: ("ready", Front) once started, then per step ("step", updates, seconds,
                     stats) with updates [(rid, new tokens, their logprobs or None,
-                    finish_reason, meta)] (meta, on a
+                    finish_reason, meta, prompt logprobs)] (meta, on a
                     request's last update: its layout, cached and host-cached prompt tokens,
-                    and the error that failed it, if one did); ("result", id, ok, value) per
+                    and the error that failed it, if one did; the prompt's log probabilities,
+                    if asked for, on its first update with tokens); ("result", id, ok, value) per
                     call; ("error", message) if it fails for good.
 The server's copy of each Request gets its output, finish reason and meta from the updates.
 Each side's process learns of the other's end from the pipe (EOF): a server that goes away
@@ -193,7 +194,7 @@ class AsyncEngine:
     def _deliver(self, updates: list[tuple], now: float) -> None:
         """On the event loop: each update to its request and stream, timing its tokens for the
         metrics."""
-        for rid, tokens, logprobs, reason, meta in updates:
+        for rid, tokens, logprobs, reason, meta, prompt_logprobs in updates:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
@@ -204,6 +205,8 @@ class AsyncEngine:
             req.output += tokens
             if logprobs is not None:
                 req.logprobs += logprobs
+            if prompt_logprobs:
+                req.prompt_logprobs = prompt_logprobs
             if reason is not None:
                 req.finish_reason = reason
             if meta is not None:

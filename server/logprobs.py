@@ -14,15 +14,18 @@ def token_text(tokenizer: Tokenizer | None, token: int) -> str:
 
 def completions(tokenizer, tokens: list[int], logprobs: list, offset: int = 0) -> dict:
     """/v1/completions' choice.logprobs; offset: the characters of the choice's text before
-    these tokens (text_offset counts from it)."""
+    these tokens (text_offset counts from it). An entry of logprobs may be None (an echoed
+    prompt's first token): its log probability and top_logprobs are then null."""
     texts = [token_text(tokenizer, t) for t in tokens]
     offsets = []
     for text in texts:
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": texts, "token_logprobs": [lp for lp, _ in logprobs],
-            "top_logprobs": [{token_text(tokenizer, t): v for t, v in top.items()}
-                             for _, top in logprobs],
+    return {"tokens": texts,
+            "token_logprobs": [None if x is None else x[0] for x in logprobs],
+            "top_logprobs": [None if x is None else
+                             {token_text(tokenizer, t): v for t, v in x[1].items()}
+                             for x in logprobs],
             "text_offset": offsets}
 
 
@@ -35,9 +38,12 @@ def chat(tokenizer, tokens: list[int], logprobs: list) -> dict:
                         for t, (lp, top) in zip(tokens, logprobs)]}
 
 
-def sglang(tokens: list[int], logprobs: list) -> dict:
-    """/generate's meta_info fields: [log probability, token id, None] per token (SGLang
-    leaves the text None unless return_text_in_logprobs, which is not taken here)."""
-    return {"output_token_logprobs": [[lp, t, None] for t, (lp, _) in zip(tokens, logprobs)],
-            "output_top_logprobs": [[[v, k, None] for k, v in top.items()]
-                                    for _, top in logprobs]}
+def sglang(tokens: list[int], logprobs: list, kind: str = "output") -> dict:
+    """/generate's meta_info fields (kind "output", or "input" for the prompt's): [log
+    probability, token id, None] per token (SGLang leaves the text None unless
+    return_text_in_logprobs, which is not taken here); a None entry of logprobs (the prompt's
+    first token) gives [None, token id, None] and no top tokens."""
+    return {f"{kind}_token_logprobs": [[None if x is None else x[0], t, None]
+                                       for t, x in zip(tokens, logprobs)],
+            f"{kind}_top_logprobs": [None if x is None else [[v, k, None] for k, v in x[1].items()]
+                                     for x in logprobs]}

@@ -24,12 +24,16 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
     prompt_field = "text" if body.text is not None else "input_ids"
     names = {"prompt": prompt_field, "max_tokens": "sampling_params.max_new_tokens",
              "min_tokens": "sampling_params.min_new_tokens"} | {
-        f: f"sampling_params.{f}" for f in ("temperature", "top_p", "top_k", "seed",
-                                            "stop_token_ids", "ignore_eos", "logit_bias")}
+        f: f"sampling_params.{f}" for f in (
+            "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "logit_bias",
+            "presence_penalty", "frequency_penalty", "repetition_penalty")}
     logprobs = body.top_logprobs_num if body.return_logprob else None
+    # SGLang's: the prompt's log probabilities from position logprob_start_len (-1: none).
+    start = body.logprob_start_len if logprobs is not None else -1
     [req] = s.make_requests([getattr(body, prompt_field)],
                             lambda _, j: sampling_params(sp, sp.max_new_tokens,
-                                                         sp.min_new_tokens, j, logprobs),
+                                                         sp.min_new_tokens, j, logprobs,
+                                                         logprobs if start >= 0 else None),
                             1, names)
     s.check_up()
 
@@ -41,6 +45,9 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
                 "layout": req.layout, "finish_reason": reason}
         if logprobs is not None:
             meta |= sglang_logprobs(output, req.logprobs[:len(output)])
+        if start >= 0:
+            meta |= sglang_logprobs(req.prompt[start:],
+                                    ([None] + req.prompt_logprobs)[start:], "input")
         return {"text": text, "output_ids": output, "meta_info": meta}
 
     text = [""]

@@ -25,17 +25,43 @@ def _include_usage(body) -> bool:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request, s: Ctx):
     s.check_model(body.model)
+    # echo: the prompt comes back before the completion, with its tokens' log probabilities
+    # when logprobs is set (the first token's null, as OpenAI's); with max_tokens 0 the prompt
+    # alone (what lm-evaluation-harness sends for log-likelihoods: one token is drawn and
+    # dropped).
+    prompt_only = body.echo and body.max_tokens == 0
     reqs = s.make_requests(
         body.prompt,
-        lambda _, j: sampling_params(body, body.max_tokens, body.min_tokens, j, body.logprobs),
+        lambda _, j: sampling_params(body, 1 if prompt_only else body.max_tokens,
+                                     body.min_tokens, j, body.logprobs,
+                                     body.logprobs if body.echo else None),
         body.n)
     s.check_up()
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": s.model_name}
     tok = s.front.tokenizer
     offsets = [0] * len(reqs)      # characters of each choice's token strings so far
+    echoed = set()
+
+    def echo(i, text, tokens, lps):
+        """A choice's text, token ids and log probabilities with the prompt's before them, on
+        its first chunk (all of them without streaming); the completion's dropped when it
+        was drawn only to read the prompt's."""
+        if prompt_only:
+            text, tokens, lps = "", [], None if lps is None else []
+        if not body.echo or i in echoed:
+            return text, tokens, lps
+        echoed.add(i)
+        r = reqs[i]
+        if lps is not None:
+            lps = [None, *r.prompt_logprobs] + lps
+        given = body.prompt[i // body.n]               # n choices per prompt
+        if not isinstance(given, str):
+            given = "" if tok is None else tok.decode(given, skip_special_tokens=False)
+        return given + text, r.prompt + tokens, lps
 
     def chunk(i, text, tokens, lps, reason):
+        text, tokens, lps = echo(i, text, tokens, lps)
         lp = None
         if lps is not None:
             lp = logprobs.completions(tok, tokens, lps, offsets[i])
@@ -44,14 +70,17 @@ async def completions(body: CompletionRequest, http: Request, s: Ctx):
                                     "logprobs": lp, "finish_reason": reason}]}
 
     def whole(texts, reasons):
-        return head | {"choices": [
-            {"index": i, "text": t, "token_ids": r.output, "finish_reason": reason,
-             "logprobs": None if body.logprobs is None else logprobs.completions(
-                 tok, r.output, r.logprobs)}
-            for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons))],
-            "usage": usage(reqs)}
+        choices = []
+        for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons)):
+            t, tokens, lps = echo(i, t, list(r.output),
+                                  None if body.logprobs is None else r.logprobs)
+            choices.append({"index": i, "text": t, "token_ids": tokens, "finish_reason": reason,
+                            "logprobs": None if lps is None else logprobs.completions(
+                                tok, tokens, lps)})
+        return head | {"choices": choices, "usage": usage(reqs, prompt_only)}
 
-    tail = (lambda: head | {"choices": [], "usage": usage(reqs)}) if _include_usage(body) else None
+    tail = (lambda: head | {"choices": [], "usage": usage(reqs, prompt_only)}
+            ) if _include_usage(body) else None
     return await s.respond(body.stream, reqs, http, body.stop, chunk, whole, tail)
 
 

@@ -108,9 +108,9 @@ class _Sampling(_Body):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Unsupported(0, 0.0)
-    frequency_penalty: Unsupported(0, 0.0)
-    repetition_penalty: Unsupported(1, 1.0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: LogitBias
     min_tokens: StrictInt = 0
 
@@ -119,7 +119,7 @@ class CompletionRequest(_Sampling):
     prompt: Text | list[NonNegInt] | list[Text] | list[list[NonNegInt]]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = Field(default=None, ge=0, le=limits.MAX_LOGPROBS)
-    echo: Unsupported(False)
+    echo: StrictBool = False
     best_of: Unsupported(1)
     suffix: Unsupported("")
 
@@ -184,9 +184,9 @@ class GenerateSampling(_Body):
     stop: Stop
     stop_token_ids: list[StrictInt] = []
     ignore_eos: StrictBool = False
-    presence_penalty: Unsupported(0, 0.0)
-    frequency_penalty: Unsupported(0, 0.0)
-    repetition_penalty: Unsupported(1, 1.0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: LogitBias
     min_new_tokens: StrictInt = 0
     n: Unsupported(1)
@@ -202,4 +202,4 @@ class GenerateRequest(_Body):
     stream: StrictBool = False
     return_logprob: StrictBool = False
     top_logprobs_num: StrictInt = Field(default=0, ge=0, le=limits.MAX_LOGPROBS)
-    logprob_start_len: Unsupported(-1)
+    logprob_start_len: StrictInt = Field(default=-1, ge=-1)

@@ -23,28 +23,34 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def usage(reqs) -> dict:
+def usage(reqs, prompt_only: bool = False) -> dict:
+    """OpenAI's usage of reqs (prompt_only: their tokens drawn only to read the prompt's log
+    probabilities are not counted)."""
     prompt = sum(len(r.prompt) for r in reqs)
-    completion = sum(len(r.output) for r in reqs)
+    completion = 0 if prompt_only else sum(len(r.output) for r in reqs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in reqs)}}
 
 
 def sampling_params(body, max_tokens, min_tokens: int, n_index: int = 0,
-                    logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """A body's sampling fields (OpenAI's or /generate's sampling_params; max_tokens and
     min_tokens come apart, as each API names them) for its choice n_index, which draws with
-    seed + n_index; logprobs: most likely tokens to return with each sampled one (None: no
-    log probabilities)."""
+    seed + n_index; logprobs / prompt_logprobs: most likely tokens to return with each sampled
+    / prompt token (None: no log probabilities)."""
     seed = body.seed                  # a seed out of range is refused as it came
     if seed is not None and 0 <= seed < limits.SEED_END:
         seed = (seed + n_index) % limits.SEED_END
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                           top_p=body.top_p, top_k=body.top_k, seed=seed,
                           stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
-                          logprobs=logprobs, logit_bias=body.logit_bias or {},
-                          min_tokens=min_tokens)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                          logit_bias=body.logit_bias or {},
+                          min_tokens=min_tokens, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty,
+                          repetition_penalty=body.repetition_penalty)
 
 
 @dataclasses.dataclass

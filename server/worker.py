@@ -105,7 +105,7 @@ class EngineLoop:
                 req = message[1]
                 if req.rid in self.sent:
                     req.finish_reason, req.error = "error", f"request id {req.rid!r} is in use"
-                    updates.append((req.rid, (), None, "error", _meta(req)))
+                    updates.append((req.rid, (), None, "error", _meta(req), None))
                     continue
                 self.engine.add(req)
                 self.sent[req.rid] = 0
@@ -114,7 +114,7 @@ class EngineLoop:
                 req = self.engine.requests.get(rid)
                 self._guarded(self.engine.abort, rid)
                 if self.sent.pop(rid, None) is not None and req is not None:
-                    updates.append((rid, (), None, "abort", _meta(req)))
+                    updates.append((rid, (), None, "abort", _meta(req), None))
             elif kind == "call":
                 _, key, method = message
                 try:
@@ -136,13 +136,15 @@ class EngineLoop:
                 continue
             new = tuple(req.output[sent:])
             logprobs = req.logprobs[sent:] if req.params.logprobs is not None else None
+            # The prompt's are all in once its first token is: they ride with that update.
+            prompt = req.prompt_logprobs if sent == 0 and new else None
             meta = None
             if req.finish_reason is not None:
                 del self.sent[req.rid]
                 meta = _meta(req)
             else:
                 self.sent[req.rid] = len(req.output)
-            out.append((req.rid, new, logprobs, req.finish_reason, meta))
+            out.append((req.rid, new, logprobs, req.finish_reason, meta, prompt))
         return out
 
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import assert_pool_clean
 
 from engine import LLM, InvalidRequest, SamplingParams, packing
-from engine.sampling import sample
+from engine.sampling import ADJUSTED, PLAIN, PROMPT, chunked_top_k, sample
 from engine.step import Feed, SamplingArrays, decode_step
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -99,11 +99,23 @@ def test_sampler_filters():
     np.testing.assert_array_equal(top_k1, argmax)
     np.testing.assert_array_equal(tiny_p, argmax)
     assert all(k2[i] in top2[i] for i in range(b))
+    at_prompt = sample(logits, ones * 5, zeros + 2, ones, seeds, zeros, level=PROMPT).tokens
+    np.testing.assert_array_equal(at_prompt, k2)        # PROMPT filters as FILTERED does
     assert np.mean([free[i] in top2[i] for i in range(b)]) < 0.9  # hot: the filter mattered
-    # filtering=False skips the sort: right for rows that do not filter, and the filtering
-    # path leaves those rows' draws alone when others in the batch filter.
-    unsorted = sample(logits, ones * 5, zeros, ones, seeds, zeros, filtering=False).tokens
-    np.testing.assert_array_equal(unsorted, free)
+    # Below FILTERED the sort is skipped: right for rows that do not filter, and the
+    # FILTERED path leaves those rows' draws alone when others in the batch filter. ADJUSTED
+    # gives FILTERED's log probabilities (the chunked top-k: a vocabulary of 50 is one chunk
+    # of 16 below) and PLAIN none.
+    plain = sample(logits, ones * 5, zeros, ones, seeds, zeros, level=PLAIN)
+    adjusted = sample(logits, ones * 5, zeros, ones, seeds, zeros, level=ADJUSTED)
+    filtered = sample(logits, ones * 5, zeros, ones, seeds, zeros)
+    np.testing.assert_array_equal(plain.tokens, free)
+    for got in adjusted, filtered:
+        np.testing.assert_array_equal(got.tokens, free)
+        np.testing.assert_array_equal(got.top_ids, chunked_top_k(logits, 20, chunk=16)[1])
+        np.testing.assert_allclose(got.logprob, jax.nn.log_softmax(logits)[np.arange(b), free],
+                                   rtol=1e-6, atol=1e-6)
+    assert plain.top_ids.shape == (b, 0)
     mixed_k = jnp.where(jnp.arange(b) % 2 == 0, 2, 0)
     mixed = np.asarray(sample(logits, ones * 5, mixed_k, ones, seeds, zeros).tokens)
     np.testing.assert_array_equal(mixed[1::2], free[1::2])
@@ -192,10 +204,25 @@ def test_request_larger_than_the_pool():
         llm.generate([[1] * 40], SamplingParams(max_tokens=9))
 
 
+@pytest.mark.parametrize("vocab", [1000, 1024, 1031])
+def test_chunked_top_k_is_lax_top_k(vocab):
+    """Values and ids, ties (to the lower id) across chunk edges and -inf included, for a
+    vocabulary that is a whole number of chunks and ones that pad the last."""
+    rng = np.random.default_rng()
+    x = rng.normal(size=(6, vocab)).astype(np.float32)
+    x[1, 60:70] = x[2, ::3] = 9.0        # ties spanning chunks of 64
+    x[3, :] = -np.inf
+    x[4, rng.choice(vocab, 5)] = -np.inf
+    for k in (1, 7, 20, 64):
+        want, got = jax.lax.top_k(x, k), chunked_top_k(jnp.asarray(x), k, chunk=64)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_a_packed_feed_opens_to_the_same_arrays():
     """engine.packing: a Feed packed on the host into one int32 vector opens, in a jitted call
     given its layout, to the same arrays: dtypes, bit patterns (seeds with the top bit set,
-    NaN), bools and the static filtering flag included; and a result packed in the call opens
+    NaN), bools and the static sampler level included; and a result packed in the call opens
     on the host."""
     rng = np.random.default_rng()
     b, t = 5, 7
@@ -203,7 +230,7 @@ def test_a_packed_feed_opens_to_the_same_arrays():
                               top_k=rng.integers(-1, 50, b).astype(np.int32),
                               top_p=rng.random(b, np.float32),
                               seed=rng.integers(0, 2**32, b, dtype=np.uint64).astype(np.uint32),
-                              filtering=False)
+                              level=PLAIN)
     sampling.seed[0], sampling.temperature[1] = 2**32 - 1, np.nan
     feed = Feed(rows=rng.permutation(b).astype(np.int32),
                 tokens=rng.integers(0, 1000, (b, t)).astype(np.int32),
@@ -217,7 +244,7 @@ def test_a_packed_feed_opens_to_the_same_arrays():
     for got, want in zip(jax.tree.leaves(opened), jax.tree.leaves(feed)):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(np.asarray(got).view(np.int32), want.view(np.int32))
-    assert opened.sampling.filtering is False
+    assert opened.sampling.level == PLAIN
     big, seeds = packing.unpack(np.asarray(out), packing.layout_of((feed.num > 3, feed.sampling.seed)))
     np.testing.assert_array_equal(big, feed.num > 3)
     np.testing.assert_array_equal(seeds, feed.sampling.seed)

@@ -91,3 +91,41 @@ def test_bad_logprobs_are_named(value):
     with pytest.raises(InvalidRequest, match="logprobs must be an integer in") as e:
         SamplingParams(logprobs=value)
     assert e.value.param == "logprobs"
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_prompt_logprobs_equal_transformers(llama, chunk):
+    """SamplingParams(prompt_logprobs=3): every prompt token after the first with its log
+    probability and the 3 most likely in its place, of log_softmax of HF's logits at the
+    position before, in one chunk or across chunks of 8 (the last position of a chunk
+    predicts the next chunk's first token); the first is None, as in vLLM."""
+    _, golden = llama
+    llm = LLM(str(FIXTURES / "llama"), dtype="float32", page_size=4, context_length=64,
+              max_running_requests=4, chunked_prefill_size=chunk)
+    prompt = golden["prompt_ids"].tolist()
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0,
+                                                  prompt_logprobs=3))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for j in range(1, len(prompt)):
+        ref = log_softmax(golden["prompt_logits"][j - 1])
+        top = list(np.argsort(-ref)[:3])
+        got = out.prompt_logprobs[j]
+        assert set(got) == set(top) | {prompt[j]}, j
+        np.testing.assert_allclose([got[t] for t in got], ref[list(got)], atol=1e-4)
+    assert out.logprobs is None
+    assert_pool_clean(llm)
+
+
+def test_prompt_logprobs_skip_the_prefix_cache(tiny):
+    """A prompt the prefix cache holds is computed again for a request that wants its log
+    probabilities (they would be missing for the cached part), and they are the same."""
+    prompt = list(range(40, 75))
+    params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0)
+    [first] = tiny.generate([prompt], params)
+    [again] = tiny.generate([prompt], params)
+    [plain] = tiny.generate([prompt], SamplingParams(max_tokens=3, temperature=0))
+    assert again.cached_tokens == 0 and plain.cached_tokens > 0
+    assert again.prompt_logprobs == first.prompt_logprobs and len(first.prompt_logprobs) == 35
+    assert all(len(lp) == 1 for lp in first.prompt_logprobs[1:])   # the prompt token alone
+    assert again.token_ids == plain.token_ids
+    assert_pool_clean(tiny)

@@ -12,39 +12,48 @@ from helpers import assert_pool_clean
 from engine import LLM, EngineConfig, SamplingParams
 from engine.programs import Programs
 from engine.runner import compiles
+from engine.sampling import ADJUSTED, FILTERED, PLAIN, PROMPT
 from engine.shapes import Buckets, Shape
 from kvcache.elastic import PoolSizes
+
+LEVELS = (PLAIN, ADJUSTED, FILTERED)
 
 
 @pytest.mark.parametrize("rows", [32, 64])
 def test_default_flags_compile_28_shapes_and_3_cover_them_all(rows):
     """The count designed for: decode rows 1/4/16/max, 5 step decode layouts (none too) x 4
     chunk layouts (one chunk of 64/256/512 tokens, or four of 128) and 4 x 2 decode loops; the
-    three largest, with the top-k / top-p variant, cover every launch the scheduler plans."""
+    three largest, with the top-k / top-p sampler, cover every launch the scheduler plans;
+    the three largest with the ADJUSTED sampler every launch that does not filter."""
     b = Buckets(EngineConfig(max_running_requests=rows))
     shapes = b.shapes(1000)
     assert len(shapes) == len(set(shapes)) == 28
     largest = b.largest(1000)
-    assert len(largest) == 3 and all(s.filtering for s in largest)
+    assert len(largest) == 3 and all(s.sampler == FILTERED for s in largest)
+    adjusted = b.largest(1000, ADJUSTED)
     c = b.config
     chunk_plans = [[n] for n in range(1, c.chunked_prefill_size + 1)]
     chunk_plans += [[b.shared_len] * k for k in range(2, c.max_prefill_rows + 1)]
     needs = [b.step(1000, d, lengths, f) for d, lengths, f in
-             itertools.product(range(rows + 1), chunk_plans, (False, True))]
+             itertools.product(range(rows + 1), chunk_plans, LEVELS)]
     needs += [b.loop(1000, n, s, f) for n, s, f in
               itertools.product(range(1, rows + 1), (1, c.num_continuous_decode_steps),
-                                (False, True))]
+                                LEVELS)]
     for need in needs:
-        assert need.filtering or need in shapes, need
+        assert need.sampler > PLAIN or need in shapes, need
         assert any(s.covers(need) for s in largest), need
+        assert need.sampler == FILTERED or any(s.covers(need) for s in adjusted), need
 
 
 def test_covers_pads_rows_chunks_and_steps_but_not_the_pool():
-    big = Shape("step", 100, rows=16, chunk_rows=4, chunk_len=128, filtering=True)
+    big = Shape("step", 100, rows=16, chunk_rows=4, chunk_len=128, sampler=FILTERED)
     assert big.covers(Shape("step", 100, rows=0, chunk_rows=1, chunk_len=64))
     assert not big.covers(Shape("step", 100, rows=4, chunk_rows=1, chunk_len=256))
     assert not big.covers(Shape("step", 200, rows=4, chunk_rows=1, chunk_len=64))
-    assert not Shape("step", 100, 16, 4, 128).covers(Shape("step", 100, 1, 1, 64, filtering=True))
+    assert big.covers(Shape("step", 100, 1, 1, 64, sampler=ADJUSTED))
+    for low, high in itertools.combinations(LEVELS, 2):
+        assert not Shape("step", 100, 16, 4, 128, sampler=low).covers(
+            Shape("step", 100, 1, 1, 64, sampler=high))
     assert Shape("loop", 100, 16, steps=8).covers(Shape("loop", 100, 3, steps=1))
     assert not Shape("loop", 100, 16, steps=1).covers(Shape("loop", 100, 3, steps=8))
 
@@ -106,7 +115,9 @@ def test_the_compile_thread_finishes_while_requests_run(reference):
     pages = llm.engine.cache.num_pages
     buckets = llm.engine.runner.buckets
     assert programs.pending() == 0
-    assert len(programs) == len(set(buckets.shapes(pages) + buckets.largest(pages))) == 13
+    every = buckets.shapes(pages) + buckets.largest(pages) + buckets.largest(pages, ADJUSTED)
+    every += [s for s in buckets.largest(pages, PROMPT) if s.kind == "step"]
+    assert len(programs) == len(set(every)) == 13 + 3 + 2
     before = compiles["xla"]
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
     assert compiles["xla"] == before and llm.engine.stats()["request_path_compiles"] == 0

@@ -12,6 +12,7 @@ from helpers import assert_host_tier_consistent, assert_pool_clean
 from engine import Engine, EngineConfig, SamplingParams
 from engine.request import Request
 from engine.runner import compiles
+from engine.sampling import ADJUSTED, PROMPT, PROMPT_SEEN, penalizes
 from kvcache import Ledger
 
 BASE = dict(model="tiny-random", dtype="float32", page_size=4, context_length=128,
@@ -22,23 +23,27 @@ MAX_TOKENS = [3, 17, 9, 12, 1, 25, 6, 14, 30, 5, 20]
 
 
 def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_every=0,
-        check_every=1, warm=False, stop=None):
+        check_every=1, warm=False, stop=None, **params):
     """Feeds the prompts (all at once, or one more every `arrive_every` steps), steps to the end
     checking the ledger every `check_every` steps, after reading the launches in flight (0: only
     at the end; between checks, each step queues its launch before reading the one before);
     returns (outputs, engine, requests). warm: config compiles every program ahead
     (precompile "all"), and then nothing may compile. stop: a stop token id per prompt (else
-    every request runs to max_tokens)."""
+    every request runs to max_tokens). params: more SamplingParams fields (with penalties each
+    running row's KVCache.counts is checked too)."""
     engine = Engine(config)
     if warm:
         assert config.precompile == "all"
         pages = engine.cache.num_pages
-        every = engine.runner.buckets.shapes(pages) + engine.runner.buckets.largest(pages)
+        b = engine.runner.buckets
+        every = b.shapes(pages) + b.largest(pages) + b.largest(pages, ADJUSTED)
+        every += [s for s in b.largest(pages, PROMPT) if s.kind == "step"]
         assert engine.warmup(progress=False) == len(every)
         compiled = compiles["xla"]
     stop = stop or [None] * len(prompts)
     reqs = [engine.make_request(f"r{i}", p, SamplingParams(
-        max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=[s] if s is not None else []))
+        max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=[s] if s is not None else [],
+        **params))
         for i, (p, m, s) in enumerate(zip(prompts, max_tokens, stop))]
     pending, steps = list(reqs), 0
     while pending or engine.has_work():
@@ -59,11 +64,23 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
             row = np.asarray(engine.cache.page_table[r.row])
             assert row[:len(r.pages)].tolist() == r.pages and not row[len(r.pages):].any()
         assert_host_tier_consistent(engine)
+        counts = np.asarray(engine.cache.counts)
+        for r in sched.running:
+            if penalizes(r.params):
+                assert_counts(counts[r.row], r)
     assert_pool_clean(engine)
     assert all(len(r.output) == m for r, m, s in zip(reqs, max_tokens, stop) if s is None)
     if warm:
         assert compiles["xla"] == compiled
     return [r.output for r in reqs], engine, reqs
+
+
+def assert_counts(row: np.ndarray, r: Request) -> None:
+    """A row's KVCache.counts: its generated tokens counted, its prompt's ids flagged."""
+    np.testing.assert_array_equal(row & (PROMPT_SEEN - 1),
+                                  np.bincount(r.output, minlength=row.shape[0]), err_msg=r.rid)
+    np.testing.assert_array_equal(row & PROMPT_SEEN != 0,
+                                  np.isin(np.arange(row.shape[0]), r.prompt), err_msg=r.rid)
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +359,43 @@ def test_ledger_counts_holders_and_refuses_miscounts():
         with pytest.raises(RuntimeError, match=match):
             call(pages)
         assert ledger.refcount.tolist() == [1, 0, 1, 2, 0, 0] and ledger.free == 3
+
+
+PENALTIES = dict(frequency_penalty=0.7, presence_penalty=0.4, repetition_penalty=1.6)
+
+
+def test_penalties_count_through_chunks_the_prefix_cache_and_preemption():
+    """The counts the penalties read (KVCache.counts: generated tokens per id, prompt ids
+    flagged) are right for every running row after every launch, through chunks of a prompt,
+    prefixes served by the cache (their tokens never fed) and preemption (generated tokens fed
+    again as prompt); and the tokens are those of an unpressured penalized run."""
+    want, _, _ = run(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256),
+                     **PENALTIES)
+    for config in (dict(layout="paged", max_total_tokens=96, chunked_prefill_size=16,
+                        num_continuous_decode_steps=3),
+                   dict(layout="hybrid", static_max_tokens=48, chunked_prefill_size=8,
+                        max_prefill_rows=2)):
+        outputs, engine, _ = run(EngineConfig(**BASE, **config), arrive_every=2, **PENALTIES)
+        assert outputs == want, config
+        stats = engine.stats()
+        assert stats["preemptions"] > 0 or stats["hit_tokens"] > 0, stats
+    plain, _, _ = run(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256))
+    assert plain != want                                 # the penalties changed the tokens
+
+
+def test_prompt_logprobs_through_chunks_and_preemption():
+    """prompt_logprobs under a tight pool (requests preempted, their prompts computed again)
+    and small chunks: each prompt token's log probabilities once, in order, equal to those of
+    an unpressured run."""
+    _, _, want = run(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256),
+                     prompt_logprobs=2)
+    _, engine, reqs = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
+                                       chunked_prefill_size=16, num_continuous_decode_steps=3),
+                          prompt_logprobs=2)
+    assert engine.stats()["preemptions"] > 0
+    for got, ref in zip(reqs, want):
+        assert len(got.prompt_logprobs) == len(got.prompt) - 1, got.rid
+        for (lp, top), (ref_lp, ref_top) in zip(got.prompt_logprobs, ref.prompt_logprobs):
+            assert list(top) == list(ref_top)
+            np.testing.assert_allclose([lp, *top.values()], [ref_lp, *ref_top.values()],
+                                       rtol=1e-5, atol=1e-6)
