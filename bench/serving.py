@@ -165,6 +165,7 @@ async def send(client: httpx.AsyncClient, model: str, req: Request, args,
                "ignore_eos": True}
     if args.logprobs is not None:
         payload["logprobs"] = args.logprobs
+    payload |= args.fields
     res, usage = Result(prompt_tokens=len(req.prompt)), None
     start = last = time.perf_counter()
     try:
@@ -425,6 +426,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16, help="server's KV page, for the optimum")
     p.add_argument("--logprobs", type=int, default=None,
                    help="ask for each token's log probability and this many most likely")
+    p.add_argument("--fields", type=json.loads, default={},
+                   help='more request fields, as JSON: \'{"presence_penalty": 0.5}\'')
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="requests in flight at most (default: no limit)")

@@ -112,9 +112,9 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
     (sampled: engine.sampling.Sampled after each row's last fed token, logits [B,V] float32
     there, new_pages [B,W] page ids taken this step from column 0, trash past them, ok [B],
     PromptLogprobs: of every fed position for a feed with targets at the PROMPT sampler,
-    else empty). A row
-    with ok False found the pool empty (or its page table full) and did not move. mesh: the
-    tensor-parallel mesh the params and pages are sharded over (None: one device)."""
+    else empty). A row with ok False found the pool empty (or its page table full) and did
+    not move. mesh: the tensor-parallel mesh the params and pages are sharded over (None: one
+    device)."""
     model = nnx.merge(graphdef, params)
     g = cache.page_size
     groups, starts, grown = [], [], []
