@@ -103,14 +103,16 @@ class LLM:
         return report
 
 
+def _merged(tokens, logprobs) -> list[dict[int, float]]:
+    """Per token, {token id: log probability} of the token and the most likely (vLLM's)."""
+    return [top | {token: lp} for token, (lp, top) in zip(tokens, logprobs)]
+
+
 def _logprobs(r) -> list[dict[int, float]] | None:
-    if r.params.logprobs is None:
-        return None
-    return [top | {token: lp} for token, (lp, top) in zip(r.output, r.logprobs)]
+    return None if r.params.logprobs is None else _merged(r.output, r.logprobs)
 
 
 def _prompt_logprobs(r) -> list[dict[int, float] | None] | None:
     if r.params.prompt_logprobs is None:
         return None
-    return [None] + [top | {token: lp} for token, (lp, top) in
-                     zip(r.prompt[1:], r.prompt_logprobs)]
+    return [None] + _merged(r.prompt[1:], r.prompt_logprobs)

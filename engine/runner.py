@@ -264,8 +264,8 @@ class ModelRunner:
         log probabilities: per token (logprob, {token: logprob} of the most likely), or None
         where the request asked for none, and (prompt position, the same) of the prompt tokens
         a chunk predicts, for requests that want prompt_logprobs)); a row of a decode loop
-        stores one token per token it samples, until a stop token or its budget. Raises if the pool refused pages that
-        the scheduler counted as free."""
+        stores one token per token it samples, until a stop token or its budget. Raises if the
+        pool refused pages that the scheduler counted as free."""
         plan = flight.plan
         result = self.result(flight.out, flight.key)
         if not plan.chunks:

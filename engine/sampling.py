@@ -179,17 +179,16 @@ def sample(logits, temperature, top_k, top_p, seed, position, bias_ids=None, bia
     the same tokens whatever batch it runs in); bias_ids [B,N] int32 (-1: none), bias [B,N]
     float32: added to those logits first; penalties: None, or (counts [B,V] int32, presence,
     frequency, repetition [B] float32) for `penalize`, applied next -> the tokens drawn and,
-    above PLAIN, their log probabilities and the most likely tokens' (of log_softmax(logits): the model's own
-    distribution, before the bias, penalties, temperature and filters).
+    above PLAIN, their log probabilities and the most likely tokens' (of log_softmax(logits):
+    the model's own distribution, before the bias, penalties, temperature and filters).
 
-    level (static, PLAIN / ADJUSTED / FILTERED above): only at FILTERED is the vocabulary
-    sorted (every row's: the rows that do not filter keep their logits), only above PLAIN
-    the bias added and the log probabilities computed. The caller decides on the host: a
-    `lax.cond`
-    on the device would decide it too, but on a GPU XLA reads a cond's predicate back to the
-    host, which blocks the dispatching thread until the step is done (measured on the H100: a
-    4-step decode launch returned after 14.6 ms with the cond, after 2.3 ms without), so the
-    next launch could not be queued behind it."""
+    level (static, PLAIN / ADJUSTED / FILTERED / PROMPT above): only from FILTERED up is the
+    vocabulary sorted (every row's: the rows that do not filter keep their logits), only
+    above PLAIN the bias and penalties applied and the log probabilities computed. The caller
+    decides on the host: a `lax.cond` on the device would decide it too, but on a GPU XLA
+    reads a cond's predicate back to the host, which blocks the dispatching thread until the
+    step is done (measured on the H100: a 4-step decode launch returned after 14.6 ms with
+    the cond, after 2.3 ms without), so the next launch could not be queued behind it."""
     vocab = logits.shape[-1]
     raw = logits
     if level > PLAIN and bias_ids is not None and bias_ids.shape[1]:
