@@ -16,7 +16,9 @@ the device sampled, `KVCache.next_token`), so the device has the next launch que
 host reads tokens, streams them and plans. A plan that needs the results first (preemption,
 the prefix cache's host tier) reads every launch in flight before it goes on, as do `sync`,
 `abort` and a shrink of the pool. A row that stopped in the launch being read is released
-once the launch queued after it, which still feeds it, is read too.
+once the launch queued after it, which still feeds it, is read too. A guided row (structured
+output, engine.guided) is the exception: its next draw needs the mask of its grammar after the
+token in flight, so it sits out a plan made before that token is read.
 """
 
 import collections
@@ -35,6 +37,7 @@ import kvcache
 from engine import limits, parallel
 from engine.config import EngineConfig
 from engine.front import Front
+from engine.guided import Grammars
 from engine.plan import Plan
 from engine.request import Request
 from engine.runner import Flight, ModelRunner, compiles
@@ -125,7 +128,9 @@ class Engine:
                            eos_token_ids=tuple(cfg.eos_token_ids),
                            context_length=self.context_length, page_size=c.page_size,
                            bytes_per_page=self.spec.bytes_per_page,
-                           max_pages=self.scheduler.pool.max_capacity)
+                           max_pages=self.scheduler.pool.max_capacity,
+                           grammars=None if self.tokenizer is None else Grammars(
+                               self.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_ids)))
         self.requests: dict[str, Request] = {}
         self._flights: collections.deque[Flight] = collections.deque()   # oldest first
         self._ready: list[Request] = []     # advanced while draining, for the next step
@@ -162,6 +167,8 @@ class Engine:
     def add(self, req: Request) -> None:
         if req.rid in self.requests:
             raise ValueError(f"request id {req.rid!r} is already in use")
+        if req.params.guided and req.matcher is None:
+            req.matcher = self.front.grammars.matcher(req.params)
         self.requests[req.rid] = req
         self.scheduler.add(req)
 

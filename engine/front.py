@@ -6,6 +6,7 @@ import dataclasses
 import numbers
 import secrets
 
+from engine.guided import Grammars
 from engine.limits import InvalidRequest, check_text
 from engine.request import Request
 from engine.sampling import SamplingParams
@@ -22,6 +23,7 @@ class Front:
     page_size: int
     bytes_per_page: int
     max_pages: int               # the most pages the KV pool can hold (an elastic pool's largest)
+    grammars: Grammars | None = None   # structured output's compiler (None: no tokenizer)
 
     def make_request(self, rid: str, prompt, params: SamplingParams) -> Request:
         """Validates a prompt (text or token ids) against the model, the context and the pool;
@@ -44,6 +46,12 @@ class Front:
             if bad:
                 raise InvalidRequest(f"{name} has token ids outside [0, {vocab}): {bad[:5]}",
                                      name)
+        if params.guided:
+            if self.grammars is None:
+                raise InvalidRequest("structured output needs the model's tokenizer, which "
+                                     "this checkpoint lacks (no tokenizer.json)",
+                                     "guided_json" if params.guided_json else "guided_regex")
+            self.grammars.check(params)
         if params.top_k > vocab:
             raise InvalidRequest(f"top_k is {params.top_k} but the vocabulary has {vocab} "
                                  "tokens (-1 for no limit)", "top_k")

@@ -2,24 +2,34 @@
 as numpy arrays padded to the launch's shape) and what it gives back to them per token (its
 log probabilities). ModelRunner (engine.runner) packs these into a launch and reads them out."""
 
+import typing
+
 import numpy as np
 
-from engine import limits
+from engine import guided, limits
 from engine.request import Request
-from engine.sampling import PLAIN, PROMPT_SEEN
+from engine.sampling import GUIDED, PLAIN, PROMPT_SEEN
 from engine.step import DecodeState, Feed, SamplingArrays
 
 
+class Widths(typing.NamedTuple):
+    """Per-row widths every launch of an engine has, whatever its requests: one compiled
+    shape for all."""
+    stop: int        # stop ids (engine.limits, EOS included, bucketed)
+    mask: int        # int32 words of a grammar's bitmask (engine.guided.mask_words)
+
+
 def sampling_arrays(reqs: list[Request], width: int, level: int,
-                    stop_width: int) -> SamplingArrays:
+                    widths: Widths) -> SamplingArrays:
     """Sampling arrays of reqs padded to width rows, for a sampler of `level`
     (engine.sampling); above PLAIN they take each row's logit_bias, then its stop ids, barred
     (-inf) while it is short of min_tokens (a decode loop updates that part each step:
-    engine.step.decode_loop)."""
+    engine.step.decode_loop); from GUIDED up, each guided row's next-token mask, from its
+    matcher as it stands (every token before read)."""
     pad = width - len(reqs)
     p = [r.params for r in reqs]
     n = limits.MAX_LOGIT_BIAS
-    cols = n + stop_width if level > PLAIN else 0
+    cols = n + widths.stop if level > PLAIN else 0
     bias_ids, bias = np.full((width, cols), -1, np.int32), np.zeros((width, cols), np.float32)
     for i, (r, x) in enumerate(zip(reqs, p)) if cols else ():
         if x.logit_bias:
@@ -27,6 +37,11 @@ def sampling_arrays(reqs: list[Request], width: int, level: int,
         bias_ids[i, n:n + len(r.stop_ids)] = r.stop_ids
         if min_left(r) > 0:
             bias[i, n:n + len(r.stop_ids)] = -np.inf
+    allowed = np.full((width, widths.mask if level >= GUIDED else 0), -1, np.int32)
+    if level >= GUIDED:
+        guided.fill(allowed, [(r.matcher, i) for i, r in enumerate(reqs)
+                              if r.matcher is not None])
+
     def per_row(values, fill, dtype):
         return np.asarray(values + [fill] * pad, dtype)
 
@@ -38,10 +53,11 @@ def sampling_arrays(reqs: list[Request], width: int, level: int,
         level=level, bias_ids=bias_ids, bias=bias,
         presence=per_row([x.presence_penalty for x in p], 0.0, np.float32),
         frequency=per_row([x.frequency_penalty for x in p], 0.0, np.float32),
-        repetition=per_row([x.repetition_penalty for x in p], 1.0, np.float32))
+        repetition=per_row([x.repetition_penalty for x in p], 1.0, np.float32),
+        allowed=allowed)
 
 
-def feed(group, tokens: np.ndarray, level: int, stop_width: int,
+def feed(group, tokens: np.ndarray, level: int, widths: Widths,
          targets: np.ndarray | None = None) -> Feed:
     """A Feed of group's (request, tokens fed) rows, padded to tokens' rows (targets, if
     given, to tokens' shape)."""
@@ -50,7 +66,7 @@ def feed(group, tokens: np.ndarray, level: int, stop_width: int,
     pad = b - len(group)
     return Feed(rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32), tokens=tokens,
                 num=np.asarray([n for _, n in group] + [0] * pad, np.int32),
-                sampling=sampling_arrays(reqs, b, level, stop_width),
+                sampling=sampling_arrays(reqs, b, level, widths),
                 emits=np.asarray([n == r.to_feed for r, n in group] + [False] * pad),
                 targets=None if targets is None else np.pad(
                     targets, [(0, m - n) for m, n in zip(tokens.shape, targets.shape)],
@@ -63,20 +79,20 @@ def next_token(r: Request) -> int:
     return -1 if r.pending else (r.output[-1] if r.output else r.prompt[-1])
 
 
-def decode_state(reqs: list[Request], b: int, level: int, stop_width: int,
+def decode_state(reqs: list[Request], b: int, level: int, widths: Widths,
                  steps: int = 1 << 30) -> DecodeState:
     """The DecodeState of a decode launch over reqs, padded to b rows, each row producing at
-    most `steps` tokens (the plan's steps, when the loop runs more)."""
-    stop = np.full((b, stop_width), -1, np.int32)
+    most `steps` tokens (the plan's steps, when the loop runs more; one for a guided row)."""
+    stop = np.full((b, widths.stop), -1, np.int32)
     for i, r in enumerate(reqs):
         stop[i, :len(r.stop_ids)] = r.stop_ids
     pad = b - len(reqs)
-    remaining = np.asarray([min(r.budget, steps) for r in reqs] + [0] * pad, np.int32)
+    remaining = np.asarray([r.draws(steps) for r in reqs] + [0] * pad, np.int32)
     return DecodeState(
         rows=np.asarray([r.row for r in reqs] + [0] * pad, np.int32),
         tokens=np.asarray([next_token(r) for r in reqs] + [0] * pad, np.int32),
         active=remaining > 0, remaining=remaining, stop_ids=stop,
-        sampling=sampling_arrays(reqs, b, level, stop_width),
+        sampling=sampling_arrays(reqs, b, level, widths),
         min_left=np.asarray([min_left(r) for r in reqs] + [0] * pad, np.int32))
 
 

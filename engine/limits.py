@@ -20,6 +20,7 @@ MAX_STOP_STRING_CHARS = 256     # characters per stop string
 MAX_LOGIT_BIAS = 300            # logit_bias entries per request (OpenAI's cap), each in [-100, 100]
 MAX_LOGPROBS = 20               # most likely tokens returned per sampled token (OpenAI's cap)
 MAX_REPETITION_PENALTY = 100.0  # repetition_penalty is in (0, this]
+MAX_GRAMMAR_CHARS = 1 << 16     # characters of a structured-output JSON schema or regex
 MAX_REQUEST_BYTES = 32 << 20    # default of --max-request-bytes: a larger body gets a 413
 
 

@@ -36,6 +36,9 @@ class Request:
     # The same per prompt token after the first, when params.prompt_logprobs is set.
     prompt_logprobs: list[tuple[float, dict[int, float]]] = dataclasses.field(
         default_factory=list)
+    # Structured output (params.guided): the grammar's matcher (llguidance), made in the
+    # engine's process when the request is added and advanced by every token emitted.
+    matcher: object = None
 
     @property
     def tokens(self) -> list[int]:
@@ -55,6 +58,12 @@ class Request:
     @property
     def max_len(self) -> int:
         return len(self.prompt) + self.params.max_tokens
+
+    def draws(self, steps: int) -> int:
+        """Tokens it may draw in a decode loop of `steps` steps: one when a grammar masks its
+        draws (the next mask needs the host to have read the token before), else `steps`;
+        within its budget."""
+        return min(1 if self.params.guided else steps, self.budget)
 
     @property
     def budget(self) -> int:
@@ -76,8 +85,11 @@ class Request:
         self.output.append(token)
         if logprobs is not None:
             self.logprobs.append(logprobs)
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
+        if self.matcher is not None and not self.matcher.consume_token(token):
+            self.finish_reason = "error"
+            self.error = f"the grammar refused token {token}: {self.matcher.get_error()}"
+        elif token in self.stop_ids or (self.matcher is not None and self.matcher.is_stopped()):
+            self.finish_reason = "stop"     # a grammar that is complete ends the output
         elif len(self.output) >= self.params.max_tokens:
             self.finish_reason = "length"
 

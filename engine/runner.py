@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvcache
-from engine import launch_io, packing, parallel, sampling
+from engine import guided, launch_io, packing, parallel, sampling
 from engine.config import EngineConfig
 from engine.page_ops import PageOpQueue, PageOps, padded_ids, page_op, without_kv
 from engine.plan import Plan
@@ -63,8 +63,7 @@ class ModelRunner:
         resolved)."""
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
         self.vocab = vocab
-        # Every decode launch carries this many stop ids a row: one compiled shape for all.
-        self.stop_width = bucket(stop_ids, 4, 1 << 16)
+        self.widths = launch_io.Widths(bucket(stop_ids, 4, 1 << 16), guided.mask_words(vocab))
         self.buckets = Buckets(config)
         self.mesh, self.attn_impl = mesh, attn_impl
         c = config
@@ -199,7 +198,7 @@ class ModelRunner:
             need = self.buckets.loop(pages, len(plan.decode), plan.steps, level)
             shape, (program, key) = self.programs.get(need)
             state = launch_io.decode_state(plan.decode, shape.rows, shape.sampler,
-                                            self.stop_width, plan.steps)
+                                            self.widths, plan.steps)
             out = self._run_loop(program, state)
             return Flight(out, key, plan, shape)
         need = self.buckets.step(pages, len(plan.decode), [n for _, n in plan.chunks], level)
@@ -212,7 +211,7 @@ class ModelRunner:
             tokens = np.zeros((shape.rows, 1), np.int32)
             tokens[:len(plan.decode), 0] = [launch_io.next_token(r) for r in plan.decode]
             feeds.append(launch_io.feed([(r, 1) for r in plan.decode], tokens, shape.sampler,
-                                         self.stop_width))
+                                         self.widths))
         tokens = np.zeros((shape.chunk_rows, shape.chunk_len), np.int32)
         starts = tuple(r.computed for r, _ in plan.chunks)
         for i, ((r, n), start) in enumerate(zip(plan.chunks, starts)):
@@ -220,7 +219,7 @@ class ModelRunner:
         targets = None
         if shape.sampler == sampling.PROMPT:
             targets = launch_io.prompt_targets(plan.chunks, starts, shape.chunk_len)
-        feeds.append(launch_io.feed(plan.chunks, tokens, shape.sampler, self.stop_width,
+        feeds.append(launch_io.feed(plan.chunks, tokens, shape.sampler, self.widths,
                                     targets))
         self.cache, ops = self.pages.take(self.cache, admits)
         out, self.cache = self._timed(program, self.weights, self.cache,
@@ -329,7 +328,7 @@ class ModelRunner:
         cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              structs, placement)
         if shape.kind == "loop":
-            state = launch_io.decode_state([], shape.rows, shape.sampler, self.stop_width)
+            state = launch_io.decode_state([], shape.rows, shape.sampler, self.widths)
             layout = packing.layout_of(state)
             ops_buf, ops_layout = self._no_ops
             traced = self._loop.trace(self.weights, cache, ops_buf, packing.pack(state),
@@ -339,11 +338,11 @@ class ModelRunner:
         else:
             groups = [(shape.rows, 1)] if shape.rows else []
             feeds = tuple(launch_io.feed([], np.zeros((b, n), np.int32), shape.sampler,
-                                       self.stop_width)
+                                       self.widths)
                           for b, n in groups)
             chunk = (shape.chunk_rows, shape.chunk_len)
             feeds += (launch_io.feed([], np.zeros(chunk, np.int32), shape.sampler,
-                                     self.stop_width, np.full(chunk, -1, np.int32)
+                                     self.widths, np.full(chunk, -1, np.int32)
                                      if shape.sampler == sampling.PROMPT else None),)
             inputs = (self.pages.ops.fill(), feeds)
             layout = packing.layout_of(inputs)
@@ -355,11 +354,16 @@ class ModelRunner:
     def shapes_for(self, pages: int) -> tuple[list[Shape], list[Shape]]:
         """(the largest shapes, the others) at a pool of `pages` pages. The others: every
         shape at the PLAIN sampler, then the largest at ADJUSTED (so that launches wanting log
-        probabilities or biases, without top-k / top-p, stop sorting the vocabulary), then the
-        largest mixed steps at PROMPT (prompt log probabilities)."""
+        probabilities or biases, without top-k / top-p, stop sorting the vocabulary) and at
+        GUIDED (structured output; its one-step loop too), then the largest mixed steps at PROMPT (prompt log
+        probabilities)."""
         b = self.buckets
         prompt = [s for s in b.largest(pages, sampling.PROMPT) if s.kind == "step"]
-        return b.largest(pages), b.shapes(pages) + b.largest(pages, sampling.ADJUSTED) + prompt
+        guided = b.largest(pages, sampling.GUIDED)
+        # Guided rows draw one token a launch: a loop of them alone runs one step.
+        guided += [dataclasses.replace(s, steps=1) for s in guided if s.kind == "loop"]
+        return b.largest(pages), (b.shapes(pages) + b.largest(pages, sampling.ADJUSTED)
+                                  + guided + prompt)
 
     def ready_for(self, pages: int) -> bool:
         """Whether launches at a pool of `pages` pages run without compiling first."""

@@ -1,6 +1,7 @@
 """Sampling parameters (vLLM-style) and the on-device sampler."""
 
 import dataclasses
+import json
 import math
 import numbers
 import typing
@@ -29,8 +30,10 @@ class SamplingParams:
     time it was (OpenAI's and vLLM's meaning: generated tokens only); repetition_penalty
     (> 0) divides the positive logits and multiplies the negative ones of every token of the
     prompt or generated before (HF's and vLLM's meaning). The bias comes first, then the
-    penalties (vLLM's order). Values outside engine.limits raise InvalidRequest (a
-    ValueError) naming the field."""
+    penalties (vLLM's order). guided_json (a JSON schema, as a dict or its JSON text) or
+    guided_regex (a regular expression) constrains the output to match it (structured output,
+    engine.guided; vLLM's names), not together with min_tokens. Values outside engine.limits
+    raise InvalidRequest (a ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -45,6 +48,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    guided_json: str | None = None     # or a dict; kept as its JSON text
+    guided_regex: str | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= limits.INT32_MAX:
@@ -97,6 +102,39 @@ class SamplingParams:
         if not all(_is_int(t) and 0 <= t <= limits.INT32_MAX for t in ids):
             _bad("stop_token_ids", "token ids (integers >= 0)", list(ids))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        self._check_guided()
+
+    def _check_guided(self) -> None:
+        schema = self.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                _bad("guided_json", f"a JSON schema ({e})", self.guided_json)
+        if schema is not None:
+            if not isinstance(schema, dict):
+                _bad("guided_json", "a JSON schema (an object)", self.guided_json)
+            text = json.dumps(schema)
+            if len(text) > limits.MAX_GRAMMAR_CHARS:
+                raise InvalidRequest(f"guided_json has {len(text)} characters; at most "
+                                     f"{limits.MAX_GRAMMAR_CHARS} are allowed", "guided_json")
+            object.__setattr__(self, "guided_json", text)
+        regex = self.guided_regex
+        if regex is not None and (not isinstance(regex, str) or not regex
+                                  or len(regex) > limits.MAX_GRAMMAR_CHARS):
+            _bad("guided_regex", f"a regular expression of 1 to {limits.MAX_GRAMMAR_CHARS} "
+                 "characters", regex)
+        if schema is not None and regex is not None:
+            raise InvalidRequest("give at most one of guided_json and guided_regex",
+                                 "guided_regex")
+        if self.guided and self.min_tokens:
+            raise InvalidRequest("min_tokens cannot be combined with structured output (the "
+                                 "grammar decides where the output ends)", "min_tokens")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the output is constrained by a grammar (structured output)."""
+        return self.guided_json is not None or self.guided_regex is not None
 
 
 def _is_int(x) -> bool:
@@ -114,11 +152,12 @@ def _bad(param: str, want: str, got) -> None:
 # The sampler's levels, each a compiled variant of a program (static): PLAIN draws greedy or
 # by temperature; ADJUSTED also adds each row's bias table to the logits (logit_bias,
 # min_tokens), applies the penalties, counts each row's generated tokens and returns log
-# probabilities; FILTERED also filters by top-k / top-p, which sorts the vocabulary of every
-# row; PROMPT also returns the log probabilities of every position of the prompt chunks (a
-# mixed step with a chunk of a request that wants prompt_logprobs). A launch runs at the
+# probabilities; GUIDED also bars the tokens each row's grammar does not allow (a bitmask per
+# row, engine.guided); FILTERED also filters by top-k / top-p, which sorts the vocabulary of
+# every row; PROMPT also returns the log probabilities of every position of the prompt chunks
+# (a mixed step with a chunk of a request that wants prompt_logprobs). A launch runs at the
 # highest level any of its rows needs.
-PLAIN, ADJUSTED, FILTERED, PROMPT = 0, 1, 2, 3
+PLAIN, ADJUSTED, GUIDED, FILTERED, PROMPT = 0, 1, 2, 3, 4
 # KVCache.counts: a row's generated tokens counted per id, with this bit set on its prompt's
 # ids (and on those of a prompt recomputed after a preemption: engine.runner sets the row).
 PROMPT_SEEN = 1 << 30
@@ -133,6 +172,8 @@ def level(params: SamplingParams) -> int:
     """The sampler level a request's draws need (its prompt chunks may need PROMPT)."""
     if params.temperature > 0 and (params.top_k > 0 or params.top_p < 1):
         return FILTERED
+    if params.guided:
+        return GUIDED
     if (params.logprobs is not None or params.logit_bias or params.min_tokens > 0
             or penalizes(params)):
         return ADJUSTED
@@ -172,19 +213,29 @@ class Sampled(typing.NamedTuple):
                              # (-1 and -inf past a vocabulary smaller than K)
 
 
+def allow(logits, allowed):
+    """logits [B,V] with -inf where allowed [B, ceil(V/32)] int32 has a 0 bit (token t is bit
+    t % 32 of word t // 32, llguidance's layout)."""
+    b, v = logits.shape
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return jnp.where(bits.reshape(b, -1)[:, :v] != 0, logits, -jnp.inf)
+
+
 def sample(logits, temperature, top_k, top_p, seed, position, bias_ids=None, bias=None, *,
-           penalties=None, level: int = FILTERED) -> Sampled:
+           penalties=None, allowed=None, level: int = FILTERED) -> Sampled:
     """logits [B,V] float32; temperature, top_p [B] float32; top_k [B] int32 (<= 0: off);
     seed [B] uint32; position [B] int32 (index of the token being drawn, so a request draws
     the same tokens whatever batch it runs in); bias_ids [B,N] int32 (-1: none), bias [B,N]
     float32: added to those logits first; penalties: None, or (counts [B,V] int32, presence,
-    frequency, repetition [B] float32) for `penalize`, applied next -> the tokens drawn and,
+    frequency, repetition [B] float32) for `penalize`, applied next; allowed: None, or the
+    tokens each row may draw as a bitmask (`allow`), from GUIDED up -> the tokens drawn and,
     above PLAIN, their log probabilities and the most likely tokens' (of log_softmax(logits):
     the model's own distribution, before the bias, penalties, temperature and filters).
 
-    level (static, PLAIN / ADJUSTED / FILTERED / PROMPT above): only from FILTERED up is the
-    vocabulary sorted (every row's: the rows that do not filter keep their logits), only
-    above PLAIN the bias and penalties applied and the log probabilities computed. The caller
+    level (static, PLAIN / ADJUSTED / GUIDED / FILTERED / PROMPT above): only from FILTERED up
+    is the vocabulary sorted (every row's: the rows that do not filter keep their logits),
+    only above PLAIN the bias and penalties applied and the log probabilities computed, only
+    from GUIDED up the grammar's mask applied. The caller
     decides on the host: a `lax.cond` on the device would decide it too, but on a GPU XLA
     reads a cond's predicate back to the host, which blocks the dispatching thread until the
     step is done (measured on the H100: a 4-step decode launch returned after 14.6 ms with
@@ -196,6 +247,8 @@ def sample(logits, temperature, top_k, top_p, seed, position, bias_ids=None, bia
         logits = logits.at[rows, jnp.where(bias_ids < 0, vocab, bias_ids)].add(bias, mode="drop")
     if level > PLAIN and penalties is not None:
         logits = penalize(logits, *penalties)
+    if level >= GUIDED and allowed is not None:
+        logits = allow(logits, allowed)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)

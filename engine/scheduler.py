@@ -163,12 +163,17 @@ class Scheduler:
     def _plan_run(self, plan: Plan, lookahead: bool) -> None:
         live = self._live()
         prefilling = [r for r in live if r.to_feed > 1]
-        decoding = [r for r in live if r.to_feed == 1]
+        # A guided row's next draw needs its last token read (its grammar's mask): it sits out
+        # plans made before that (engine.guided).
+        decoding = [r for r in live if r.to_feed == 1 and not (r.pending and r.params.guided)]
         # Always decode_steps (rows that finish early idle in the loop): each distinct step
-        # count would be one more compiled shape per batch bucket.
-        plan.steps = 1 if prefilling else self.decode_steps
+        # count would be one more compiled shape per batch bucket. Guided rows alone: one.
+        plan.steps = self.decode_steps
+        if prefilling or all(r.params.guided for r in decoding):
+            plan.steps = 1
         # Decode rows first: the oldest requests keep running, the newest paged one yields.
-        while not self.pool.make_room(sum(self._need(r, plan.steps) for r in decoding), plan):
+        while not self.pool.make_room(sum(self._need(r, r.draws(plan.steps))
+                                          for r in decoding), plan):
             if plan.steps > 1:
                 plan.steps = 1
                 continue
@@ -251,7 +256,7 @@ class Scheduler:
         """The engine queued plan's launch: what it does counts as done from now on, for plans
         made before the host reads it; plan.expect keeps each row's part for `landed`."""
         reserve = {req: n for req, _, n in plan.admit}
-        rows = [(r, min(plan.steps, r.budget), None) for r in plan.decode]
+        rows = [(r, r.draws(plan.steps), None) for r in plan.decode]
         rows += [(r, n, int(r.computed + n == r.num_tokens)) for r, n in plan.chunks]
         for req, n, samples in rows:
             pages = reserve.get(req, 0) + self._need(req, n)

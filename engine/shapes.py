@@ -9,8 +9,9 @@ scheduler lets several rows share a step only in such short chunks). Powers of 4
 padding is cheap (a padded decode row is one token of weight-bound matrix work and reads no
 KV; a short prompt rarely pads by more than 4x) and the shapes are half as many. Each shape
 has a variant per sampler level (engine.sampling: PLAIN; ADJUSTED, with log probabilities and
-biases; FILTERED, which sorts the vocabulary for top-k / top-p); only the largest shapes are
-compiled above PLAIN (the rest run such requests padded to them).
+biases; GUIDED, with a grammar's mask; FILTERED, which sorts the vocabulary for top-k / top-p;
+PROMPT, with prompt log probabilities); only the largest shapes are compiled above PLAIN (the
+rest run such requests padded to them), and GUIDED's one-step loop.
 """
 
 import dataclasses

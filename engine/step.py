@@ -30,7 +30,7 @@ from models import Group
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["temperature", "top_k", "top_p", "seed", "bias_ids", "bias",
-                                "presence", "frequency", "repetition"],
+                                "presence", "frequency", "repetition", "allowed"],
                    meta_fields=["level"])
 @dataclasses.dataclass
 class SamplingArrays:
@@ -48,6 +48,9 @@ class SamplingArrays:
     presence: jax.Array | None = None
     frequency: jax.Array | None = None
     repetition: jax.Array | None = None
+    # [B, ceil(V/32)] int32 the tokens each row may draw (engine.guided; all bits set for a row
+    # without a grammar), from the GUIDED level up.
+    allowed: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -149,7 +152,8 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         if counted and s.presence is not None:
             penalties = (counts[f.rows], s.presence, s.frequency, s.repetition)
         sampled = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, start + num,
-                         s.bias_ids, s.bias, penalties=penalties, level=s.level)
+                         s.bias_ids, s.bias, penalties=penalties, allowed=s.allowed,
+                         level=s.level)
         next_token = next_token.at[moved].set(sampled.tokens, mode="drop")
         prompt = no_prompt_logprobs(h.shape[0])
         if s.level == PROMPT and f.targets is not None:

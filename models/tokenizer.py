@@ -64,8 +64,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The conversation as the template writes it (HF's arguments: `tools`, in OpenAI's
+        shape, for templates that render them; others leave them out)."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json "
                                  "or chat_template.jinja")
@@ -76,7 +78,7 @@ class Tokenizer:
                                                                   indent=indent)
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None

@@ -1,4 +1,5 @@
-"""SGLang's native /generate (text or input_ids; text, output_ids and meta_info back), and the
+"""SGLang's native /generate (text or input_ids; text, output_ids and meta_info back, a list of
+them with an index each for n > 1), and the
 operational routes: /health, /metrics (Prometheus), /flush_cache."""
 
 from typing import Annotated
@@ -26,18 +27,21 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
              "min_tokens": "sampling_params.min_new_tokens"} | {
         f: f"sampling_params.{f}" for f in (
             "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "logit_bias",
-            "presence_penalty", "frequency_penalty", "repetition_penalty")}
+            "presence_penalty", "frequency_penalty", "repetition_penalty")} | {
+        "guided_json": "sampling_params.json_schema", "guided_regex": "sampling_params.regex"}
     logprobs = body.top_logprobs_num if body.return_logprob else None
     # SGLang's: the prompt's log probabilities from position logprob_start_len (-1: none).
     start = body.logprob_start_len if logprobs is not None else -1
-    [req] = s.make_requests([getattr(body, prompt_field)],
-                            lambda _, j: sampling_params(sp, sp.max_new_tokens,
-                                                         sp.min_new_tokens, j, logprobs,
-                                                         logprobs if start >= 0 else None),
-                            1, names)
+    reqs = s.make_requests([getattr(body, prompt_field)],
+                           lambda _, j: sampling_params(sp, sp.max_new_tokens,
+                                                        sp.min_new_tokens, j, logprobs,
+                                                        logprobs if start >= 0 else None),
+                           sp.n, names)
     s.check_up()
 
-    def result(text, reason):
+    def result(i, text, reason):
+        """Choice i's answer; with n > 1 it carries its index (SGLang's)."""
+        req = reqs[i]
         output = list(req.output)
         meta = {"id": req.rid, "prompt_tokens": len(req.prompt),
                 "completion_tokens": len(output), "cached_tokens": req.cached_tokens,
@@ -48,15 +52,19 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
         if start >= 0:
             meta |= sglang_logprobs(req.prompt[start:],
                                     ([None] + req.prompt_logprobs)[start:], "input")
-        return {"text": text, "output_ids": output, "meta_info": meta}
+        return {"text": text, "output_ids": output, "meta_info": meta} | (
+            {"index": i} if sp.n > 1 else {})
 
-    text = [""]
+    text = [""] * sp.n
 
-    def chunk(_, new, tokens, _logprobs, reason):  # each event: the whole text so far
-        text[0] += new
-        return result(text[0], reason)
-    return await s.respond(body.stream, [req], http, sp.stop, chunk,
-                           lambda texts, reasons: result(texts[0], reasons[0]))
+    def chunk(i, new, tokens, _logprobs, reason):  # each event: a choice's whole text so far
+        text[i] += new
+        return result(i, text[i], reason)
+
+    def whole(texts, reasons):                     # n > 1: a list, one answer per choice
+        answers = [result(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        return answers if sp.n > 1 else answers[0]
+    return await s.respond(body.stream, reqs, http, sp.stop, chunk, whole)
 
 
 @router.get("/health")

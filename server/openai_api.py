@@ -1,6 +1,7 @@
 """OpenAI's routes: /v1/completions, /v1/chat/completions (each streamed as SSE or not, with
-log probabilities of the sampled tokens when asked: server.logprobs) and /v1/models.
-Extensions to OpenAI's fields: top_k, ignore_eos, stop_token_ids; every choice carries its
+log probabilities of the sampled tokens when asked: server.logprobs; response_format as
+structured output: engine.guided) and /v1/models. Extensions to OpenAI's fields: top_k,
+ignore_eos, stop_token_ids, response_format on completions (as vLLM); every choice carries its
 token_ids."""
 
 import time
@@ -9,12 +10,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from server import logprobs
+from server import logprobs, tools
 from server.errors import ApiError
 from server.protocol import ChatRequest, CompletionRequest
 from server.serving import Serving, sampling_params, serving, usage
 
 router = APIRouter()
+# What SamplingParams' structured-output fields are called here.
+GUIDED_FIELDS = {"guided_json": "response_format", "guided_regex": "response_format"}
 Ctx = Annotated[Serving, Depends(serving)]
 
 
@@ -35,7 +38,7 @@ async def completions(body: CompletionRequest, http: Request, s: Ctx):
         lambda _, j: sampling_params(body, 1 if prompt_only else body.max_tokens,
                                      body.min_tokens, j, body.logprobs,
                                      body.logprobs if body.echo else None),
-        body.n)
+        body.n, GUIDED_FIELDS)
     s.check_up()
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": s.model_name}
@@ -90,39 +93,68 @@ async def chat(body: ChatRequest, http: Request, s: Ctx):
     tokenizer = s.front.tokenizer
     if tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so no chat template", "messages")
+    tool_list = body.tool_dicts()
     try:
         ids = tokenizer.encode(tokenizer.apply_chat_template(
-            [m.model_dump(exclude_none=True) for m in body.messages]), add_special_tokens=False)
+            [m.model_dump(exclude_none=True) for m in body.messages], tools=tool_list),
+            add_special_tokens=False)
     except Exception as e:   # noqa: BLE001 - a template error is the client's input
         raise ApiError(400, f"the chat template failed on these messages: {e}",
                        "messages") from None
     named = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(body, named)
+    forced = body.forced_choice()
+    # The output is read for tool calls once whole (server.tools): forced, or under "auto" in
+    # the format the template teaches; a stream then sends it in one chunk at the end.
+    fmt = tools.format_of(tokenizer.chat_template) if body.tool_choice == "auto" else None
+    reading = tool_list is not None and (forced is not None or fmt is not None)
 
     top = (body.top_logprobs or 0) if body.logprobs else None
 
     def params_of(prompt, j):
         n = s.front.default_max_tokens(len(prompt)) if max_tokens is None else max_tokens
         return sampling_params(body, n, body.min_tokens, j, top)
-    reqs = s.make_requests([ids], params_of, body.n, {"prompt": "messages", "max_tokens": named})
+    guided = {"guided_json": "tool_choice"} if forced is not None else GUIDED_FIELDS
+    reqs = s.make_requests([ids], params_of, body.n,
+                           guided | {"prompt": "messages", "max_tokens": named})
     s.check_up()
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": s.model_name}
     opened = set()
+    held = [("", [], []) for _ in reqs]      # while reading for calls: text, tokens, logprobs
+
+    def message(text, reason) -> tuple[dict, str]:
+        if not reading:
+            return {"content": text}, reason
+        content, calls, reason = tools.read_calls(text, reason, tool_list, forced, fmt)
+        return {"content": content} | ({"tool_calls": calls} if calls else {}), reason
 
     def chunk(i, text, tokens, lps, reason):
-        delta = {"content": text} | ({} if i in opened else {"role": "assistant"})
+        if reading:
+            text, tokens, lps = (a + b for a, b in zip(held[i], (text, tokens, lps or [])))
+            held[i] = (text, tokens, lps)
+            if reason is None:
+                return None
+            lps = lps if top is not None else None
+        delta, reason = message(text, reason) if reason is not None else ({"content": text},
+                                                                             reason)
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [{"index": k} | c for k, c in enumerate(delta["tool_calls"])]
+        delta |= {} if i in opened else {"role": "assistant"}
         opened.add(i)
         lp = None if lps is None else logprobs.chat(tokenizer, tokens, lps)
         return head | {"choices": [{"index": i, "delta": delta, "token_ids": tokens,
                                     "logprobs": lp, "finish_reason": reason}]}
 
     def whole(texts, reasons):
-        return head | {"object": "chat.completion", "usage": usage(reqs), "choices": [
-            {"index": i, "message": {"role": "assistant", "content": t},
-             "logprobs": None if top is None else logprobs.chat(tokenizer, r.output, r.logprobs),
-             "finish_reason": reason}
-            for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons))]}
+        choices = []
+        for i, (t, r, reason) in enumerate(zip(texts, reqs, reasons)):
+            msg, reason = message(t, reason)
+            choices.append({"index": i, "message": {"role": "assistant"} | msg,
+                            "logprobs": None if top is None else logprobs.chat(
+                                tokenizer, r.output, r.logprobs),
+                            "finish_reason": reason})
+        return head | {"object": "chat.completion", "usage": usage(reqs), "choices": choices}
 
     tail = (lambda: head | {"choices": [], "usage": usage(reqs)}) if _include_usage(body) else None
     return await s.respond(body.stream, reqs, http, body.stop, chunk, whole, tail)

@@ -6,8 +6,7 @@ server.errors). Sampling values are range-checked once, by SamplingParams, for e
 No field is silently ignored. A field these bodies do not declare is refused (400 naming it),
 but for IGNORED_FIELDS, which tell an engine nothing (who the end user is, what OpenAI should
 store). Fields of OpenAI's, vLLM's or SGLang's APIs that this server does not implement yet
-(prompt logprobs / echo, penalties, logit_bias, structured output, tools, ...) are declared
-`Unsupported`:
+(tools, best_of, suffix, ebnf grammars, ...) are declared `Unsupported`:
 accepted at the value that asks for nothing (what clients send by default: null, 0, false, {},
 []), refused naming the field at any other.
 """
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from engine import limits
+from server.tools import forced_schema
 
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 
@@ -94,6 +94,35 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or
+    json_schema (JSON that validates against its schema), as structured output
+    (engine.guided)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type json_schema")
+        return self
+
+    def guided(self) -> dict:
+        """SamplingParams' structured-output fields for it."""
+        if self.type == "json_object":
+            return {"guided_json": {"type": "object"}}
+        if self.type == "json_schema":
+            return {"guided_json": self.json_schema.schema_}
+        return {}
+
+
 class _Sampling(_Body):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
     model: str
@@ -113,6 +142,10 @@ class _Sampling(_Body):
     repetition_penalty: float = 1.0
     logit_bias: LogitBias
     min_tokens: StrictInt = 0
+    response_format: ResponseFormat | None = None   # on completions too, as vLLM has it
+
+    def guided(self) -> dict:
+        return {} if self.response_format is None else self.response_format.guided()
 
 
 class CompletionRequest(_Sampling):
@@ -144,6 +177,8 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[dict] | None = None
     name: Text | None = None           # given to the chat template, which may use it
+    tool_calls: list[dict] | None = None     # an assistant's earlier calls (for the template)
+    tool_call_id: str | None = None          # a tool message's answer to one
 
     @field_validator("content")
     @classmethod
@@ -155,17 +190,76 @@ class ChatMessage(_Body):
         return v or ""
 
 
+class FunctionDef(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=limits.MAX_LOGPROBS)
-    response_format: Unsupported({"type": "text"})
-    tools: Unsupported([])
-    tool_choice: Unsupported("none")
-    parallel_tool_calls: Unsupported(True, False)      # says nothing while tools are refused
-    functions: Unsupported([])
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, validate_default=True)
+    parallel_tool_calls: StrictBool = True
+    functions: Unsupported([])               # OpenAI's older names for tools: use tools
     function_call: Unsupported("none")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice, info):
+        """"auto" with tools, "none" without, when not given (OpenAI's); a forced choice needs
+        tools (a named one, one of them) and cannot take a response_format."""
+        tools = info.data.get("tools")
+        if choice is None:
+            return "auto" if tools else "none"
+        if choice == "none" or (choice == "auto" and tools):
+            return choice
+        if not tools:
+            raise ValueError(f"tool_choice {choice!r} needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                t.function.name for t in tools}:
+            raise ValueError(f"it names {choice.function.name!r}, which is not among the tools")
+        fmt = info.data.get("response_format")
+        if fmt is not None and fmt.type != "text":
+            raise ValueError("a forced tool_choice cannot be combined with response_format")
+        return choice
+
+    def tool_dicts(self) -> list[dict] | None:
+        return None if not self.tools else [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_choice(self):
+        """tool_choice as server.tools takes it: "required", {"type", "function": {"name"}},
+        or None when nothing is forced."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return choice.model_dump()
+        return choice if choice == "required" else None
+
+    def guided(self) -> dict:
+        """A forced tool_choice's schema (server.tools), else response_format's."""
+        if self.forced_choice() is None:
+            return super().guided()
+        return {"guided_json": forced_schema(self.tool_dicts(), self.forced_choice(),
+                                             self.parallel_tool_calls)}
 
     @field_validator("top_logprobs")
     @classmethod
@@ -189,10 +283,13 @@ class GenerateSampling(_Body):
     repetition_penalty: float = 1.0
     logit_bias: LogitBias
     min_new_tokens: StrictInt = 0
-    n: Unsupported(1)
-    regex: Unsupported()
-    json_schema: Unsupported()
+    n: StrictInt = Field(default=1, ge=1, le=limits.MAX_N)
+    regex: str | None = None
+    json_schema: str | None = None      # the schema as JSON text, as SGLang takes it
     ebnf: Unsupported()
+
+    def guided(self) -> dict:
+        return {"guided_json": self.json_schema, "guided_regex": self.regex}
 
 
 class GenerateRequest(_Body):

@@ -37,9 +37,9 @@ def sampling_params(body, max_tokens, min_tokens: int, n_index: int = 0,
                     logprobs: int | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
     """A body's sampling fields (OpenAI's or /generate's sampling_params; max_tokens and
-    min_tokens come apart, as each API names them) for its choice n_index, which draws with
-    seed + n_index; logprobs / prompt_logprobs: most likely tokens to return with each sampled
-    / prompt token (None: no log probabilities)."""
+    min_tokens come apart, as each API names them; its structured output from its `guided()`)
+    for its choice n_index, which draws with seed + n_index; logprobs / prompt_logprobs: most
+    likely tokens to return with each sampled / prompt token (None: no log probabilities)."""
     seed = body.seed                  # a seed out of range is refused as it came
     if seed is not None and 0 <= seed < limits.SEED_END:
         seed = (seed + n_index) % limits.SEED_END
@@ -50,7 +50,7 @@ def sampling_params(body, max_tokens, min_tokens: int, n_index: int = 0,
                           logit_bias=body.logit_bias or {},
                           min_tokens=min_tokens, presence_penalty=body.presence_penalty,
                           frequency_penalty=body.frequency_penalty,
-                          repetition_penalty=body.repetition_penalty)
+                          repetition_penalty=body.repetition_penalty, **body.guided())
 
 
 @dataclasses.dataclass
@@ -149,12 +149,14 @@ class Serving:
         return texts, reasons
 
     async def events(self, reqs, stops, chunk_of: Callable, tail: Callable | None = None):
-        """SSE: chunk_of(index, text, tokens, logprobs, reason) per update, then tail() if
-        given, then [DONE]; a request the engine fails ends the stream with an `error` event
-        (it began with a 200)."""
+        """SSE: chunk_of(index, text, tokens, logprobs, reason) per update (None: nothing to
+        send for it), then tail() if given, then [DONE]; a request the engine fails ends the
+        stream with an `error` event (it began with a 200)."""
         try:
             async for i, text, tokens, logprobs, reason in self.updates(reqs, stops):
-                yield sse(chunk_of(i, text, tokens, logprobs, reason))
+                body = chunk_of(i, text, tokens, logprobs, reason)
+                if body is not None:        # None: the route holds this update back
+                    yield sse(body)
         except (EngineUnavailable, RequestFailed) as e:
             yield sse(engine_error_body(e))
         else:

@@ -107,7 +107,12 @@ class EngineLoop:
                     req.finish_reason, req.error = "error", f"request id {req.rid!r} is in use"
                     updates.append((req.rid, (), None, "error", _meta(req), None))
                     continue
-                self.engine.add(req)
+                try:
+                    self.engine.add(req)
+                except ValueError as e:     # its grammar did not compile here, say
+                    req.finish_reason, req.error = "error", str(e)
+                    updates.append((req.rid, (), None, "error", _meta(req), None))
+                    continue
                 self.sent[req.rid] = 0
             elif kind == "abort":
                 rid = message[1]

@@ -1,10 +1,23 @@
 """Shared test helpers (tests/ is on sys.path through pyproject's pytest settings)."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """bench/<name>.py loaded as the module bench_<name> (bench/ is scripts, not a package);
+    registered in sys.modules first, where dataclasses look their module up while it runs."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def nodes_below(root) -> list:

@@ -1,19 +1,12 @@
 """bench/e2e.py on the CPU: each case lays its pages out as it says, and a run of every case
 decodes without stalling."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
+from helpers import bench_module
 
 from engine import Engine, EngineConfig
 
-PATH = Path(__file__).resolve().parents[2] / "bench" / "e2e.py"
-spec = importlib.util.spec_from_file_location("bench_e2e", PATH)
-e2e = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = e2e
-spec.loader.exec_module(e2e)
+e2e = bench_module("e2e")
 
 B, CONTEXT, AHEAD = 4, 40, 24       # 3 pages of 16 for the context, 4 with the tokens ahead
 

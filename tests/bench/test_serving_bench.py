@@ -1,24 +1,18 @@
 """bench/serving.py: its datasets, and one run against a fake streaming server on loopback."""
 
 import asyncio
-import importlib.util
 import json
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from helpers import bench_module
 
-PATH = Path(__file__).resolve().parents[2] / "bench" / "serving.py"
-spec = importlib.util.spec_from_file_location("bench_serving", PATH)
-serving = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = serving      # dataclasses look their module up while the file runs
-spec.loader.exec_module(serving)
+serving = bench_module("serving")
 
 
 def args_for(*flags):

@@ -2,16 +2,11 @@
 largest programs before ready, the rest in the background), the first token of each, and an
 offline LLM's two generates."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-PATH = Path(__file__).resolve().parents[2] / "bench" / "startup.py"
-spec = importlib.util.spec_from_file_location("bench_startup", PATH)
-startup = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = startup
-spec.loader.exec_module(startup)
+from helpers import bench_module
+
+startup = bench_module("startup")
 
 
 def test_startup_bench_times_ready_first_token_and_offline(tmp_path):

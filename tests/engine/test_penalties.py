@@ -13,7 +13,7 @@ from helpers import assert_pool_clean
 
 from engine import LLM, SamplingParams
 from engine.limits import InvalidRequest
-from engine.sampling import PROMPT_SEEN, level, sample
+from engine.sampling import ADJUSTED, FILTERED, PLAIN, PROMPT_SEEN, level, sample
 
 
 def numpy_penalties(logits, prompt, output, presence, frequency, repetition):
@@ -105,6 +105,6 @@ def test_bad_penalties_are_named(field, value, message):
 
 
 def test_only_penalized_requests_leave_the_plain_sampler():
-    assert level(SamplingParams()) == level(SamplingParams(temperature=0)) == 0
-    assert level(SamplingParams(repetition_penalty=1.1)) == 1
-    assert level(SamplingParams(presence_penalty=-0.1, top_p=0.9)) == 2
+    assert level(SamplingParams()) == level(SamplingParams(temperature=0)) == PLAIN
+    assert level(SamplingParams(repetition_penalty=1.1)) == ADJUSTED
+    assert level(SamplingParams(presence_penalty=-0.1, top_p=0.9)) == FILTERED

@@ -4,6 +4,7 @@ tokens one that compiles every launch's own shape gives, and waits for no compil
 background thread compiles the rest while requests run; an elastic pool grows only to sizes
 whose programs are compiled."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -12,7 +13,7 @@ from helpers import assert_pool_clean
 from engine import LLM, EngineConfig, SamplingParams
 from engine.programs import Programs
 from engine.runner import compiles
-from engine.sampling import ADJUSTED, FILTERED, PLAIN, PROMPT
+from engine.sampling import ADJUSTED, FILTERED, GUIDED, PLAIN, PROMPT
 from engine.shapes import Buckets, Shape
 from kvcache.elastic import PoolSizes
 
@@ -116,8 +117,10 @@ def test_the_compile_thread_finishes_while_requests_run(reference):
     buckets = llm.engine.runner.buckets
     assert programs.pending() == 0
     every = buckets.shapes(pages) + buckets.largest(pages) + buckets.largest(pages, ADJUSTED)
+    guided = buckets.largest(pages, GUIDED)
+    every += guided + [dataclasses.replace(s, steps=1) for s in guided if s.kind == "loop"]
     every += [s for s in buckets.largest(pages, PROMPT) if s.kind == "step"]
-    assert len(programs) == len(set(every)) == 13 + 3 + 2
+    assert len(programs) == len(set(every)) == 13 + 2 + 2 + (2 + 1) + 1
     before = compiles["xla"]
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
     assert compiles["xla"] == before and llm.engine.stats()["request_path_compiles"] == 0

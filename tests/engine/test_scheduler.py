@@ -3,6 +3,8 @@ tier) and preemption give the same greedy tokens as an unpressured run, with or 
 launches planned ahead of reading the one in flight, and the host's page ledger equals the
 device's refcounts whenever every launch has been read."""
 
+import dataclasses
+import re
 import time
 
 import numpy as np
@@ -12,7 +14,7 @@ from helpers import assert_host_tier_consistent, assert_pool_clean
 from engine import Engine, EngineConfig, SamplingParams
 from engine.request import Request
 from engine.runner import compiles
-from engine.sampling import ADJUSTED, PROMPT, PROMPT_SEEN, penalizes
+from engine.sampling import ADJUSTED, GUIDED, PROMPT, PROMPT_SEEN, penalizes
 from kvcache import Ledger
 
 BASE = dict(model="tiny-random", dtype="float32", page_size=4, context_length=128,
@@ -37,6 +39,8 @@ def run(config: EngineConfig, prompts=PROMPTS, max_tokens=MAX_TOKENS, arrive_eve
         pages = engine.cache.num_pages
         b = engine.runner.buckets
         every = b.shapes(pages) + b.largest(pages) + b.largest(pages, ADJUSTED)
+        every += b.largest(pages, GUIDED) + [dataclasses.replace(s, steps=1) for s in
+                                             b.largest(pages, GUIDED) if s.kind == "loop"]
         every += [s for s in b.largest(pages, PROMPT) if s.kind == "step"]
         assert engine.warmup(progress=False) == len(every)
         compiled = compiles["xla"]
@@ -399,3 +403,22 @@ def test_prompt_logprobs_through_chunks_and_preemption():
             assert list(top) == list(ref_top)
             np.testing.assert_allclose([lp, *top.values()], [ref_lp, *ref_top.values()],
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_guided_rows_through_chunks_the_prefix_cache_and_preemption():
+    """Structured output under a tight pool (preempted requests compute prompt and output
+    again, their grammars where they stood), chunks of 16 beside 3-step decode launches, the
+    prefix cache: a guided row draws one token a launch and is planned only once its last one
+    is read, so every draw is masked for the tokens before it: the outputs match the grammar
+    and equal an unpressured run's."""
+    regex = "[a-z ]{40}"       # longer than every max_tokens: each request runs to its length
+    _, _, want = run(EngineConfig(**BASE, disable_radix_cache=True, chunked_prefill_size=256),
+                     guided_regex=regex)
+    _, engine, reqs = run(EngineConfig(**BASE, layout="paged", max_total_tokens=96,
+                                       chunked_prefill_size=16, num_continuous_decode_steps=3),
+                          check_every=2, guided_regex=regex)
+    assert engine.stats()["preemptions"] > 0
+    for got, ref in zip(reqs, want):
+        text = bytes(got.output).decode()
+        assert got.finish_reason == "length" and re.fullmatch("[a-z ]*", text), text
+        assert got.output == ref.output

@@ -39,6 +39,12 @@ SAMPLING = {
     "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
     "repetition_penalty": st.floats(0.1, 3),
 }
+FORMATS = st.sampled_from([{"type": "text"}, {"type": "json_object"}, {
+    "type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": ["a", 7]}}}])
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}}
+GRAMMARS = {"regex": st.sampled_from(["[ab]{1,3}", "(x|y)z"]),      # /generate's
+            "json_schema": st.just('{"enum": [1, 2]}')}
 messages = st.lists(st.fixed_dictionaries({
     "role": st.sampled_from(["system", "user", "assistant"]),
     "content": st.one_of(good_text, st.lists(st.fixed_dictionaries(
@@ -51,17 +57,21 @@ ENDPOINTS = {   # path: (required fields, optional fields)
                              st.lists(token_ids, min_size=1, max_size=2))},
         {"max_tokens": st.one_of(st.none(), small), "n": st.integers(1, 3),
          "stream": st.booleans(), "logprobs": st.integers(0, 5), "echo": st.booleans(),
-         **SAMPLING}),
+         "response_format": FORMATS, **SAMPLING}),
     "/v1/chat/completions": (
         {"model": st.just(MODEL), "messages": messages},
         {"max_tokens": small, "max_completion_tokens": st.one_of(st.none(), small),
-         "n": st.integers(1, 2), "stream": st.booleans(), **SAMPLING}),
+         "n": st.integers(1, 2), "stream": st.booleans(), "response_format": FORMATS,
+         "tools": st.just([TOOL]), "parallel_tool_calls": st.booleans(),
+         "tool_choice": st.sampled_from(["none", "auto", "required",
+                                         {"type": "function", "function": {"name": "f"}}]),
+         **SAMPLING}),
     "/generate": (
         {"input_ids": token_ids},
         {"stream": st.booleans(), "return_logprob": st.booleans(),
          "top_logprobs_num": st.integers(0, 5), "logprob_start_len": st.integers(-1, 3),
          "sampling_params": st.fixed_dictionaries(
-            {}, optional={"max_new_tokens": small, **SAMPLING})}),
+            {}, optional={"max_new_tokens": small, **SAMPLING, **GRAMMARS})}),
 }
 
 INTS = [2**31, 2**40, 2**63, 2**32, -2**31 - 1, 2**31 - 1, 261, 262, 0, -1, -2, 10**6]
@@ -82,9 +92,14 @@ BAD = {
     "messages": [[], [{"role": "user", "content": "\ud800"}], [{"role": "robot", "content": "x"}],
                  [{"role": "user", "content": [{"type": "image", "url": "x"}]}]],
     "model": ["gpt-9"], "stream": [], "ignore_eos": [], "sampling_params": [],
+    "response_format": [{"type": "json_schema"}, {"type": "xml"}, {"type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "frob"}}}],
+    "regex": ["a(b", "", "x" * 70_000], "json_schema": ["{", "[]", '{"type": "frob"}'],
+    "tools": [[{"type": "function", "function": {"name": "bad name"}}], [TOOL] * 129],
+    "tool_choice": ["maybe", {"type": "function", "function": {"name": "nope"}}],
 }
 MUTATIONS = {path: [(field, value) for field in sorted({*required, *optional, *(
-    SAMPLING if path == "/generate" else ()), "max_new_tokens"} & BAD.keys())
+    {**SAMPLING, **GRAMMARS} if path == "/generate" else ()), "max_new_tokens"} & BAD.keys())
     for value in BAD[field] + JUNK] for path, (required, optional) in ENDPOINTS.items()}
 
 
@@ -95,7 +110,7 @@ def requests(draw):
     body = draw(st.fixed_dictionaries(required, optional=optional))
     bad = st.lists(st.sampled_from(MUTATIONS[path]), min_size=1, max_size=2)
     for field, value in draw(st.one_of(bad, st.just([]))):
-        nested = path == "/generate" and field in (*SAMPLING, "max_new_tokens")
+        nested = path == "/generate" and field in (*SAMPLING, *GRAMMARS, "max_new_tokens")
         if nested and isinstance(body.get("sampling_params"), dict):
             body["sampling_params"][field] = value
         elif not nested:
@@ -207,13 +222,8 @@ BASE = {C: {"model": MODEL, "prompt": "hi", "max_tokens": 2},
 # (path, field, a value asking for something this server does not do, the value asking nothing)
 UNSUPPORTED = [
     (C, "best_of", 3, 1), (C, "suffix", "}", ""),
-    (CHAT, "response_format", {"type": "json_object"}, {"type": "text"}),
-    (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}], []),
-    (CHAT, "tool_choice", "required", "none"),
-    (CHAT, "functions", [{"name": "f"}], []),
-    (GEN, "sampling_params.regex", "a+", None),
-    (GEN, "sampling_params.json_schema", "{}", None),
-    (GEN, "sampling_params.n", 2, 1),
+    (CHAT, "functions", [{"name": "f"}], []), (CHAT, "function_call", "auto", "none"),
+    (GEN, "sampling_params.ebnf", 'root ::= "a"', None),
 ]
 
 
@@ -227,8 +237,9 @@ def body_with(path: str, field: str, value) -> dict:
 @pytest.mark.parametrize("path, field, asks, neutral", UNSUPPORTED)
 def test_an_unimplemented_field_is_refused_unless_it_asks_for_nothing(client, path, field,
                                                                        asks, neutral):
-    """No field is silently ignored (issue 29): asking for logprobs, penalties, structured
-    output or tools is a 400 naming the field; the value clients send by default passes."""
+    """No field is silently ignored (issue 29): asking for what the server does not implement
+    (best_of, suffix, the older function-calling names, ebnf grammars) is a 400 naming the
+    field; the value clients send by default passes."""
     r = post(client, path, body_with(path, field, asks))
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     assert "not supported by this server" in r.json()["error"]["message"]
@@ -244,8 +255,8 @@ def test_unknown_fields_are_refused_and_the_meaningless_ones_accepted(client, pa
         for field in protocol.IGNORED_FIELDS:
             assert post(client, path, body_with(path, field, "x")).status_code == 200, field
     r = post(client, CHAT, {**BASE[CHAT], "messages": [
-        {"role": "user", "content": "hi", "tool_call_id": "c1"}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.tool_call_id"
+        {"role": "user", "content": "hi", "audio": {"id": "a1"}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.audio"
 
 
 def test_chat_with_a_lone_surrogate_names_the_message(client):

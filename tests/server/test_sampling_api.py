@@ -1,12 +1,15 @@
 """The sampling fields of the API over the real app and engine process (tiny model): log
 probabilities of sampled tokens and of echoed prompts (completions' echo, /generate's
 logprob_start_len) through the official client and raw bodies, logit_bias, penalties,
-min_tokens."""
+min_tokens, structured output (response_format, /generate's regex and json_schema)."""
 
 import json
+import re
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 MODEL, KEY, MAX_BYTES = "tiny-random", "sk-sampling", 1 << 20
@@ -220,3 +223,143 @@ def test_generate_returns_the_prompts_logprobs_from_logprob_start_len(client):
     r = post(client, GEN, {"input_ids": PROMPT, "return_logprob": True,
                            "sampling_params": {"max_new_tokens": 1}})
     assert "input_token_logprobs" not in r.json()["meta_info"]
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                  "maxItems": 2}}}
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    age: int = pydantic.Field(ge=0, le=120)
+    retired: bool
+
+
+def test_response_format_through_the_official_client(client):
+    """json_schema (whole, streamed, on completions too, and the SDK's own parse() of a
+    pydantic model) and json_object: the tiny model's noise comes out as JSON that
+    validates."""
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client)
+    messages = [{"role": "user", "content": "Who?"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    kw = dict(model=MODEL, max_tokens=200, temperature=1.0)
+    for seed in range(3):
+        out = sdk.chat.completions.create(messages=messages, response_format=fmt, seed=seed,
+                                          **kw).choices[0]
+        assert out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.message.content), PERSON)
+    chunks = sdk.chat.completions.create(messages=messages, response_format=fmt, seed=7,
+                                         stream=True, **kw)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks
+                                           if c.choices)), PERSON)
+    text = sdk.completions.create(prompt="Who?", extra_body={"response_format": fmt},
+                                  **kw).choices[0].text
+    jsonschema.validate(json.loads(text), PERSON)
+    parsed = sdk.chat.completions.parse(messages=messages, response_format=Person, seed=1,
+                                        **kw).choices[0].message.parsed
+    assert isinstance(parsed, Person)
+    anything = sdk.chat.completions.create(messages=messages, seed=2, **kw,
+                                           response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_generate_takes_sglang_regex_and_json_schema(client):
+    for sp, check in [({"regex": r"[0-9]{2}:[0-9]{2} (am|pm)"},
+                       lambda t: re.fullmatch(r"[0-9]{2}:[0-9]{2} (am|pm)", t)),
+                      ({"json_schema": json.dumps(PERSON)},
+                       lambda t: jsonschema.validate(json.loads(t), PERSON) is None)]:
+        r = post(client, GEN, {"text": "when?", "sampling_params": {
+            "max_new_tokens": 200, "temperature": 1.0, "seed": 5, **sp}})
+        assert r.status_code == 200, r.text
+        assert check(r.json()["text"]), r.json()["text"]
+        assert r.json()["meta_info"]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path, field, value, param", [
+    (CHAT, "response_format", {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "frobnicate"}}}, "response_format"),
+    (CHAT, "response_format", {"type": "json_schema"}, "response_format"),
+    (CHAT, "response_format", {"type": "yaml"}, "response_format.type"),
+    (C, "response_format", {"type": "json_object", "json_schema": {"name": "x", "schema": {}}},
+     "response_format"),
+    (GEN, "sampling_params.regex", "a(b", "sampling_params.regex"),
+    (GEN, "sampling_params.json_schema", "{oops", "sampling_params.json_schema"),
+    (GEN, "sampling_params.ebnf", "root ::= \"a\"", "sampling_params.ebnf")])
+def test_bad_structured_output_is_named(client, path, field, value, param):
+    r = post(client, path, body_with(path, field, value))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city", "unit"],
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+
+def test_forced_tool_calls_through_the_official_client(client):
+    """A named function and "required" (whole, streamed, one call without parallel tool
+    calls): the tiny model's calls name given tools and their arguments validate."""
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client)
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather?"}],
+              tools=[WEATHER, TIME], max_tokens=200, temperature=1.0)
+    out = sdk.chat.completions.create(
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, seed=1,
+        **kw).choices[0]
+    assert out.finish_reason == "stop" and out.message.content is None
+    [named] = out.message.tool_calls
+    assert named.type == "function" and named.function.name == "get_time"
+    jsonschema.validate(json.loads(named.function.arguments), params["get_time"])
+    for seed, parallel in [(2, True), (3, True), (4, False)]:
+        out = sdk.chat.completions.create(tool_choice="required", seed=seed,
+                                          parallel_tool_calls=parallel, **kw).choices[0]
+        assert out.finish_reason == "tool_calls" and out.message.tool_calls
+        assert parallel or len(out.message.tool_calls) == 1
+        for c in out.message.tool_calls:
+            jsonschema.validate(json.loads(c.function.arguments), params[c.function.name])
+    chunks = [c.choices[0] for c in sdk.chat.completions.create(
+        tool_choice="required", seed=2, stream=True, **kw) if c.choices]
+    [last] = [c for c in chunks if c.delta.tool_calls]
+    assert last.finish_reason == "tool_calls"
+    whole = sdk.chat.completions.create(tool_choice="required", seed=2, **kw).choices[0]
+    assert [(c.function.name, c.function.arguments) for c in last.delta.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    # "auto" with a template that renders no tools (the tiny model's): the model's text.
+    auto = sdk.chat.completions.create(seed=1, **kw).choices[0]
+    assert auto.message.tool_calls is None and auto.message.content
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"functions": [WEATHER["function"]]}, "functions")])
+def test_bad_tool_requests_are_named(client, fields, param):
+    r = post(client, CHAT, {**BASE[CHAT], **fields})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_generate_takes_n(client):
+    """n choices: a list of answers with their index, each drawn with seed + index (so
+    choice 1 of seed 5 is choice 0 of seed 6); streamed, every event names its choice."""
+    def gen(n, seed, stream=False):
+        return post(client, GEN, {"input_ids": [5, 6], "stream": stream, "sampling_params": {
+            "max_new_tokens": 6, "temperature": 1.0, "seed": seed, "n": n, "ignore_eos": True}})
+    answers = gen(3, 5).json()
+    assert [a["index"] for a in answers] == [0, 1, 2]
+    assert answers[1]["output_ids"] == gen(1, 6).json()["output_ids"]
+    assert len({tuple(a["output_ids"]) for a in answers}) > 1
+    events = [json.loads(line[6:]) for line in gen(2, 5, stream=True).text.splitlines()
+              if line.startswith("data: {")]
+    last = {e["index"]: e for e in events}
+    assert [last[i]["output_ids"] for i in (0, 1)] == [a["output_ids"] for a in answers[:2]]
+    r = post(client, GEN, {"input_ids": [5], "sampling_params": {"n": 9}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.n"
