@@ -32,11 +32,11 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
     logprobs = body.top_logprobs_num if body.return_logprob else None
     # SGLang's: the prompt's log probabilities from position logprob_start_len (-1: none).
     start = body.logprob_start_len if logprobs is not None else -1
-    reqs = s.make_requests([getattr(body, prompt_field)],
-                           lambda _, j: sampling_params(sp, sp.max_new_tokens,
-                                                        sp.min_new_tokens, j, logprobs,
-                                                        logprobs if start >= 0 else None),
-                           sp.n, names)
+    reqs = await s.make_requests(
+        [getattr(body, prompt_field)],
+        lambda _, j: sampling_params(sp, sp.max_new_tokens, sp.min_new_tokens, j, logprobs,
+                                     logprobs if start >= 0 else None),
+        sp.n, names)
     s.check_up()
 
     def result(i, text, reason):

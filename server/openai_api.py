@@ -33,7 +33,7 @@ async def completions(body: CompletionRequest, http: Request, s: Ctx):
     # alone (what lm-evaluation-harness sends for log-likelihoods: one token is drawn and
     # dropped).
     prompt_only = body.echo and body.max_tokens == 0
-    reqs = s.make_requests(
+    reqs = await s.make_requests(
         body.prompt,
         lambda _, j: sampling_params(body, 1 if prompt_only else body.max_tokens,
                                      body.min_tokens, j, body.logprobs,
@@ -115,8 +115,8 @@ async def chat(body: ChatRequest, http: Request, s: Ctx):
         n = s.front.default_max_tokens(len(prompt)) if max_tokens is None else max_tokens
         return sampling_params(body, n, body.min_tokens, j, top)
     guided = {"guided_json": "tool_choice"} if forced is not None else GUIDED_FIELDS
-    reqs = s.make_requests([ids], params_of, body.n,
-                           guided | {"prompt": "messages", "max_tokens": named})
+    reqs = await s.make_requests([ids], params_of, body.n,
+                                 guided | {"prompt": "messages", "max_tokens": named})
     s.check_up()
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": s.model_name}

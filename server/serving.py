@@ -74,15 +74,19 @@ class Serving:
                                 f"{self.engine.error or 'its process ended'}",
                            None, "service_unavailable")
 
-    def make_requests(self, prompts, params_of: Callable, n: int = 1,
-                      params: dict | None = None) -> list:
+    async def make_requests(self, prompts, params_of: Callable, n: int = 1,
+                            params: dict | None = None) -> list:
         """n requests per prompt, params_of(prompt, j) giving choice j's SamplingParams. An
         InvalidRequest becomes a 400 whose param is renamed by `params` (the request field
-        name differs per endpoint)."""
-        try:
+        name differs per endpoint). Built in a worker thread: tokenizing a long prompt and
+        compiling a grammar (engine.guided) take long and release the GIL, and the event loop
+        goes on serving meanwhile."""
+        def make():
             return [self.front.make_request(f"req-{uuid.uuid4().hex}", prompt,
                                             params_of(prompt, j))
                     for prompt in prompts for j in range(n)]
+        try:
+            return await asyncio.to_thread(make)
         except InvalidRequest as e:
             raise ApiError(400, str(e), (params or {}).get(e.param, e.param)) from None
 

@@ -120,7 +120,7 @@ def test_the_compile_thread_finishes_while_requests_run(reference):
     guided = buckets.largest(pages, GUIDED)
     every += guided + [dataclasses.replace(s, steps=1) for s in guided if s.kind == "loop"]
     every += [s for s in buckets.largest(pages, PROMPT) if s.kind == "step"]
-    assert len(programs) == len(set(every)) == 13 + 2 + 2 + (2 + 1) + 1
+    assert len(programs) == len(set(every)) == 13 + 3 + (3 + 1) + 2
     before = compiles["xla"]
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
     assert compiles["xla"] == before and llm.engine.stats()["request_path_compiles"] == 0
