@@ -12,11 +12,17 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 def bench_module(name: str):
     """bench/<name>.py loaded as the module bench_<name> (bench/ is scripts, not a package);
-    registered in sys.modules first, where dataclasses look their module up while it runs."""
+    registered in sys.modules first, where dataclasses look their module up while it runs.
+    sys.path is put back after: scripts that import their neighbours put bench/ first on it,
+    where bench/kernels.py would shadow the kernels package for every later import."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path
     return module
 
 
