@@ -136,8 +136,7 @@ async def chat(body: ChatRequest, http: Request, s: Ctx):
             if reason is None:
                 return None
             lps = lps if top is not None else None
-        delta, reason = message(text, reason) if reason is not None else ({"content": text},
-                                                                             reason)
+        delta, reason = message(text, reason)
         if "tool_calls" in delta:
             delta["tool_calls"] = [{"index": k} | c for k, c in enumerate(delta["tool_calls"])]
         delta |= {} if i in opened else {"role": "assistant"}

@@ -6,8 +6,8 @@ server.errors). Sampling values are range-checked once, by SamplingParams, for e
 No field is silently ignored. A field these bodies do not declare is refused (400 naming it),
 but for IGNORED_FIELDS, which tell an engine nothing (who the end user is, what OpenAI should
 store). Fields of OpenAI's, vLLM's or SGLang's APIs that this server does not implement yet
-(tools, best_of, suffix, ebnf grammars, ...) are declared `Unsupported`:
-accepted at the value that asks for nothing (what clients send by default: null, 0, false, {},
+(best_of, suffix, OpenAI's older function-calling names, ebnf grammars) are declared
+`Unsupported`: accepted at the value that asks for nothing (what clients send by default: null, 0, false, {},
 []), refused naming the field at any other.
 """
 
