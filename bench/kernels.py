@@ -9,7 +9,9 @@ laid out contiguously, and a plain device copy of as many bytes. Decode speed is
 per second; the copy counts bytes read + written. Prefill (causal, 8192 tokens, 32 heads,
 head_dim 128, fp16): our paged kernels (Mosaic GPU, kernels/mgpu.py, the one
 kernels.paged_attention picks on Hopper; and the Triton one, kernels/gpu.py) against PyTorch
-SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLOP/s.
+SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLOP/s. Mixed (`--cases mixed`):
+decode batches whose rows differ in length by up to 500x, and two of one length, at head_dim
+64 and 128, against SDPA and a copy of the same bytes (mixed_case).
 """
 
 import argparse
@@ -29,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import worklist  # noqa: E402
 from kernels.gpu import paged_attention_gpu  # noqa: E402
-from kernels.mgpu import decode_splits, paged_decode_mgpu, paged_prefill_mgpu  # noqa: E402
+from kernels.mgpu import paged_decode_mgpu, paged_prefill_mgpu  # noqa: E402
 from kernels.reference import paged_attention_reference  # noqa: E402
 
 N_HEADS, K_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -216,6 +219,73 @@ def prefill_case(tokens: int, sweep: list[dict], mosaic_sweep: list[dict],
     return result
 
 
+def mixed_lengths(rng: np.random.Generator) -> dict[str, list[int]]:
+    """Decode batches of issue 27: rows of one length, and rows of very different lengths."""
+    spread = np.exp(rng.uniform(np.log(1024), np.log(262144), 16)).astype(int).tolist()
+    return {"64x4096": [4096] * 64, "8x32768": [32768] * 8,
+            "1x1M+3x2k": [2**20] + [2048] * 3, "1x128k+63x2k": [131072] + [2048] * 63,
+            "16x[1k,256k]": spread}
+
+
+def mixed_case(name: str, lengths: list[int], head_dim: int, rng: np.random.Generator,
+               kernel=paged_decode_mgpu) -> dict:
+    """A decode call over rows of the given lengths (Llama-3.2-1B / 8B attention: 32 query heads,
+    8 KV heads, page 16, bf16, pages scattered): our kernel's default against PyTorch SDPA on
+    the same KV laid out contiguously (one batched call when the rows are of one length, else
+    one call a row, times summed) and a device copy of the same bytes; each checked against
+    SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    pages = [-(-s // PAGE) for s in lengths]
+    b, width = len(lengths), max(pages)
+    num_pages = sum(pages) + 1                                  # + the trash page
+    kq, kk, kv = jax.random.split(jax.random.key(int(rng.integers(2**31))), 3)
+    shape = (num_pages, PAGE, K_HEADS, head_dim)
+    k_pages = jax.random.normal(kk, shape, jnp.bfloat16)
+    v_pages = jax.random.normal(kv, shape, jnp.bfloat16)
+    q = jax.random.normal(kq, (b, 1, N_HEADS, head_dim), jnp.bfloat16)
+    ids = 1 + rng.permutation(num_pages - 1)
+    table = np.zeros((b, width), np.int32)
+    starts = np.cumsum([0] + pages)
+    for r, n in enumerate(pages):
+        table[r, :n] = ids[starts[r]:starts[r] + n]
+    args = (q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths, jnp.int32)[:, None] - 1,
+            jnp.asarray(lengths, jnp.int32))
+    kv_bytes = 2 * sum(lengths) * K_HEADS * head_dim * 2
+    out = np.asarray(kernel(*args), np.float32)[:, 0]            # [B,N,H]
+    seconds = time_jax(kernel, *args)
+    result = {"case": name, "head_dim": head_dim, "rows": b, "keys": sum(lengths),
+              "kv_bytes": kv_bytes, "items": worklist.default_items(b),
+              "ours": {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12}}
+
+    def dense(pool, r):                                         # [1,K,S,H]
+        rows = pool[jnp.asarray(table[r, :pages[r]])].reshape(-1, K_HEADS, head_dim)
+        return to_torch(jnp.transpose(rows[:lengths[r]][None], (0, 2, 1, 3)))
+    tq = to_torch(jnp.transpose(q, (0, 2, 1, 3)))               # [B,N,1,H]
+    sdpa = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
+    with torch.no_grad():
+        if len(set(lengths)) == 1:
+            tk = torch.cat([dense(k_pages, r) for r in range(b)])
+            tv = torch.cat([dense(v_pages, r) for r in range(b)])
+            want = sdpa(tq, tk, tv)[:, :, 0].float().cpu().numpy()
+            seconds = time_torch(lambda: sdpa(tq, tk, tv))
+        else:
+            kvs = [(dense(k_pages, r), dense(v_pages, r)) for r in range(b)]
+            want = np.concatenate([sdpa(tq[r:r + 1], *kvs[r])[:, :, 0].float().cpu().numpy()
+                                   for r in range(b)])
+            seconds = sum(time_torch(lambda r=r: sdpa(tq[r:r + 1], *kvs[r])) for r in range(b))
+            del kvs
+    result["ours"]["rel_err_vs_sdpa"] = rel_err(out, want)
+    result["torch_sdpa"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12,
+                            "calls": 1 if len(set(lengths)) == 1 else b}
+    result["ours_vs_sdpa"] = result["torch_sdpa"]["seconds"] / result["ours"]["seconds"]
+    flat = jnp.concatenate([k_pages.reshape(-1), v_pages.reshape(-1)])[:kv_bytes // 2]
+    seconds = time_jax(jax.jit(lambda x: x + jnp.bfloat16(1)), flat)
+    result["device_copy"] = {"seconds": seconds, "tb_s_read_write": 2 * kv_bytes / seconds / 1e12}
+    return result
+
+
 def grid(**axes) -> list[dict]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
@@ -226,16 +296,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="one config per shape: the kernels' defaults (what the engine runs)")
     p.add_argument("--commit", default=None, help="commit measured (default: git HEAD)")
+    p.add_argument("--cases", default="decode,prefill,mixed",
+                   help="which of decode, prefill, mixed (decode batches of mixed lengths, "
+                        "head_dim 64 and 128) to run")
     args = p.parse_args()
+    cases = set(args.cases.split(","))
     rng = np.random.default_rng()
     if args.quick:
-        triton_sweep = [dict(pages_per_block=None, num_splits=None, num_warps=None,
+        triton_sweep = [dict(pages_per_block=None, items=None, num_warps=None,
                              num_stages=None)]
         prefill_sweep = [dict(block_rows=128, pages_per_block=None, num_warps=None,
                               num_stages=None)]
         mosaic_sweep = [dict(block_kv=128, stages=2)]
     else:
-        triton_sweep = grid(pages_per_block=[4, 8], num_splits=[None], num_warps=[2, 4],
+        triton_sweep = grid(pages_per_block=[4, 8], items=[None], num_warps=[2, 4],
                             num_stages=[3, 4])
         prefill_sweep = grid(block_rows=[128, 256], pages_per_block=[4, 8], num_warps=[4, 8],
                              num_stages=[2, 3])
@@ -245,18 +319,24 @@ def main() -> None:
                                            capture_output=True, text=True).stdout.strip()
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "commit": commit,
-              "command": "python bench/kernels.py" + (" --quick" if args.quick else ""),
-              "decode": [], "prefill": []}
-    for batch, seq in [(64, 4096), (8, 32768), (1, 131072)]:
-        # Mosaic GPU decode: the default (None: what the engine runs), then twice the splits
+              "command": "python bench/kernels.py" + (" --quick" if args.quick else "")
+              + (f" --cases {args.cases}" if cases != {"decode", "prefill", "mixed"} else ""),
+              "decode": [], "prefill": [], "mixed": []}
+    for batch, seq in [(64, 4096), (8, 32768), (1, 131072)] if "decode" in cases else []:
+        # Mosaic GPU decode: the default (None: what the engine runs), then twice the items
         # (two programs an SM), each with one and two slots of pages in flight.
-        splits = decode_splits(batch, seq // PAGE)
-        decode_sweep = [dict(num_splits=None, stages=None)]
+        items = worklist.default_items(batch)
+        decode_sweep = [dict(items=None, stages=None)]
         if not args.quick:
-            decode_sweep += grid(num_splits=[splits, 2 * splits], stages=[1, 2])
+            decode_sweep += grid(items=[items, 2 * items], stages=[1, 2])
         report["decode"].append(decode_case(batch, seq, decode_sweep, triton_sweep, rng))
         print(json.dumps(report["decode"][-1]["best"]), flush=True)
-    report["prefill"].append(prefill_case(8192, prefill_sweep, mosaic_sweep, rng))
+    if "prefill" in cases:
+        report["prefill"].append(prefill_case(8192, prefill_sweep, mosaic_sweep, rng))
+    for name, lengths in mixed_lengths(rng).items() if "mixed" in cases else []:
+        for head_dim in (64, 128):
+            report["mixed"].append(mixed_case(name, lengths, head_dim, rng))
+            print(json.dumps(report["mixed"][-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\n{report['device']}  jax {report['jax']}  {report['date']}  {commit}")
@@ -268,6 +348,12 @@ def main() -> None:
               f"{r['ours_contiguous_table']['tb_s']:7.2f} "
               f"{r['best_triton']['tb_s']:7.2f} {r['jax_paged']['tb_s']:7.2f} "
               f"{r['torch_sdpa']['tb_s']:7.2f} {r['device_copy']['tb_s_read_write']:7.2f}")
+    print(f"{'mixed decode':>16} {'H':>4} {'ours':>7} {'sdpa':>7} {'copy':>7} {'ours/sdpa':>9}"
+          "  TB/s (copy: read+write)")
+    for r in report["mixed"]:
+        print(f"{r['case']:>16} {r['head_dim']:>4} {r['ours']['tb_s']:7.2f} "
+              f"{r['torch_sdpa']['tb_s']:7.2f} {r['device_copy']['tb_s_read_write']:7.2f} "
+              f"{r['ours_vs_sdpa']:9.2f}")
     for r in report["prefill"]:
         mosaic = r["jax_mosaic_attention"].get("tflop_s", float("nan"))
         print(f"prefill {r['tokens']} causal: ours mosaic {r['best_mosaic']['tflop_s']:.0f}  "

@@ -34,7 +34,7 @@ from flax import nnx
 
 import kernels
 import kvcache
-from engine import limits, parallel
+from engine import envs, limits, parallel
 from engine.config import EngineConfig
 from engine.front import Front
 from engine.guided import Grammars
@@ -84,9 +84,11 @@ class Engine:
             self.graphdef, self.params = parallel.shard_model(module, mesh)
         self.model_config = cfg = module.cfg     # its KV heads repeated if tp > num_kv_heads
         self.context_length = c.context_length or cfg.max_position_embeddings
-        if self.context_length > cfg.max_position_embeddings:
+        if self.context_length > cfg.max_position_embeddings and not envs.ALLOW_LONGER_CONTEXT:
             raise ValueError(f"context_length={self.context_length} exceeds the model's "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+                             f"max_position_embeddings={cfg.max_position_embeddings}; set "
+                             "HYBRIDKV_ALLOW_LONGER_CONTEXT=1 to serve positions past those "
+                             "it was trained on")
         # Sized on one device, which holds its share of the weights and K/tp heads of each page.
         device = jax.devices()[0]
         counts_bytes = c.max_running_requests * cfg.vocab_size * 4     # KVCache.counts

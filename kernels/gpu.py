@@ -6,18 +6,17 @@ that runs on the GPU), and lets us set warps and pipeline stages per call. jax 0
 it in favour of Mosaic GPU, whose paged gathers need TMA descriptors per page; that port is the
 next step if the Triton version cannot reach the bandwidth target (see BENCHMARKS.md).
 
-One kernel serves decode rows (one query token) and chunked-prefill rows (many query tokens at
-arbitrary positions) in the same batch. A program owns one (row, KV head, query block, split):
+Two kernels share one key loop (`_attend`: ppb pages, one gather, at a time, online softmax in
+base 2 (the scale folds log2(e) in and the kernels use exp2)):
 
-    rows of the program: block_t query tokens x Qp query heads of one KV head (GQA folded in);
-          decode rows read their heads straight from q and, with one split, write o in place
-    keys: the row's pages [split * pages_per_split, ...), ppb pages (one gather) at a time,
-          stopping at the last position any of its queries can see
-    out:  with one split, o normalised, in q's dtype; with several, unnormalised o, running
-          max m and softmax sum per split (in base 2: the scale folds log2(e) in and the
-          kernel uses exp2), which merge in XLA
-
-Split-K gives a long sequence several programs when the batch alone cannot fill the GPU.
+    prefill (rows of many query tokens at arbitrary positions): a program owns one (row, KV
+          head, query block) of block_t tokens x Qp query heads of one KV head (GQA folded
+          in), and writes its normalised output
+    decode (one query token a row): a program owns one (work item, KV head), the items cut by
+          length over the whole call (kernels/worklist.py: a long row gets many, a short row
+          one); the GQA group's heads are read straight from q. With an item a row, o goes in
+          place, normalised, in q's dtype; with more, each item's unnormalised o, running max
+          and softmax sum merge in XLA
 """
 
 import functools
@@ -28,52 +27,29 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import worklist
+
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs,
-            ppb: int, pages_per_split: int, scale: float, cap: float | None,
-            window: int | None, group: tuple[int, int] | None):
-    """stat_refs: (m_ref, sum_ref) when the splits merge outside; none with one split, whose
-    o_ref takes the normalised output.
-
-    group: None for prefill rows: q_ref, pos_ref and o_ref hold the program's own rows. For
-    decode, (Q, Qp): q_ref [N,H] and o_ref [N,H] hold the token's every head and pos_ref [1] its
-    position; the program reads query heads [KV head * Q, + Q) padded to Qp rows, and with one
-    split writes them straight into o_ref, so no XLA op regroups q or o around the call.
-
-    Logits are q.k * scale, or with a soft-cap cap * tanh(q.k * scale): both in log2 units."""
+def _attend(q, pos, kv_len, table_at, k_ref, v_ref, start_page, end_page, num_full, *,
+            ppb: int, scale: float, cap: float | None, window: int | None):
+    """Online softmax of q [R,H] (rows at positions pos [R], -1 padding) over the keys of pages
+    [start_page, end_page), ppb pages (one gather) a block; the first num_full blocks, which
+    every live row sees whole, unmasked. Returns unnormalised o [R,H], running max m [R] and
+    softmax sum [R], in base 2. table_at(first) -> the ppb page ids from table column first."""
     g = k_ref.shape[1]
     block_k = ppb * g
-    kv_len = lens_ref[0]
-    if group is None:
-        pos = pos_ref[...]                                             # [R]
-        q = q_ref[...]                                                 # [R,H]
-    else:
-        q_per_kv, qp = group
-        heads = pl.ds(pl.program_id(1) * q_per_kv, qp)       # may run past N: masked
-        own = jnp.broadcast_to((jnp.arange(qp) < q_per_kv)[:, None], (qp, q_ref.shape[1]))
-        q = plgpu.load(q_ref.at[heads], mask=own, other=0)             # [Qp,H]
-        pos = jnp.broadcast_to(pos_ref[...], (qp,))
-    live = pos >= 0
     exact = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # float32: no TF32
     rows, head_dim = q.shape
-    split_start = pl.program_id(3) * pages_per_split
-    last = jnp.minimum(jnp.max(pos) + 1, kv_len)                       # keys s < last
-    end_page = jnp.minimum(pl.cdiv(last, g), split_start + pages_per_split)
-    start_page = split_start
-    if window is not None:
-        lowest = jnp.min(jnp.where(live, pos, jnp.iinfo(jnp.int32).max))
-        skip = jnp.maximum((lowest - window + 1) // g - split_start, 0) // ppb * ppb
-        start_page = split_start + skip        # whole blocks, so reads stay inside the table
     num_blocks = jnp.maximum(pl.cdiv(end_page - start_page, ppb), 0)
 
     def block(j, carry, masked: bool):
         o, m, total = carry
         first = start_page + j * ppb
-        ids = table_ref[pl.ds(first, ppb)]                             # [ppb]
+        ids = table_at(first)                                          # [ppb]
         k = k_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
         v = v_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
         logits = plgpu.dot(q, k.T, precision=exact).astype(jnp.float32) * scale   # log2 units
@@ -95,25 +71,68 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
             jnp.float32)
         return o, m_new, total * correction + jnp.sum(p, axis=1)
 
-    # Prefill: leading blocks that every live row sees whole need no mask; the rest (the
-    # diagonal, the end of the row, a sliding window) do. Decode keeps one loop: measured on
-    # the H100, splitting it cost ~9% of its bandwidth (BENCHMARKS.md).
-    num_full = 0
-    if window is None and group is None:
-        seen_by_all = jnp.minimum(jnp.min(jnp.where(live, pos, kv_len)) + 1, kv_len)
-        num_full = jnp.clip((seen_by_all // g - start_page) // ppb, 0, num_blocks)
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     carry = jax.lax.fori_loop(0, num_full, functools.partial(block, masked=False), init)
-    o, m, total = jax.lax.fori_loop(num_full, num_blocks, functools.partial(block, masked=True),
-                                    carry)
-    if not stat_refs:                  # one split: the output itself
+    return jax.lax.fori_loop(num_full, num_blocks, functools.partial(block, masked=True), carry)
+
+
+def _prefill_kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, ppb: int,
+                    scale: float, cap: float | None, window: int | None):
+    """One (row, KV head, query block): q_ref, pos_ref and o_ref hold the program's own rows.
+    Leading key blocks that every live row sees whole need no mask; the rest (the diagonal,
+    the end of the row, a sliding window) do."""
+    g = k_ref.shape[1]
+    kv_len = lens_ref[0]
+    pos = pos_ref[...]                                                 # [R]
+    live = pos >= 0
+    last = jnp.minimum(jnp.max(pos) + 1, kv_len)                       # keys s < last
+    start_page = 0
+    if window is not None:
+        lowest = jnp.min(jnp.where(live, pos, jnp.iinfo(jnp.int32).max))
+        # whole blocks, so reads stay inside the table
+        start_page = jnp.maximum((lowest - window + 1) // g, 0) // ppb * ppb
+    end_page = pl.cdiv(last, g)
+    num_full = 0
+    if window is None:
+        seen_by_all = jnp.minimum(jnp.min(jnp.where(live, pos, kv_len)) + 1, kv_len)
+        num_full = jnp.clip(seen_by_all // g // ppb, 0, pl.cdiv(end_page, ppb))
+    o, _, total = _attend(q_ref[...], pos, kv_len, lambda first: table_ref[pl.ds(first, ppb)],
+                          k_ref, v_ref, start_page, end_page, num_full, ppb=ppb, scale=scale,
+                          cap=cap, window=window)
+    o = o / jnp.where(total > 0, total, 1.0)[:, None]
+    o_ref[...] = jnp.where(live[:, None], o, 0.0).astype(o_ref.dtype)     # padding rows: 0
+
+
+def _decode_kernel(plan_ref, lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref,
+                   *stat_refs, ppb: int, scale: float, cap: float | None, window: int | None,
+                   q_per_kv: int, qp: int):
+    """One (work item, KV head): the item's row and pages [lo, hi) come from plan_ref [3,I]
+    (kernels/worklist.py); lens_ref [B], table_ref [B,M+ppb], pos_ref [B,1] and q_ref [B,N,H]
+    are whole. Query heads [KV head * Q, + Q), padded to Qp rows, read straight from q. With
+    an item a row (no stat_refs), the normalised output of the group's heads goes straight into
+    o_ref [N,H]; else the item's unnormalised o, running max and sum, merged in XLA. Decode
+    keeps one masked loop: measured on the H100, splitting it cost ~9% of its bandwidth."""
+    item = pl.program_id(0)
+    row = jnp.minimum(plan_ref[0, item], lens_ref.shape[0] - 1)   # an empty item: no block
+    heads = pl.ds(pl.program_id(1) * q_per_kv, qp)           # may run past N: masked
+    own = jnp.broadcast_to((jnp.arange(qp) < q_per_kv)[:, None], (qp, q_ref.shape[-1]))
+    q = plgpu.load(q_ref.at[row, heads], mask=own, other=0)            # [Qp,H]
+    at, kv_len = pos_ref[row, 0], lens_ref[row]
+    pos = jnp.broadcast_to(at, (qp,))
+    g = k_ref.shape[1]
+    start = plan_ref[1, item]
+    if window is not None:
+        start = jnp.maximum(start, (at - window + 1) // g)
+    end = jnp.minimum(plan_ref[2, item], pl.cdiv(jnp.minimum(at + 1, kv_len), g))
+    o, m, total = _attend(q, pos, kv_len, lambda first: table_ref[row, pl.ds(first, ppb)],
+                          k_ref, v_ref, start, end, 0, ppb=ppb, scale=scale, cap=cap,
+                          window=window)
+    live = pos >= 0
+    if not stat_refs:
         o = o / jnp.where(total > 0, total, 1.0)[:, None]
-        o = jnp.where(live[:, None], o, 0.0).astype(o_ref.dtype)     # padding rows: 0
-        if group is None:
-            o_ref[...] = o
-        else:                          # only the group's own heads
-            plgpu.store(o_ref.at[heads], o, mask=own)
+        plgpu.store(o_ref.at[heads], jnp.where(live[:, None], o, 0.0).astype(o_ref.dtype),
+                    mask=own)
         return
     m_ref, sum_ref = stat_refs
     o_ref[...] = jnp.where(live[:, None], o, 0.0)
@@ -122,66 +141,37 @@ def _kernel(lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "interpret",
-                                             "pages_per_block", "num_splits", "block_rows",
+                                             "pages_per_block", "items", "block_rows",
                                              "num_warps", "num_stages"))
 def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                         sliding_window=None, logit_softcap=None, interpret=False,
-                        pages_per_block=None, num_splits=None, block_rows=128, num_warps=None,
+                        pages_per_block=None, items=None, block_rows=128, num_warps=None,
                         num_stages=None):
     """Same contract as kernels.paged_attention (see there). The tuning knobs default to the
     best of bench/kernels.py's sweep on the H100 (BENCHMARKS.md); block_rows: query rows
-    (tokens x heads of a GQA group) per program when T > 1."""
+    (tokens x heads of a GQA group) per program when T > 1; items: decode work items (default
+    enough for ~4 waves of programs over 132 SMs, at least one a row)."""
     b, t, n, h = q.shape
     _, g, k, _ = k_pages.shape
     m_width = page_table.shape[1]
     q_per_kv = n // k
-    if t == 1:                     # decode: one token, the whole GQA group, at least 16 rows
-        block_t, qp = 1, max(16, _pow2(q_per_kv))
-        num_warps, num_stages = num_warps or 2, num_stages or 4
-    else:                          # prefill chunk: ~block_rows query rows a program
-        qp = _pow2(q_per_kv)
-        block_t = max(1, block_rows // qp)
-        num_warps, num_stages = num_warps or 4, num_stages or 2
     # ~64 keys a block; never under 16, the smallest dot dimension Triton handles (measured on
     # the H100: 4-key blocks in bfloat16 gave outputs 4x too large)
     ppb = max(min(pages_per_block or max(1, 64 // g), _pow2(m_width)), pl.cdiv(16, g))
-    t_pad = pl.cdiv(t, block_t) * block_t
-    blocks = pl.cdiv(m_width, ppb)
-    if num_splits is None:         # enough programs for ~4 waves over 132 SMs
-        num_splits = 1 if t > 1 else max(1, min(blocks, 528 // (b * k)))
-    blocks_per_split = pl.cdiv(blocks, num_splits)
-    pages_per_split = blocks_per_split * ppb
-    table = jnp.pad(page_table, ((0, 0), (0, num_splits * pages_per_split - m_width)))
-
     scale, cap = log2_logits(h, logit_softcap)
-    kv_specs = [pl.BlockSpec((1,), lambda i, j, r, s: (i,)),                     # kv_lens
-                pl.BlockSpec((None, table.shape[1]), lambda i, j, r, s: (i, 0))]  # table
-    page_specs = [pl.BlockSpec((k_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0)),
-                  pl.BlockSpec((v_pages.shape[0], g, None, h), lambda i, j, r, s: (0, 0, j, 0))]
-    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps or (2 if t == 1 else 4),
+                                                       num_stages=num_stages or (4 if t == 1 else 2)),
                   interpret=interpret, name="hybridkv_paged_attention")
+    options = dict(ppb=ppb, scale=scale, cap=cap, window=sliding_window)
     lens = kv_lens.astype(jnp.int32)
-    kernel = functools.partial(_kernel, ppb=ppb, pages_per_split=pages_per_split, scale=scale,
-                               cap=cap, window=sliding_window)
-    if t == 1:                     # decode: q, positions and (one split) o as they are
-        kernel = functools.partial(kernel, group=(q_per_kv, qp))
-        token = pl.BlockSpec((None, None, n, h), lambda i, j, r, s: (i, 0, 0, 0))   # [N,H]
-        in_specs = [*kv_specs, pl.BlockSpec((None, 1), lambda i, j, r, s: (i, 0)), token,
-                    *page_specs]
-        if num_splits == 1:
-            return pl.pallas_call(kernel, grid=(b, k, 1, 1), in_specs=in_specs, out_specs=token,
-                                  out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), **params)(
-                lens, table, q_positions, q, k_pages, v_pages)
-        part = (b, k, num_splits, qp)
-        outs = pl.pallas_call(
-            kernel, grid=(b, k, 1, num_splits), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, None, qp, h), lambda i, j, r, s: (i, j, s, 0, 0)),
-                       *[pl.BlockSpec((None, None, None, qp), lambda i, j, r, s: (i, j, s, 0))] * 2],
-            out_shape=[jax.ShapeDtypeStruct((*part, h), jnp.float32),
-                       *[jax.ShapeDtypeStruct(part, jnp.float32)] * 2],
-            **params)(lens, table, q_positions, q, k_pages, v_pages)
-        return merge_splits(*outs)[:, :, :q_per_kv].reshape(b, 1, n, h).astype(q.dtype)
+    if t == 1:
+        return _decode(q, k_pages, v_pages, page_table, q_positions, lens, items=items,
+                       params=params, options=options)
 
+    qp = _pow2(q_per_kv)
+    block_t = max(1, block_rows // qp)
+    t_pad = pl.cdiv(t, block_t) * block_t
+    table = jnp.pad(page_table, ((0, 0), (0, pl.cdiv(m_width, ppb) * ppb - m_width)))
     rows = block_t * qp
     qg = q.reshape(b, t, k, q_per_kv, h).transpose(0, 2, 1, 3, 4)           # [B,K,T,Q,H]
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, t_pad - t), (0, qp - q_per_kv), (0, 0)))
@@ -190,33 +180,71 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     pos = jnp.repeat(pos, qp, axis=1)                                        # [B,Tp*Qp]
     # Later query blocks see more keys: launch them first so the short ones fill the tail.
     n_t = t_pad // block_t
-    kernel = functools.partial(kernel, group=None)
-    part = (b, k, num_splits, t_pad * qp)
-    o_spec = pl.BlockSpec((None, None, None, rows, h), lambda i, j, r, s: (i, j, s, n_t - 1 - r, 0))
-    stat_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, r, s: (i, j, s, n_t - 1 - r))
-    if num_splits == 1:
-        out_specs, out_shape = [o_spec], [jax.ShapeDtypeStruct((*part, h), q.dtype)]
-    else:
-        out_specs = [o_spec, stat_spec, stat_spec]
-        out_shape = [jax.ShapeDtypeStruct((*part, h), jnp.float32),
-                     jax.ShapeDtypeStruct(part, jnp.float32),
-                     jax.ShapeDtypeStruct(part, jnp.float32)]
-    outs = pl.pallas_call(
-        kernel,
-        grid=(b, k, n_t, num_splits),
+    o = pl.pallas_call(
+        functools.partial(_prefill_kernel, **options),
+        grid=(b, k, n_t),
         in_specs=[
-            *kv_specs,
-            pl.BlockSpec((None, rows), lambda i, j, r, s: (i, n_t - 1 - r)),      # positions
-            pl.BlockSpec((None, None, rows, h), lambda i, j, r, s: (i, j, n_t - 1 - r, 0)),
-            *page_specs,
+            pl.BlockSpec((1,), lambda i, j, r: (i,)),                                # kv_lens
+            pl.BlockSpec((None, table.shape[1]), lambda i, j, r: (i, 0)),            # table
+            pl.BlockSpec((None, rows), lambda i, j, r: (i, n_t - 1 - r)),            # positions
+            pl.BlockSpec((None, None, rows, h), lambda i, j, r: (i, j, n_t - 1 - r, 0)),
+            *_page_specs(k_pages, v_pages, lambda i, j, r: (0, 0, j, 0)),
         ],
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=pl.BlockSpec((None, None, rows, h), lambda i, j, r: (i, j, n_t - 1 - r, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, k, t_pad * qp, h), q.dtype),
         **params,
     )(lens, table, pos, qg, k_pages, v_pages)
-    o = outs[0][:, :, 0] if num_splits == 1 else merge_splits(*outs)
     return o.reshape(b, k, t_pad, qp, h)[:, :, :t, :q_per_kv] \
-        .transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+        .transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
+def _page_specs(k_pages, v_pages, index):
+    """The whole pool, one KV head (grid axis 1) of it."""
+    return [pl.BlockSpec((pages.shape[0], pages.shape[1], None, pages.shape[3]), index)
+            for pages in (k_pages, v_pages)]
+
+
+def _decode(q, k_pages, v_pages, page_table, q_positions, lens, *, items, params, options):
+    """Decode calls (one query token a row): a program per (work item, KV head), the items cut
+    by length over the call (kernels/worklist.py); the whole GQA group a program, at least 16
+    rows."""
+    b, _, n, h = q.shape
+    _, g, k, _ = k_pages.shape
+    q_per_kv, qp = n // k, max(16, _pow2(n // k))
+    ppb = options["ppb"]
+    items = items or max(b, 528 // k)          # ~4 waves of programs over 132 SMs
+    m_width = page_table.shape[1]
+    # ppb more columns (trash page 0): an item's last block may run past the table's end.
+    table = jnp.pad(page_table, ((0, 0), (0, ppb))).astype(jnp.int32)
+    if items > b:
+        work = worklist.plan(q_positions[:, 0], lens, page_size=g, block_pages=ppb, items=items,
+                             window=options["window"])
+    else:
+        assert items == b, f"a decode call needs at least one item a row ({items} for {b})"
+        work = jnp.stack([jnp.arange(b, dtype=jnp.int32), jnp.zeros(b, jnp.int32),
+                          jnp.full(b, m_width, jnp.int32)])
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)   # noqa: E731
+    qs = q.reshape(b, n, h)
+    inputs = (work, lens, table, q_positions.astype(jnp.int32), qs)
+    kernel = functools.partial(_decode_kernel, **options, q_per_kv=q_per_kv, qp=qp)
+    in_specs = [*map(whole, inputs), *_page_specs(k_pages, v_pages, lambda i, j: (0, 0, j, 0))]
+    if items == b:            # item i is row i: the output in place
+        return pl.pallas_call(
+            kernel, grid=(b, k), in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, n, h), lambda i, j: (i, 0, 0)),
+            out_shape=jax.ShapeDtypeStruct(qs.shape, q.dtype), **params)(
+            *inputs, k_pages, v_pages).reshape(q.shape)
+    part = (items, k, qp)
+    o, m, total = pl.pallas_call(
+        kernel, grid=(items, k), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, qp, h), lambda i, j: (i, j, 0, 0)),
+                   *[pl.BlockSpec((None, None, qp), lambda i, j: (i, j, 0))] * 2],
+        out_shape=[jax.ShapeDtypeStruct((*part, h), jnp.float32),
+                   *[jax.ShapeDtypeStruct(part, jnp.float32)] * 2],
+        **params)(*inputs, k_pages, v_pages)
+    flat = lambda x: x.reshape(items, k * qp, *x.shape[3:])              # noqa: E731
+    out = worklist.merge(flat(o), flat(m), flat(total), work[0], b)      # [B,K*Qp,H]
+    return out.reshape(b, k, qp, h)[:, :, :q_per_kv].reshape(q.shape).astype(q.dtype)
 
 
 def log2_logits(head_dim: int, logit_softcap: float | None) -> tuple[float, float | None]:
@@ -226,15 +254,3 @@ def log2_logits(head_dim: int, logit_softcap: float | None) -> tuple[float, floa
     if logit_softcap is None:
         return math.log2(math.e) / math.sqrt(head_dim), None
     return 1 / (math.sqrt(head_dim) * logit_softcap), math.log2(math.e) * logit_softcap
-
-
-def merge_splits(o, m, total):
-    """o [...,S,R,H], m and total [...,S,R]: partial results over disjoint key ranges (running
-    max in log2 units, and softmax denominator) -> [...,R,H].
-    Rows that saw no key at all are zero."""
-    peak = jnp.max(m, axis=-2, keepdims=True)
-    peak = jnp.where(peak == -jnp.inf, 0.0, peak)
-    w = jnp.exp2(m - peak)                                                   # [...,S,R]
-    denom = jnp.sum(w * total, axis=-2)
-    out = jnp.sum(w[..., None] * o, axis=-3)
-    return out / jnp.where(denom > 0, denom, 1.0)[..., None]

@@ -22,17 +22,18 @@ The two consumers take turns on the tensor cores (a shared barrier), so one's so
 the other's matmuls. Constraints, checked by `supports`: fp16/bf16, head_dim 64 or 128, page
 size a multiple of 8 dividing block_kv, no sliding window.
 
-Decode (`paged_decode_mgpu`). A program owns one (row, split of the row's pages) and all its
-heads. A page of the pool, [G,K,H], is one contiguous [G*K, H] matrix (rows: slot x KV head), so
-each page is a single TMA copy of G*K*H elements (32 KB for G=16, K=8, H=128):
+Decode (`paged_decode_mgpu`). A program owns one work item (a row and a run of its pages, cut
+by length over the whole call: kernels/worklist.py) and all its heads. A page of the pool,
+[G,K,H], is one contiguous [G*K, H] matrix (rows: slot x KV head), so each page is a single TMA
+copy of G*K*H elements (32 KB for G=16, K=8, H=128):
 
-    producer warpgroup: the split's page ids, read one step ahead; per key block of pages, one
+    producer warpgroup: the item's page ids, read one step ahead; per key block of pages, one
         TMA per page for K and one for V into a ring of `stages` slots
     consumer warpgroup: S = Q' K_page^T with Q' [64, H] the row's N query heads repeated down
         one wgmma tile, so S is [64, G*K]; column (slot, KV head) is kept for row r only if
         the KV head is r's own (r % N // Q) and the slot holds a visible key; online softmax
         over the kept columns, then O += P V_page, where the zeroed columns make every row
-        take its own head's values. Partials of several splits merge in XLA (log-sum-exp).
+        take its own head's values. Partials of a row's items merge in XLA (log-sum-exp).
 
 The tensor cores do 16x the useful multiply-adds (8 KV heads x 2 for the repeated rows), about
 190 TFLOP/s at 3 TB/s, which the H100 has to spare; in exchange the copies are the largest
@@ -60,7 +61,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.gpu import log2_logits, merge_splits
+from kernels import worklist
+from kernels.gpu import log2_logits
 
 BLOCK_Q = 64        # query rows per consumer warpgroup (one wgmma M tile)
 
@@ -326,22 +328,15 @@ def supports_decode(q, k_pages, page_table) -> bool:
             and q.shape[0] * page_table.shape[1] * g >= DECODE_MIN_KEYS)
 
 
-def decode_splits(batch: int, table_width: int, pages_per_block: int = 1) -> int:
-    """Programs a row for paged_decode_mgpu's default: rows x splits fill one wave of the
-    GPU's SMs (one program an SM), and no split is shorter than a key block."""
-    sms = getattr(jax.devices()[0], "core_count", None) or 132     # an H100 SXM's, off-GPU
-    return max(1, min(table_width // pages_per_block, sms // batch))
-
-
-def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
-                   g: int, q_per_kv: int, ppb: int, pages_per_split: int, stages: int,
-                   window: int | None, logit_softcap: float | None):
+def _decode_kernel(q_ref, pos_ref, lens_ref, plan_ref, table_ref, k_ref, v_ref, o_ref, lse_ref,
+                   scoped, *, g: int, q_per_kv: int, ppb: int, stages: int, window: int | None,
+                   logit_softcap: float | None):
     (q_smem, p_smem, ring), (k_full, v_full, q_full), (k_free, v_free) = scoped
     # With splits, the partial's staging shares its memory with the copy ring (it is written
     # only once the ring is done), so a program needs no more than the ring and Q.
     (k_smem, v_smem), (o_smem, lse_smem) = (ring, (None, None)) if lse_ref is None else ring
-    b = lax.axis_index("rows")
-    split = lax.axis_index("splits")
+    item = lax.axis_index("items")
+    b = jnp.minimum(plan_ref[0, item], q_ref.shape[0] - 1)    # an empty item reads row B - 1's
     wg = lax.axis_index("wg")
     n, head_dim = q_ref.shape[1:]
     page_cols = k_ref.shape[1]                         # G * K: (slot, KV head) pairs a page
@@ -350,12 +345,12 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse
     dtype = q_ref.dtype
     scale, cap = log2_logits(head_dim, logit_softcap)  # logits in base-2 units
 
-    # Keys the row's query sees, cut to this split's pages: [first, last).
+    # Keys the row's query sees, cut to this item's pages: [first, last).
     pos = pos_ref[b, 0]
     last = jnp.minimum(pos + 1, lens_ref[b])
     first = jnp.int32(0) if window is None else jnp.maximum(pos - window + 1, 0)
-    lo = jnp.maximum(first // g, split * pages_per_split)
-    hi = jnp.minimum(pl.cdiv(last, g), (split + 1) * pages_per_split)
+    lo = jnp.maximum(first // g, plan_ref[1, item])
+    hi = jnp.minimum(pl.cdiv(last, g), plan_ref[2, item])
     steps = jnp.maximum(pl.cdiv(hi - lo, ppb), 0)
     first = jnp.maximum(first, lo * g)
     last = jnp.minimum(last, hi * g)
@@ -427,7 +422,7 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse
         carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(block, masked=False), carry)
         acc, m_i, l_i = lax.fori_loop(inner_hi, steps, masked, carry)
         acc /= lax.broadcast_in_dim(jnp.where(l_i > 0, l_i, 1.0), acc.shape, [0])
-        if lse_ref is None:            # one split: the output itself, in q's dtype
+        if lse_ref is None:            # an item a row: the output itself, in q's dtype
             q_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)], o_ref.at[b])
@@ -435,14 +430,14 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse
             o_smem[...] = acc
             lse_smem[...] = m_i + jnp.log2(l_i)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, n)], o_ref.at[b, split])
-            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, n)], lse_ref.at[b, split])
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, n)], o_ref.at[item])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, n)], lse_ref.at[item])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
     def _producer():
         def pages_of(step):
-            # Pages past the split's last are replaced by its first: their keys are masked
+            # Pages past the item's last are replaced by its first: their keys are masked
             # and their values meet weights of 0 (an unused page may hold NaN). Reads ahead of
             # the last step stay inside the table.
             idx = [lo + step * ppb + j for j in range(ppb)]
@@ -486,31 +481,39 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "interpret",
-                                             "num_splits", "stages", "p_in_smem"))
+                                             "items", "stages", "p_in_smem"))
 def paged_decode_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                      sliding_window=None, logit_softcap=None, interpret=False, num_splits=None,
+                      sliding_window=None, logit_softcap=None, interpret=False, items=None,
                       stages=None, p_in_smem=None):
     """Same contract as kernels.paged_attention (see there), for decode calls (T = 1) that
     `supports_decode` accepts.
 
-    num_splits: programs a row (its pages cut into that many runs, merged in XLA; default:
-    enough programs for one wave over the GPU's SMs); stages: key blocks in flight."""
+    items: programs of the call (default: worklist.default_items, one wave over the GPU's SMs).
+    With as many items as rows, item b is row b whole and writes the output itself; with more,
+    the keys are cut into items by kernels/worklist.py's plan and the partials merge in XLA.
+    stages: key blocks in flight."""
     b, t, n, h = q.shape
     p, g, k, _ = k_pages.shape
     assert t == 1, "paged_decode_mgpu takes one query token a row"
     m_width = page_table.shape[1]
     page_cols = g * k
     ppb = max(1, 64 // page_cols)
-    num_splits = num_splits or decode_splits(b, m_width, ppb)
-    pages_per_split = pl.cdiv(pl.cdiv(m_width, num_splits), ppb) * ppb
-    split = num_splits > 1
+    items = items or worklist.default_items(b)
+    split = items > b
+    if split:
+        work = worklist.plan(q_positions[:, 0], kv_lens, page_size=g, block_pages=ppb,
+                             items=items, window=sliding_window)
+    else:
+        assert items == b, f"a decode call needs at least one item a row ({items} for {b})"
+        work = jnp.stack([jnp.arange(b, dtype=jnp.int32), jnp.zeros(b, jnp.int32),
+                          jnp.full(b, m_width, jnp.int32)])
     # Measured on the H100 (BENCHMARKS.md): with splits, one slot a program reads as fast as
     # two or more (the programs of a wave keep enough in flight between them); without, two.
     stages = stages or (1 if split else 2)
     # [P,G,K,H] -> [P,G*K,H]: a page of all KV heads is one contiguous TMA copy.
     k_flat, v_flat = k_pages.reshape(p, page_cols, h), v_pages.reshape(p, page_cols, h)
 
-    def entry(q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse_ref=None):
+    def entry(q_ref, pos_ref, lens_ref, plan_ref, table_ref, k_ref, v_ref, o_ref, lse_ref=None):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         cols = ppb * page_cols
         ring = [plgpu.SMEM((stages, cols, h), q.dtype, transforms=tiled)] * 2   # K, V
@@ -529,29 +532,30 @@ def paged_decode_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
         free = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
         pl.run_scoped(
             lambda *scoped: _decode_kernel(
-                q_ref, pos_ref, lens_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, scoped,
-                g=g, q_per_kv=n // k, ppb=ppb, pages_per_split=pages_per_split, stages=stages,
-                window=sliding_window, logit_softcap=logit_softcap),
+                q_ref, pos_ref, lens_ref, plan_ref, table_ref, k_ref, v_ref, o_ref, lse_ref,
+                scoped, g=g, q_per_kv=n // k, ppb=ppb, stages=stages, window=sliding_window,
+                logit_softcap=logit_softcap),
             smem, full, free, collective_axes="wg")
 
     if split:
-        out_type = (jax.ShapeDtypeStruct((b, num_splits, n, h), jnp.float32),
-                    jax.ShapeDtypeStruct((b, num_splits, n), jnp.float32))
+        out_type = (jax.ShapeDtypeStruct((items, n, h), jnp.float32),
+                    jax.ShapeDtypeStruct((items, n), jnp.float32))
     else:
         out_type = jax.ShapeDtypeStruct((b, n, h), q.dtype)
     out = plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(b, num_splits),
-        grid_names=("rows", "splits"),
+        grid=(items,),
+        grid_names=("items",),
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
-    )(q.reshape(b, n, h), q_positions.astype(jnp.int32), kv_lens.astype(jnp.int32),
+    )(q.reshape(b, n, h), q_positions.astype(jnp.int32), kv_lens.astype(jnp.int32), work,
       page_table.astype(jnp.int32), k_flat, v_flat)
     if not split:
         return out.reshape(b, 1, n, h)
     o, lse = out
-    # Normalised partials: lse is their max and their sum is 1 (the Triton kernel's merge).
-    return merge_splits(o, lse, jnp.ones_like(lse)).reshape(b, 1, n, h).astype(q.dtype)
+    # Normalised partials: lse is their max and their sum is 1.
+    return worklist.merge(o, lse, jnp.ones_like(lse), work[0], b).reshape(b, 1, n, h) \
+        .astype(q.dtype)

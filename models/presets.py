@@ -72,4 +72,10 @@ PRESETS = {
     "llama-3.2-1b-random-1m": shaped_random(2048, 8192, 16, 32, 8, 64, 128256, tied=True,
                                             max_positions=1 << 20),
     "llama-3-8b-random": shaped_random(4096, 14336, 32, 32, 8, 128, 128256, tied=False),
+    # A deliberately small shape (2 layers, 4 query heads, 1 KV head, head_dim 64) with 2**24
+    # positions, for one request of 10 million tokens (issue 27): its causal prefill is ~1e17
+    # FLOPs of attention, which an H100 does within one 10-minute call; the 1B shape's would take
+    # ~16x longer. 512 bytes of KV a token: 10M tokens are 5.1 GB.
+    "llama-2l-random-16m": shaped_random(256, 1024, 2, 4, 1, 64, 128256, tied=True,
+                                         max_positions=1 << 24),
 }

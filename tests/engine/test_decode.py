@@ -130,13 +130,24 @@ def test_sampler_filters():
     ({"max_running_requests": 0}, "max_running_requests must be >= 1, got 0"),
     ({"max_running_requests": "8"}, "max_running_requests must be int, got '8'"),
     ({"max_num_seqs": 8}, r"unknown engine option\(s\) \['max_num_seqs'\]"),
-    ({"context_length": 4096}, "exceeds the model's max_position_embeddings=2048"),
+    ({"context_length": 4096}, "exceeds the model's max_position_embeddings=2048; set "
+                               "HYBRIDKV_ALLOW_LONGER_CONTEXT=1"),
     ({"max_total_tokens": 10**12}, "needs .* bytes but .* bytes are (available|free).*"
                                    "--max-total-tokens"),
 ])
 def test_bad_engine_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM("tiny-random", **kwargs)
+
+
+def test_longer_context_with_the_override(monkeypatch):
+    """HYBRIDKV_ALLOW_LONGER_CONTEXT lets a request run past the model's 2048 positions."""
+    from engine import envs
+    monkeypatch.setattr(envs, "ALLOW_LONGER_CONTEXT", True)
+    llm = LLM("tiny-random", context_length=2304, max_running_requests=1, layout="paged")
+    out = llm.generate([[5] * 2290], SamplingParams(max_tokens=6, temperature=0,
+                                                    ignore_eos=True))[0]
+    assert len(out.token_ids) == 6
 
 
 def test_engine_options_are_checked_before_the_model_loads():

@@ -211,10 +211,11 @@ GPU_IMPLS = ["gpu-interpret", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-@pytest.mark.parametrize("num_splits", [1, 2, 5])
-def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
-    """Decode rows with their keys split over several programs (merged in XLA) and in one
-    (normalised in the kernel), 16 keys (4 pages) a key block, so splits of no key occur too."""
+@pytest.mark.parametrize("items", [4, 5, 13])
+def test_gpu_kernel_key_splits(impl, seed, items, dtype):
+    """Decode rows with their keys cut into work items by length (merged in XLA) or one item a
+    row (normalised in the kernel; the batch has 4 rows), 16 keys (4 pages) a key block, so
+    empty items occur too."""
     from kernels.gpu import paged_attention_gpu
     rng = np.random.default_rng(seed)
     case = make_case(rng, q_per_kv=3, page_size=4, num_queries=1)
@@ -222,11 +223,11 @@ def test_gpu_kernel_key_splits(impl, seed, num_splits, dtype):
     out = paged_attention_gpu(cast(case["q"]), cast(case["k_pages"]), cast(case["v_pages"]),
                               jnp.asarray(case["table"]), jnp.asarray(case["positions"]),
                               jnp.asarray(case["lengths"]), interpret=impl == "gpu-interpret",
-                              pages_per_block=4, num_splits=num_splits)
+                              pages_per_block=4, items=items)
     assert out.dtype == jnp.dtype(dtype)
     tol = F32_TOL if dtype == np.float32 else BF16_KERNEL_TOL
     np.testing.assert_allclose(np.asarray(out, np.float64), expected(case, dtype), **tol,
-                               err_msg=describe(seed, case, num_splits=num_splits))
+                               err_msg=describe(seed, case, items=items))
     assert not np.any(np.asarray(out)[case["positions"] < 0])
 
 
@@ -286,34 +287,35 @@ def test_mosaic_consumers_need_different_key_counts(seed):
 
 
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-@pytest.mark.parametrize("q_per_kv,page_size,dtype,window,softcap,num_splits,stages", [
+@pytest.mark.parametrize("q_per_kv,page_size,dtype,window,softcap,items,stages", [
     (4, 16, jnp.bfloat16, None, 1.5, None, None),  # 8 heads; 2 pages a key block
-    (12, 8, jnp.float16, 7, None, 3, 1),           # 24 heads, not a power of 2; one slot
-    (8, 4, jnp.bfloat16, 30, 0.7, 2, 2),           # 8 pages a key block; window over blocks
-    (32, 32, jnp.float16, None, None, 5, 1),       # 64 heads fill the tile; empty splits
+    (12, 8, jnp.float16, 7, None, 7, 1),           # 24 heads, not a power of 2; one slot
+    (8, 4, jnp.bfloat16, 30, 0.7, 4, 2),           # 8 pages a key block; an item a row
+    (32, 32, jnp.float16, None, None, 17, 1),      # 64 heads fill the tile
 ])
-def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, softcap, num_splits,
+def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, softcap, items,
                        stages, monkeypatch):
     """Decode rows in fp16/bf16 with head_dim 64 go to the Mosaic GPU decode kernel
     (kernels/mgpu.py), in interpret mode on a CPU: rows of 0, 1, an odd number and many key
     blocks of keys (the copy ring wraps), with and without a sliding window and a logit
-    soft-cap, keys split over programs (some of which see no key) and merged, and NaN in every
-    page that holds no live token. The default configuration runs through
-    kernels.paged_attention; the others call the kernel with their splits and slots."""
+    soft-cap, keys cut into work items by length (the long row gets several, some items are
+    empty) and merged, or one item a row, and NaN in every page that holds no live token. The
+    default configuration runs through kernels.paged_attention; the others call the kernel
+    with their items and slots."""
     from kernels import mgpu
     case = mosaic_case(impl, seed, q_per_kv=q_per_kv, page_size=page_size, num_queries=1,
                        longest=(150, 260))
     calls = []
     kernel = mgpu.paged_decode_mgpu
     monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append(kw) or kernel(
-        *a, **kw, num_splits=num_splits, stages=stages))
+        *a, **kw, items=items, stages=stages))
     monkeypatch.setattr(mgpu, "DECODE_MIN_KEYS", 0)     # small shapes, to keep interpret fast
     out = run(case, dtype=dtype, window=window, impl=impl, softcap=softcap)
     assert calls == [{"sliding_window": window, "logit_softcap": softcap,
                       "interpret": impl == "gpu-interpret"}]
     tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
     np.testing.assert_allclose(out, expected(case, dtype, window, softcap), **tol,
-                               err_msg=describe(seed, case, num_splits=num_splits))
+                               err_msg=describe(seed, case, items=items))
     assert not np.any(out[case["positions"] < 0])
 
 
