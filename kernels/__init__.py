@@ -47,8 +47,36 @@ def _hopper_or_newer() -> bool:
     return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
 
 
+def _kernel_for(q, k_pages, page_table, impl: str, sliding_window) -> str:
+    """Which kernel paged_attention runs for these operands (impl resolved): 'reference',
+    'mgpu-decode', 'mgpu-prefill', 'triton' or 'tpu'."""
+    if impl == "reference" or impl.startswith("tpu"):
+        return "reference" if impl == "reference" else "tpu"
+    from kernels import mgpu
+    if impl == "gpu-interpret" or _hopper_or_newer():
+        if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages, page_table):
+            return "mgpu-decode"
+        if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window):
+            return "mgpu-prefill"
+    return "triton"
+
+
+def decode_work(q, k_pages, page_table, q_positions, kv_lens, *, impl="auto",
+                sliding_window=None):
+    """The work plan (kernels/worklist.py) that paged_attention's decode kernel would make for
+    these operands, or None where the call takes none (prefill, reference, TPU). q and k_pages
+    may be shapes (jax.ShapeDtypeStruct). Made once per model step and passed to every layer's
+    call as `work=`, it costs one plan a step instead of one a layer."""
+    kernel = _kernel_for(q, k_pages, page_table, resolve_impl(impl), sliding_window)
+    if q.shape[1] != 1 or kernel not in ("mgpu-decode", "triton"):
+        return None
+    from kernels import gpu, mgpu
+    make = mgpu.decode_work if kernel == "mgpu-decode" else gpu.decode_work
+    return make(q.shape, k_pages.shape, q_positions, kv_lens, sliding_window=sliding_window)
+
+
 def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, impl="auto",
-                    sliding_window=None, logit_softcap=None):
+                    sliding_window=None, logit_softcap=None, work=None):
     """Attention of query tokens over the pages of their rows.
 
     q [B,T,N,H]; k_pages, v_pages [P,G,K,H]; page_table [B,M] int32; q_positions [B,T] int32
@@ -56,7 +84,8 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     the new ones included). Key s is visible from query position t iff s <= t, s < kv_len and,
     with a sliding window W, t - s < W. With a logit soft-cap c (Gemma 2's
     attn_logit_softcapping), a logit x = q.k / sqrt(H) becomes c * tanh(x / c) before the
-    softmax. Returns [B,T,N,H] in q's dtype; padding rows are zero.
+    softmax. Returns [B,T,N,H] in q's dtype; padding rows are zero. work: decode_work's plan for
+    these operands (made here when None).
 
     On a GPU (Hopper or later), decode calls (one query token a row) and calls of more go to
     the Mosaic GPU kernels of kernels/mgpu.py where they apply (fp16/bf16, head_dim 64/128; see
@@ -69,18 +98,17 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
             raise ValueError(f"{name} must be None or a positive number, got {value!r}")
     args = (q, k_pages, v_pages, page_table, q_positions, kv_lens)
     options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
-    if impl == "reference":
+    kernel = _kernel_for(q, k_pages, page_table, impl, sliding_window)
+    interpret = impl.endswith("-interpret")
+    if kernel == "reference":
         return paged_attention_reference(*args, **options)
-    if impl.startswith("gpu"):
-        interpret = impl == "gpu-interpret"
-        from kernels import mgpu
-        if interpret or _hopper_or_newer():
-            if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages, page_table):
-                return mgpu.paged_decode_mgpu(*args, **options, interpret=interpret)
-            if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window):
-                return mgpu.paged_prefill_mgpu(*args, logit_softcap=logit_softcap,
-                                               interpret=interpret)
-        from kernels.gpu import paged_attention_gpu
-        return paged_attention_gpu(*args, **options, interpret=interpret)
-    from kernels.tpu import paged_attention_tpu
-    return paged_attention_tpu(*args, **options, interpret=impl == "tpu-interpret")
+    if kernel == "tpu":
+        from kernels.tpu import paged_attention_tpu
+        return paged_attention_tpu(*args, **options, interpret=interpret)
+    from kernels import mgpu
+    if kernel == "mgpu-decode":
+        return mgpu.paged_decode_mgpu(*args, **options, interpret=interpret, work=work)
+    if kernel == "mgpu-prefill":
+        return mgpu.paged_prefill_mgpu(*args, logit_softcap=logit_softcap, interpret=interpret)
+    from kernels.gpu import paged_attention_gpu
+    return paged_attention_gpu(*args, **options, interpret=interpret, work=work)

@@ -146,18 +146,17 @@ def _decode_kernel(plan_ref, lens_ref, table_ref, pos_ref, q_ref, k_ref, v_ref, 
 def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                         sliding_window=None, logit_softcap=None, interpret=False,
                         pages_per_block=None, items=None, block_rows=128, num_warps=None,
-                        num_stages=None):
+                        num_stages=None, work=None):
     """Same contract as kernels.paged_attention (see there). The tuning knobs default to the
     best of bench/kernels.py's sweep on the H100 (BENCHMARKS.md); block_rows: query rows
     (tokens x heads of a GQA group) per program when T > 1; items: decode work items (default
-    enough for ~4 waves of programs over 132 SMs, at least one a row)."""
+    enough for ~4 waves of programs over 132 SMs, at least one a row); work: decode_work's plan,
+    when the caller made it (once for every layer of a step)."""
     b, t, n, h = q.shape
     _, g, k, _ = k_pages.shape
     m_width = page_table.shape[1]
     q_per_kv = n // k
-    # ~64 keys a block; never under 16, the smallest dot dimension Triton handles (measured on
-    # the H100: 4-key blocks in bfloat16 gave outputs 4x too large)
-    ppb = max(min(pages_per_block or max(1, 64 // g), _pow2(m_width)), pl.cdiv(16, g))
+    ppb = _block_pages(g, pages_per_block)
     scale, cap = log2_logits(h, logit_softcap)
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps or (2 if t == 1 else 4),
                                                        num_stages=num_stages or (4 if t == 1 else 2)),
@@ -165,8 +164,13 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     options = dict(ppb=ppb, scale=scale, cap=cap, window=sliding_window)
     lens = kv_lens.astype(jnp.int32)
     if t == 1:
-        return _decode(q, k_pages, v_pages, page_table, q_positions, lens, items=items,
+        if work is None:
+            work = decode_work(q.shape, k_pages.shape, q_positions, lens,
+                               sliding_window=sliding_window, items=items,
+                               pages_per_block=pages_per_block)
+        return _decode(q, k_pages, v_pages, page_table, q_positions, lens, work=work,
                        params=params, options=options)
+    assert work is None, "work plans are for decode calls (T = 1)"
 
     qp = _pow2(q_per_kv)
     block_t = max(1, block_rows // qp)
@@ -204,25 +208,34 @@ def _page_specs(k_pages, v_pages, index):
             for pages in (k_pages, v_pages)]
 
 
-def _decode(q, k_pages, v_pages, page_table, q_positions, lens, *, items, params, options):
+def decode_work(q_shape, k_shape, q_positions, kv_lens, *, sliding_window=None, items=None,
+                pages_per_block=None):
+    """The decode kernel's work plan (kernels/worklist.py) for q [B,1,N,H] and pages [P,G,K,H]
+    of these shapes: `items` items, by default enough for ~4 waves of programs (one a KV head
+    an item) over 132 SMs, at least one a row."""
+    b, (g, k) = q_shape[0], k_shape[1:3]
+    return worklist.plan(q_positions[:, 0], kv_lens, page_size=g,
+                         block_pages=_block_pages(g, pages_per_block), items=items or max(b, 528 // k),
+                         window=sliding_window)
+
+
+def _block_pages(page_size: int, pages_per_block: int | None) -> int:
+    """~64 keys a block; never under 16, the smallest dot dimension Triton handles (measured on
+    the H100: 4-key blocks in bfloat16 gave outputs 4x too large)."""
+    return max(pages_per_block or max(1, 64 // page_size), pl.cdiv(16, page_size))
+
+
+def _decode(q, k_pages, v_pages, page_table, q_positions, lens, *, work, params, options):
     """Decode calls (one query token a row): a program per (work item, KV head), the items cut
-    by length over the call (kernels/worklist.py); the whole GQA group a program, at least 16
-    rows."""
+    by length over the call (`work`, kernels/worklist.py); the whole GQA group a program, at
+    least 16 rows."""
     b, _, n, h = q.shape
     _, g, k, _ = k_pages.shape
     q_per_kv, qp = n // k, max(16, _pow2(n // k))
     ppb = options["ppb"]
-    items = items or max(b, 528 // k)          # ~4 waves of programs over 132 SMs
-    m_width = page_table.shape[1]
+    items = work.shape[1]
     # ppb more columns (trash page 0): an item's last block may run past the table's end.
     table = jnp.pad(page_table, ((0, 0), (0, ppb))).astype(jnp.int32)
-    if items > b:
-        work = worklist.plan(q_positions[:, 0], lens, page_size=g, block_pages=ppb, items=items,
-                             window=options["window"])
-    else:
-        assert items == b, f"a decode call needs at least one item a row ({items} for {b})"
-        work = jnp.stack([jnp.arange(b, dtype=jnp.int32), jnp.zeros(b, jnp.int32),
-                          jnp.full(b, m_width, jnp.int32)])
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)   # noqa: E731
     qs = q.reshape(b, n, h)
     inputs = (work, lens, table, q_positions.astype(jnp.int32), qs)
@@ -243,7 +256,8 @@ def _decode(q, k_pages, v_pages, page_table, q_positions, lens, *, items, params
                    *[jax.ShapeDtypeStruct(part, jnp.float32)] * 2],
         **params)(*inputs, k_pages, v_pages)
     flat = lambda x: x.reshape(items, k * qp, *x.shape[3:])              # noqa: E731
-    out = worklist.merge(flat(o), flat(m), flat(total), work[0], b)      # [B,K*Qp,H]
+    exact = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.HIGH
+    out = worklist.merge(flat(o), flat(m), flat(total), work[0], b, exact)   # [B,K*Qp,H]
     return out.reshape(b, k, qp, h)[:, :, :q_per_kv].reshape(q.shape).astype(q.dtype)
 
 

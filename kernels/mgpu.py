@@ -480,33 +480,43 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, plan_ref, table_ref, k_ref, v_ref, 
             plgpu.barrier_wait(v_free.at[slot])
 
 
+def decode_work(q_shape, k_shape, q_positions, kv_lens, *, sliding_window=None, items=None):
+    """paged_decode_mgpu's work plan (kernels/worklist.py) for q [B,1,N,H] and pages [P,G,K,H]
+    of these shapes, with `items` items (default worklist.default_items)."""
+    g, k = k_shape[1], k_shape[2]
+    return worklist.plan(q_positions[:, 0], kv_lens, page_size=g, block_pages=_block_pages(g, k),
+                         items=items or worklist.default_items(q_shape[0]),
+                         window=sliding_window)
+
+
+def _block_pages(page_size: int, kv_heads: int) -> int:
+    """Pages a decode key block: ~64 (slot, KV head) columns, one wgmma tile."""
+    return max(1, 64 // (page_size * kv_heads))
+
+
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "interpret",
                                              "items", "stages", "p_in_smem"))
 def paged_decode_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                       sliding_window=None, logit_softcap=None, interpret=False, items=None,
-                      stages=None, p_in_smem=None):
+                      stages=None, p_in_smem=None, work=None):
     """Same contract as kernels.paged_attention (see there), for decode calls (T = 1) that
     `supports_decode` accepts.
 
     items: programs of the call (default: worklist.default_items, one wave over the GPU's SMs).
     With as many items as rows, item b is row b whole and writes the output itself; with more,
     the keys are cut into items by kernels/worklist.py's plan and the partials merge in XLA.
-    stages: key blocks in flight."""
+    work: decode_work's plan, when the caller made it (once for every layer of a step); it
+    sets the items. stages: key blocks in flight."""
     b, t, n, h = q.shape
     p, g, k, _ = k_pages.shape
     assert t == 1, "paged_decode_mgpu takes one query token a row"
-    m_width = page_table.shape[1]
     page_cols = g * k
-    ppb = max(1, 64 // page_cols)
-    items = items or worklist.default_items(b)
+    ppb = _block_pages(g, k)
+    if work is None:
+        work = decode_work(q.shape, k_pages.shape, q_positions, kv_lens,
+                           sliding_window=sliding_window, items=items)
+    items = work.shape[1]
     split = items > b
-    if split:
-        work = worklist.plan(q_positions[:, 0], kv_lens, page_size=g, block_pages=ppb,
-                             items=items, window=sliding_window)
-    else:
-        assert items == b, f"a decode call needs at least one item a row ({items} for {b})"
-        work = jnp.stack([jnp.arange(b, dtype=jnp.int32), jnp.zeros(b, jnp.int32),
-                          jnp.full(b, m_width, jnp.int32)])
     # Measured on the H100 (BENCHMARKS.md): with splits, one slot a program reads as fast as
     # two or more (the programs of a wave keep enough in flight between them); without, two.
     stages = stages or (1 if split else 2)
@@ -557,5 +567,5 @@ def paged_decode_mgpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
         return out.reshape(b, 1, n, h)
     o, lse = out
     # Normalised partials: lse is their max and their sum is 1.
-    return worklist.merge(o, lse, jnp.ones_like(lse), work[0], b).reshape(b, 1, n, h) \
-        .astype(q.dtype)
+    return worklist.merge(o, lse, jnp.ones_like(lse), work[0], b, precision=lax.Precision.HIGH) \
+        .reshape(b, 1, n, h).astype(q.dtype)

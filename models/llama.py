@@ -20,7 +20,8 @@ from models.parallel import TP
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["tokens", "positions", "page_table", "kv_lens"], meta_fields=[])
+                   data_fields=["tokens", "positions", "page_table", "kv_lens", "work"],
+                   meta_fields=[])
 @dataclasses.dataclass
 class Group:
     """Rows that run together in one attention call."""
@@ -28,6 +29,9 @@ class Group:
     positions: jax.Array   # [B,T] int32 absolute positions, -1 = padding
     page_table: jax.Array  # [B,M] int32 the rows' pages
     kv_lens: jax.Array     # [B] int32 tokens each row holds once these are written
+    # The decode kernel's work plan (kernels.decode_work), made once a step for every layer;
+    # None until the model makes it, and for calls that take none.
+    work: jax.Array | None = None
 
 
 class RMSNorm(nnx.Module):
@@ -109,7 +113,8 @@ def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_wind
         qg = q[start:start + b * t].reshape(b, t, *q.shape[1:])                # [B,T,N,H]
         start += b * t
         out = kernels.paged_attention(qg, k_pages, v_pages, g.page_table, g.positions,
-                                      g.kv_lens, impl=impl, sliding_window=sliding_window)
+                                      g.kv_lens, impl=impl, sliding_window=sliding_window,
+                                      work=g.work)
         outs.append(out.reshape(b * t, *q.shape[1:]))
     return jnp.concatenate(outs), k_pages, v_pages
 
@@ -160,6 +165,7 @@ class Llama(nnx.Module):
         """
         page, slot = zip(*(slot_addresses(g.page_table, g.positions, k_pages[0].shape[1])
                            for g in groups))
+        groups = self._planned(groups, k_pages[0], attn_impl, mesh)
         ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
                "slot": jnp.concatenate([s.ravel() for s in slot]),
                "groups": groups, "attn_impl": attn_impl, "mesh": mesh}
@@ -180,6 +186,18 @@ class Llama(nnx.Module):
             hidden.append(x[start:start + b * t].reshape(b, t, -1))
             start += b * t
         return hidden, tuple(k_out), tuple(v_out)
+
+    def _planned(self, groups, pages, attn_impl, mesh):
+        """The groups with their decode work plans, made here once for all layers (the plan
+        depends on positions and lengths only). Shapes are one device's under a mesh."""
+        tp = mesh.shape[TP] if mesh is not None else 1
+        p, g, k, h = pages.shape
+        local = jax.ShapeDtypeStruct((p, g, k // tp, h), pages.dtype)
+        return tuple(dataclasses.replace(group, work=kernels.decode_work(
+            jax.ShapeDtypeStruct((*group.tokens.shape, self.cfg.num_heads // tp, h),
+                                 pages.dtype),
+            local, group.page_table, group.positions, group.kv_lens, impl=attn_impl,
+            sliding_window=self.cfg.sliding_window)) for group in groups)
 
     def logits(self, hidden):
         """hidden [...,D] -> float32 logits [...,V]."""

@@ -312,7 +312,7 @@ def test_mosaic_decode(impl, seed, q_per_kv, page_size, dtype, window, softcap, 
     monkeypatch.setattr(mgpu, "DECODE_MIN_KEYS", 0)     # small shapes, to keep interpret fast
     out = run(case, dtype=dtype, window=window, impl=impl, softcap=softcap)
     assert calls == [{"sliding_window": window, "logit_softcap": softcap,
-                      "interpret": impl == "gpu-interpret"}]
+                      "interpret": impl == "gpu-interpret", "work": None}]
     tol = FP16_KERNEL_TOL if dtype == jnp.float16 else BF16_KERNEL_TOL
     np.testing.assert_allclose(out, expected(case, dtype, window, softcap), **tol,
                                err_msg=describe(seed, case, items=items))
@@ -400,3 +400,21 @@ def test_dispatch():
         name = "sliding_window" if "window" in bad else "logit_softcap"
         with pytest.raises(ValueError, match=f"{name} must be None or a positive number"):
             run(case, **bad)
+
+
+def test_decode_work_follows_the_dispatch():
+    """kernels.decode_work makes the plan of the kernel paged_attention would run: the Mosaic
+    GPU decode kernel's (one item an SM of an H100 off-GPU), the Triton one's (~4 waves of
+    programs a KV head), and none for prefill calls or the reference."""
+    q = jax.ShapeDtypeStruct((4, 1, 32, 128), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.bfloat16)
+    table, lens = jnp.ones((4, 64), jnp.int32), jnp.array([1000, 16, 0, 5], jnp.int32)
+    pos = (lens - 1)[:, None]
+    work = kernels.decode_work(q, pages, table, pos, lens, impl="gpu-interpret")
+    assert work.shape == (3, 132) and np.bincount(np.asarray(work[0]), minlength=5)[3] == 1
+    q32 = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    f32 = jax.ShapeDtypeStruct(pages.shape, jnp.float32)
+    assert kernels.decode_work(q32, f32, table, pos, lens, impl="gpu-interpret").shape == (3, 66)
+    chunk = jax.ShapeDtypeStruct((4, 6, 32, 128), jnp.bfloat16)
+    assert kernels.decode_work(chunk, pages, table, pos, lens, impl="gpu-interpret") is None
+    assert kernels.decode_work(q, pages, table, pos, lens, impl="reference") is None
