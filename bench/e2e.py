@@ -167,7 +167,7 @@ def device_kernel_times(trace_dir: Path, top: int = 25) -> list[dict]:
 
 
 def bench_engine(model: str, batch: int, context: int, steps: int, launches: int,
-                 repeats: int, profile: Path | None) -> list[dict]:
+                 repeats: int, profile: Path | None, kv_cache_dtype: str = "auto") -> list[dict]:
     """Every case of CASES on one engine (same weights, same compiled loop), the cases taking
     turns `repeats` times; the median per case is kept."""
     import jax
@@ -176,7 +176,8 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
     from engine import Engine, EngineConfig
     ahead = steps * (launches + 1)
     engine = Engine(EngineConfig(
-        model=model, dtype="bfloat16", max_running_requests=batch,
+        model=model, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype,
+        max_running_requests=batch,
         context_length=context + ahead + PAGE,
         max_total_tokens=batch * (context + ahead + 2 * PAGE), num_continuous_decode_steps=steps))
     times = {case: [] for case in CASES}
@@ -261,6 +262,9 @@ def main():
     p.add_argument("--hf-only", action="store_true", help="time HF transformers only")
     p.add_argument("--hf-from", type=Path, help="take the HF rows from this earlier JSON")
     p.add_argument("--profile", type=Path, help="write profiler traces and HLO here")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="the engine's KV pages (engine.config.KV_CACHE_DTYPES); the floor counts "
+                        "their bytes")
     p.add_argument("--out", type=Path, default=Path("bench/results/e2e.json"))
     p.add_argument("--hf-case", help=argparse.SUPPRESS)     # model:batch, in a subprocess
     args = p.parse_args()
@@ -291,7 +295,7 @@ def main():
     for model in args.models:
         for batch in args.batches:
             rows += bench_engine(model, batch, args.context, args.decode_steps, args.launches,
-                                 args.repeats, args.profile)
+                                 args.repeats, args.profile, args.kv_cache_dtype)
     bandwidth = max(bandwidth, copy_bandwidth())      # measured before and after: the best
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     for row in rows:

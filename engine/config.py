@@ -12,6 +12,7 @@ from kernels import IMPLEMENTATIONS
 from kvcache import LAYOUTS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2")
 KV_POOLS = ("static", "elastic")
 PRECOMPILE = ("auto", "background", "all", "none")
 
@@ -29,6 +30,10 @@ class EngineConfig:
                                      "(config.json, safetensors, tokenizer.json) or .gguf file")
     dtype: str = knob("auto", "weights, activations and KV pages; auto: bfloat16 on an "
                               "accelerator, float32 on CPU", DTYPES)
+    kv_cache_dtype: str = knob("auto", "KV pages' element type; auto: the model's dtype; "
+                                       "fp8_e4m3 / fp8_e5m2 hold twice the tokens of bf16 in "
+                                       "the same bytes (K and V stored unscaled: scale 1.0)",
+                               KV_CACHE_DTYPES)
     layout: str = knob("hybrid", "static: reserve prompt + max tokens at admission; paged: a "
                                  "page at a time, inside the step; hybrid: static up to "
                                  "--static-max-tokens, paged above", LAYOUTS)

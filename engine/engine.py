@@ -69,12 +69,33 @@ def resolve_dtype(dtype: str):
     return DTYPES[dtype]
 
 
+FP8 = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, dtype):
+    """The KV pages' dtype: the model's for auto. fp8 needs a backend that converts it: any CPU
+    or TPU, a GPU of compute capability 8.9 or later (the Triton path's fp8 loads)."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    if kv_cache_dtype not in FP8:
+        return DTYPES[kv_cache_dtype]
+    device = jax.devices()[0]
+    capability = float(getattr(device, "compute_capability", "0") or 0)
+    if device.platform == "gpu" and capability < 8.9:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} (--kv-cache-dtype) needs a GPU of "
+                         f"compute capability 8.9 or later; {device.device_kind} has "
+                         f"{capability}: choose one of ['auto', 'bfloat16', 'float16', "
+                         "'float32']")
+    return FP8[kv_cache_dtype]
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = c = config or EngineConfig()
         self.policy = kvcache.LayoutPolicy(c.layout, c.static_max_tokens)
         attn_impl = kernels.resolve_impl(c.attention_impl)
         dtype = resolve_dtype(c.dtype)
+        kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, dtype)
         module, self.tokenizer = load_model(c.model, dtype)
         tp = c.tensor_parallel_size
         mesh = parallel.make_mesh(tp) if tp > 1 else None    # None: one device, no mesh
@@ -94,7 +115,7 @@ class Engine:
         counts_bytes = c.max_running_requests * cfg.vocab_size * 4     # KVCache.counts
         spec = kvcache.size_pool(
             num_layers=cfg.num_layers, page_size=c.page_size, num_kv_heads=cfg.num_kv_heads // tp,
-            head_dim=cfg.head_dim, dtype=jnp.dtype(dtype).name,
+            head_dim=cfg.head_dim, dtype=jnp.dtype(kv_dtype).name,
             weight_bytes=parallel.device_bytes(self.params, device) + counts_bytes, device=device,
             mem_fraction_static=c.mem_fraction_static, max_total_tokens=c.max_total_tokens,
             default_tokens=c.max_running_requests * self.context_length)

@@ -85,7 +85,9 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     with a sliding window W, t - s < W. With a logit soft-cap c (Gemma 2's
     attn_logit_softcapping), a logit x = q.k / sqrt(H) becomes c * tanh(x / c) before the
     softmax. Returns [B,T,N,H] in q's dtype; padding rows are zero. work: decode_work's plan for
-    these operands (made here when None).
+    these operands (made here when None). Pages may be fp8 (float8_e4m3fn / float8_e5m2, scale
+    1.0): every implementation reads them into q's precision, the Mosaic GPU kernels excepted
+    (they take pages of q's dtype only, so fp8 calls go to the Triton kernel).
 
     On a GPU (Hopper or later), decode calls (one query token a row) and calls of more go to
     the Mosaic GPU kernels of kernels/mgpu.py where they apply (fp16/bf16, head_dim 64/128; see

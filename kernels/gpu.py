@@ -50,8 +50,8 @@ def _attend(q, pos, kv_len, table_at, k_ref, v_ref, start_page, end_page, num_fu
         o, m, total = carry
         first = start_page + j * ppb
         ids = table_at(first)                                          # [ppb]
-        k = k_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
-        v = v_ref[ids].reshape(block_k, head_dim)                      # [BK,H]
+        k = k_ref[ids].reshape(block_k, head_dim).astype(q.dtype)      # [BK,H] (fp8 pages)
+        v = v_ref[ids].reshape(block_k, head_dim).astype(q.dtype)      # [BK,H]
         logits = plgpu.dot(q, k.T, precision=exact).astype(jnp.float32) * scale   # log2 units
         if cap is not None:
             logits = cap * jnp.tanh(logits)
@@ -158,9 +158,10 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
     q_per_kv = n // k
     ppb = _block_pages(g, pages_per_block)
     scale, cap = log2_logits(h, logit_softcap)
-    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps or (2 if t == 1 else 4),
-                                                       num_stages=num_stages or (4 if t == 1 else 2)),
-                  interpret=interpret, name="hybridkv_paged_attention")
+    decode = t == 1
+    params = dict(compiler_params=plgpu.CompilerParams(
+        num_warps=num_warps or (2 if decode else 4), num_stages=num_stages or (4 if decode else 2)),
+        interpret=interpret, name="hybridkv_paged_attention")
     options = dict(ppb=ppb, scale=scale, cap=cap, window=sliding_window)
     lens = kv_lens.astype(jnp.int32)
     if t == 1:
@@ -215,8 +216,8 @@ def decode_work(q_shape, k_shape, q_positions, kv_lens, *, sliding_window=None, 
     an item) over 132 SMs, at least one a row."""
     b, (g, k) = q_shape[0], k_shape[1:3]
     return worklist.plan(q_positions[:, 0], kv_lens, page_size=g,
-                         block_pages=_block_pages(g, pages_per_block), items=items or max(b, 528 // k),
-                         window=sliding_window)
+                         block_pages=_block_pages(g, pages_per_block),
+                         items=items or max(b, 528 // k), window=sliding_window)
 
 
 def _block_pages(page_size: int, pages_per_block: int | None) -> int:

@@ -169,5 +169,10 @@ def slot_addresses(row_pages, positions, page_size: int):
 
 
 def write_kv(pages, page, slot, new):
-    """pages [P,G,K,H] (one layer); page, slot [...]; new [...,K,H] -> pages with new stored."""
+    """pages [P,G,K,H] (one layer); page, slot [...]; new [...,K,H] -> pages with new stored.
+    Into fp8 pages values are rounded as they are (scale 1.0), clipped to the type's range
+    first (e4m3 has no infinity: an out-of-range value would become NaN)."""
+    if jnp.dtype(pages.dtype).itemsize == 1:
+        big = float(jnp.finfo(pages.dtype).max)
+        new = jnp.clip(new, -big, big)
     return pages.at[page, slot].set(new.astype(pages.dtype))

@@ -127,6 +127,8 @@ def test_sampler_filters():
     ({"page_size": 12}, "page_size must be a power of two, got 12"),
     ({"dtype": "int8"}, "unknown dtype 'int8'"),
     ({"attention_impl": "magic"}, "unknown attention_impl 'magic'"),
+    ({"kv_cache_dtype": "int4"}, r"unknown kv_cache_dtype 'int4'; choose one of \['auto', "
+                                 r"'bfloat16', 'float16', 'float32', 'fp8_e4m3', 'fp8_e5m2'\]"),
     ({"max_running_requests": 0}, "max_running_requests must be >= 1, got 0"),
     ({"max_running_requests": "8"}, "max_running_requests must be int, got '8'"),
     ({"max_num_seqs": 8}, r"unknown engine option\(s\) \['max_num_seqs'\]"),

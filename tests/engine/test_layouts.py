@@ -1,11 +1,17 @@
-"""The three layouts give the same greedy tokens, and every page comes back afterwards."""
+"""The three layouts give the same greedy tokens, and every page comes back afterwards; also with
+fp8 pages."""
+
+import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import assert_pool_clean
 
 import kvcache
 from engine import LLM, SamplingParams
+from engine.engine import FP8
 
 # Prompt lengths below a page (4), exact multiples of it and neither; mixed max_tokens.
 PROMPTS = [[5], [7, 8, 9], list(range(10, 14)), list(range(20, 29)), list(range(30, 47)),
@@ -83,3 +89,40 @@ def test_tpu_kernel_in_interpret_mode_generates_the_same_tokens(reference):
     assert [o.token_ids for o in outs] == [tokens[1][:3], tokens[3][:3]]
     assert [o.layout for o in outs] == ["static", "paged"]
     assert_pool_clean(llm)
+
+
+WITH_PROMPT_LOGPROBS = [dataclasses.replace(p, prompt_logprobs=0) for p in PARAMS]
+BYTES_A_TOKEN_F32 = 2 * 4 * 2 * 32 * 4     # tiny-random: K and V x 4 layers x 2 KV heads x 32
+
+
+@pytest.fixture(scope="module")
+def float32_pages():
+    llm = LLM("tiny-random", page_size=4, context_length=64, max_running_requests=8,
+              num_continuous_decode_steps=4)
+    assert llm.engine.spec.bytes_per_token == BYTES_A_TOKEN_F32
+    return llm.generate(PROMPTS, WITH_PROMPT_LOGPROBS)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_pages(float32_pages, kv_cache_dtype, record_property):
+    """K/V stored in fp8: a page holds 4x the tokens of float32 (2x bfloat16); the three layouts
+    still give the same tokens and free every page; prompt log probabilities (prefill reads the
+    fp8 K/V its earlier tokens wrote) stay within 0.5 nats of float32 pages (measured: 0.13 for
+    e4m3, 0.22 for e5m2). Greedy agreement with float32 pages is recorded, not asserted: the
+    random model's logits are full of near-ties (measured 65% / 24% of tokens)."""
+    llm = LLM("tiny-random", page_size=4, context_length=64, max_running_requests=8,
+              num_continuous_decode_steps=4, kv_cache_dtype=kv_cache_dtype)
+    assert llm.engine.cache.k[0].dtype == jnp.dtype(FP8[kv_cache_dtype])
+    assert llm.engine.spec.bytes_per_token * 4 == BYTES_A_TOKEN_F32
+    outs = llm.generate(PROMPTS, WITH_PROMPT_LOGPROBS)
+    assert_pool_clean(llm)
+    for layout in ("paged", "hybrid"):
+        assert [o.token_ids for o in generate(llm, layout)] == [o.token_ids for o in outs]
+
+    def logprobs(results):
+        return np.array([v for o in results for d in o.prompt_logprobs[1:] for v in d.values()])
+    assert np.abs(logprobs(outs) - logprobs(float32_pages)).max() < 0.5
+    agree = np.mean([a == b for o, f in zip(outs, float32_pages)
+                     for a, b in zip(o.token_ids, f.token_ids)])
+    record_property("greedy_agreement_with_float32_pages", float(agree))
+

@@ -119,6 +119,15 @@ def test_tp_runs_pallas_kernels_per_device(reference):
     assert generate(llm, runs=1) == reference("tiny-random")[:1]
 
 
+@eight_devices
+def test_tp_with_fp8_pages():
+    """fp8 pages sharded over 2 devices by KV head: the tokens of fp8 pages on one device."""
+    fp8 = KW | dict(kv_cache_dtype="fp8_e4m3")
+    llm = LLM("tiny-random", tensor_parallel_size=2, **fp8)
+    assert llm.engine.cache.k[0].sharding.spec == P(None, None, "tp", None)
+    assert generate(llm, runs=1) == generate(LLM("tiny-random", **fp8), runs=1)
+
+
 def config(heads, kv_heads, mlp=64):
     return ModelConfig(model_type="llama", vocab_size=8, hidden_size=16, intermediate_size=mlp,
                        num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=4,

@@ -334,6 +334,22 @@ def test_preemption_and_an_elastic_pool_with_a_host_tier(reference):
     assert engine.cache.num_pages == 5 and stats["host_pages_cached"] > stats["pages_cached"]
 
 
+def test_fp8_pages_through_preemption_an_elastic_pool_and_a_host_tier():
+    """The same pressure on fp8 pages: preempted pages through the prefix cache to the host and
+    back, the pool grown and compacted: the same tokens as fp8 pages with room for everyone
+    (whatever moves the pages moves their bytes unchanged)."""
+    fp8 = dict(BASE, kv_cache_dtype="fp8_e4m3")
+    want, _, _ = run(EngineConfig(**fp8, disable_radix_cache=True, chunked_prefill_size=256))
+    outputs, engine, _ = run(EngineConfig(
+        **fp8, layout="paged", max_total_tokens=96, chunked_prefill_size=16,
+        num_continuous_decode_steps=3, kv_pool="elastic", kv_pool_min_tokens=16,
+        kv_shrink_after=0, host_kv_size=128))
+    assert outputs == want
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["host_pages_loaded"] > 0, stats
+    assert stats["pool_grows"] > 0 and stats["pool_shrinks"] > 0, stats
+
+
 def test_host_tier_config_errors():
     with pytest.raises(ValueError, match="needs the radix cache"):
         EngineConfig(**BASE, host_kv_size=64, disable_radix_cache=True)
