@@ -23,7 +23,8 @@ def test_every_option_is_a_flag_with_the_same_default():
 
 
 def test_flags_set_every_option():
-    values = {"model": "x", "dtype": "float16", "layout": "paged", "static_max_tokens": 7,
+    values = {"model": "x", "dtype": "float16", "kv_cache_dtype": "fp8_e5m2", "layout": "paged",
+              "static_max_tokens": 7,
               "page_size": 8, "max_total_tokens": 4096, "mem_fraction_static": 0.5,
               "context_length": 999, "max_running_requests": 3, "chunked_prefill_size": 100,
               "max_prefill_rows": 2, "num_continuous_decode_steps": 5,
