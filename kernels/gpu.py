@@ -164,7 +164,7 @@ def paged_attention_gpu(q, k_pages, v_pages, page_table, q_positions, kv_lens, *
         interpret=interpret, name="hybridkv_paged_attention")
     options = dict(ppb=ppb, scale=scale, cap=cap, window=sliding_window)
     lens = kv_lens.astype(jnp.int32)
-    if t == 1:
+    if decode:
         if work is None:
             work = decode_work(q.shape, k_pages.shape, q_positions, lens,
                                sliding_window=sliding_window, items=items,

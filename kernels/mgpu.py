@@ -332,8 +332,9 @@ def _decode_kernel(q_ref, pos_ref, lens_ref, plan_ref, table_ref, k_ref, v_ref, 
                    scoped, *, g: int, q_per_kv: int, ppb: int, stages: int, window: int | None,
                    logit_softcap: float | None):
     (q_smem, p_smem, ring), (k_full, v_full, q_full), (k_free, v_free) = scoped
-    # With splits, the partial's staging shares its memory with the copy ring (it is written
-    # only once the ring is done), so a program needs no more than the ring and Q.
+    # With partials (more items than rows), the partial's staging shares its memory with the
+    # copy ring (it is written only once the ring is done), so a program needs no more than the
+    # ring and Q.
     (k_smem, v_smem), (o_smem, lse_smem) = (ring, (None, None)) if lse_ref is None else ring
     item = lax.axis_index("items")
     b = jnp.minimum(plan_ref[0, item], q_ref.shape[0] - 1)    # an empty item reads row B - 1's
