@@ -3,7 +3,7 @@
     python bench/long_context.py --out bench/results/long-context.json     # on the GPU machine
     python bench/long_context.py --model llama-2l-random-16m \
         --tokens 10000000 --context 16777216 --kv-pool elastic --pool-tokens 10100000 \
-        --huge 200000000 --out bench/results/long-context-10m.json
+        --huge 400000000 --out bench/results/long-context-10m.json
 
 Defaults: the Llama-3.2-1B shape (random bf16 weights, 2**20 positions: the preset
 `llama-3.2-1b-random-1m`). The 10M run uses `llama-2l-random-16m`, a 2-layer shape small enough
@@ -99,9 +99,8 @@ def serve_long(args) -> dict:
             prefilled = time.perf_counter() - start
         elif before and len(long.output) - before == 8:     # a full decode launch at full length
             launches.append(time.perf_counter() - t)
-        if long.finish_reason is None:
-            for _ in range(sum(r.finish_reason is not None for r in short) + args.short
-                           - len(short)):
+        if long.finish_reason is None:            # keep --short of them running
+            for _ in range(args.short - sum(r.finish_reason is None for r in short)):
                 add_short()
     total = time.perf_counter() - start
     per_step = float(np.median([dt / 8 for dt in launches[1:]])) if launches[1:] else None
@@ -137,7 +136,7 @@ def serve_long(args) -> dict:
         "decode_kv_read_tb_per_s": kv_bytes / per_step / 1e12 if per_step else None,
         "peak_device_bytes": memory.get("peak_bytes_in_use"),
         "page_table_bytes": cache.page_table.nbytes,
-        "allocator_bytes": sum(x.nbytes for x in jax.tree.leaves(cache.alloc)),
+        "allocator_bytes": kvcache.nbytes(cache.alloc),
         "total_seconds": total,
         "preemptions": engine.stats()["preemptions"],
     }

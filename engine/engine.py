@@ -35,7 +35,7 @@ from flax import nnx
 import kernels
 import kvcache
 from engine import envs, limits, parallel
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig
 from engine.front import Front
 from engine.guided import Grammars
 from engine.plan import Plan
@@ -80,12 +80,11 @@ def resolve_kv_dtype(kv_cache_dtype: str, dtype):
     if kv_cache_dtype not in FP8:
         return DTYPES[kv_cache_dtype]
     device = jax.devices()[0]
-    capability = float(getattr(device, "compute_capability", "0") or 0)
-    if device.platform == "gpu" and capability < 8.9:
+    if device.platform == "gpu" and kernels.compute_capability() < 8.9:
+        others = [d for d in KV_CACHE_DTYPES if d not in FP8]
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} (--kv-cache-dtype) needs a GPU of "
                          f"compute capability 8.9 or later; {device.device_kind} has "
-                         f"{capability}: choose one of ['auto', 'bfloat16', 'float16', "
-                         "'float32']")
+                         f"{kernels.compute_capability()}: choose one of {others}")
     return FP8[kv_cache_dtype]
 
 

@@ -42,16 +42,23 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def compute_capability() -> float:
+    """The default device's CUDA compute capability (9.0 for an H100), 0 off NVIDIA GPUs."""
+    return float(getattr(jax.devices()[0], "compute_capability", "0") or 0)
+
+
 def _hopper_or_newer() -> bool:
     """Whether the default GPU has wgmma and TMA (compute capability 9.0 or later)."""
-    return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+    return compute_capability() >= 9.0
 
 
 def _kernel_for(q, k_pages, page_table, impl: str, sliding_window) -> str:
     """Which kernel paged_attention runs for these operands (impl resolved): 'reference',
     'mgpu-decode', 'mgpu-prefill', 'triton' or 'tpu'."""
-    if impl == "reference" or impl.startswith("tpu"):
-        return "reference" if impl == "reference" else "tpu"
+    if impl == "reference":
+        return "reference"
+    if impl.startswith("tpu"):
+        return "tpu"
     from kernels import mgpu
     if impl == "gpu-interpret" or _hopper_or_newer():
         if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages, page_table):

@@ -7,8 +7,8 @@ No field is silently ignored. A field these bodies do not declare is refused (40
 but for IGNORED_FIELDS, which tell an engine nothing (who the end user is, what OpenAI should
 store). Fields of OpenAI's, vLLM's or SGLang's APIs that this server does not implement yet
 (best_of, suffix, OpenAI's older function-calling names, ebnf grammars) are declared
-`Unsupported`: accepted at the value that asks for nothing (what clients send by default: null, 0, false, {},
-[]), refused naming the field at any other.
+`Unsupported`: accepted at the value that asks for nothing (what clients send by default: null,
+0, false, {}, []), refused naming the field at any other.
 """
 
 from typing import Annotated, Any, Literal
