@@ -74,6 +74,10 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        # fp8 pages' scales a KV head, (k, v), from the checkpoint (models/loader.py): a stored
+        # value times its scale is the value. Static (part of the graph), read only when the
+        # pages are fp8; None is scale 1.0.
+        self.kv_scales: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, kv, ctx):
@@ -86,6 +90,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
+        scaled = self.kv_scales is not None and jnp.dtype(kv[0].dtype).itemsize == 1
+        if scaled:
+            q, k, v = self._scale(q, k, v)
         attend = functools.partial(_attend, impl=ctx["attn_impl"],
                                    sliding_window=cfg.sliding_window)
         if ctx["mesh"] is not None:
@@ -99,7 +106,23 @@ class Attention(nnx.Module):
                                    out_specs=(heads, pages, pages), check_vma=False)
         out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], ctx["page"], ctx["slot"],
                                        ctx["groups"])
+        if scaled:
+            out = (out.astype(jnp.float32) * self._per_query_head(1)).astype(out.dtype)
         return self.o_proj(out.reshape(s, -1)), (k_pages, v_pages)
+
+    def _per_query_head(self, which: int):
+        """kv_scales[which] [K] -> [N,1], each query head its KV head's scale."""
+        scale = jnp.asarray(self.kv_scales[which], jnp.float32)
+        return jnp.repeat(scale, self.cfg.num_heads // self.cfg.num_kv_heads)[:, None]
+
+    def _scale(self, q, k, v):
+        """Scales folded in around the kernels, which then read fp8 pages at scale 1.0: K and
+        V are stored divided by their scales, q.(k / s) * s = (q * s).(k / s), and the output
+        is multiplied by V's scale (softmax weights sum to one). Outside shard_map, so each
+        device gets its heads' scales."""
+        k_scale, v_scale = (jnp.asarray(x, jnp.float32)[:, None] for x in self.kv_scales)
+        q = (q.astype(jnp.float32) * self._per_query_head(0)).astype(q.dtype)
+        return q, k.astype(jnp.float32) / k_scale, v.astype(jnp.float32) / v_scale
 
 
 def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_window):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from tqdm import tqdm
@@ -73,10 +74,44 @@ def load_hf(directory: str | Path, dtype=jnp.float32, progress: bool = True) -> 
             handles[files[name]] = safe_open(files[name], "flax")
         return handles[files[name]].get_tensor(name), f"{files[name].name}: tensor {name!r}"
     try:
-        return load_tensors(cfg, tensor, "config.json", dtype, progress,
-                            f"loading {directory.name}")
+        model = load_tensors(cfg, tensor, "config.json", dtype, progress,
+                             f"loading {directory.name}")
+        read_kv_scales(model, lambda name: tensor(name) if name in files else None)
+        return model
     finally:
         handles.clear()
+
+
+# Where checkpoints keep fp8 KV-cache scales (as vLLM reads them), per layer: each name's K and
+# V tensors, the first present wins. kv_scale is one scale for both.
+KV_SCALE_NAMES = (("self_attn.k_scale", "self_attn.v_scale"),
+                  ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+                  ("self_attn.kv_scale", "self_attn.kv_scale"))
+
+
+def read_kv_scales(model: Llama, tensor) -> None:
+    """Sets each attention layer's kv_scales from the checkpoint's scale tensors (scalar, or
+    one a KV head), where it has them; tensor(HF name) -> (array, where) or None. A layer
+    without them keeps scale 1.0. A scale of another shape, or not positive and finite, is a
+    CheckpointError naming the tensor."""
+    heads = model.cfg.num_kv_heads
+    for i, layer in enumerate(model.layers):
+        for names in KV_SCALE_NAMES:
+            found = [tensor(f"model.layers.{i}.{name}") for name in names]
+            if None in found:
+                continue
+            scales = []
+            for array, where in found:
+                array = np.asarray(array, np.float32).reshape(-1)
+                if array.size not in (1, heads):
+                    raise CheckpointError(f"{where} has {array.size} values: an fp8 KV scale "
+                                          f"is one, or one a KV head ({heads})")
+                if not np.all(np.isfinite(array) & (array > 0)):
+                    raise CheckpointError(f"{where}: fp8 KV scales must be positive and "
+                                          f"finite, got {array.tolist()}")
+                scales.append(tuple(float(x) for x in np.broadcast_to(array, (heads,))))
+            layer.self_attn.kv_scales = tuple(scales)
+            break
 
 
 def load_tensors(cfg: ModelConfig, tensor, config_source: str, dtype=jnp.float32,

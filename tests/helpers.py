@@ -1,10 +1,13 @@
 """Shared test helpers (tests/ is on sys.path through pyproject's pytest settings)."""
 
 import importlib.util
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -91,3 +94,26 @@ def assert_pool_clean(llm_or_engine) -> None:
     assert sched.pool.ledger.free == int(engine.cache.alloc.top)
     assert sorted(sched.free_rows) == list(range(sched.max_rows))
     assert_host_tier_consistent(engine)
+
+
+def scaled_checkpoint(directory, scales: bool):
+    """The llama fixture with each layer's K and V made 4096x larger for KV head 0 and 64x
+    smaller for head 1 (q_proj and o_proj undo it: the same model), so that fp8 pages at scale
+    1.0 clip one head and round the other to zero. With scales, the per-head k_scale / v_scale
+    tensors that bring both back in range."""
+    shutil.copytree(FIXTURES / "llama", directory)
+    weights = load_file(directory / "model.safetensors")
+    cfg = json.loads((directory / "config.json").read_text())
+    h, q_per_kv = cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    factor = np.array([4096.0, 1 / 64], np.float32)
+    per_q_head = np.repeat(factor, q_per_kv * h)
+    for i in range(cfg["num_hidden_layers"]):
+        attn = f"model.layers.{i}.self_attn."
+        for name in ("k_proj", "v_proj"):
+            weights[attn + name + ".weight"] *= np.repeat(factor, h)[:, None]
+        weights[attn + "q_proj.weight"] /= per_q_head[:, None]
+        weights[attn + "o_proj.weight"] /= per_q_head[None, :]
+        if scales:
+            weights[attn + "k_scale"] = weights[attn + "v_scale"] = factor
+    save_file(weights, directory / "model.safetensors")
+    return directory

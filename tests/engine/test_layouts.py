@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_pool_clean
+from helpers import FIXTURES, assert_pool_clean, scaled_checkpoint
 
 import kvcache
 from engine import LLM, SamplingParams
@@ -126,3 +126,24 @@ def test_fp8_pages(float32_pages, kv_cache_dtype, record_property):
                      for a, b in zip(o.token_ids, f.token_ids)])
     record_property("greedy_agreement_with_float32_pages", float(agree))
 
+
+
+def test_fp8_scales_from_the_checkpoint(tmp_path):
+    """Per-KV-head k_scale / v_scale tensors (vLLM's names) are read and used: with K/V 4096x
+    too large for e4m3 in one head and 64x too small in the other, the scales (powers of two,
+    so exact) give the prompt log probabilities of the unscaled fixture on fp8 pages; without
+    them, the pages clip one head and flush the other (measured 3.9 nats off)."""
+    def prompt_logprobs(directory, **options):
+        llm = LLM(str(directory), page_size=4, context_length=64, max_running_requests=8,
+                  **options)
+        outs = llm.generate(PROMPTS, WITH_PROMPT_LOGPROBS)
+        assert_pool_clean(llm)
+        return np.array([v for o in outs for d in o.prompt_logprobs[1:] for v in d.values()])
+
+    fixture = prompt_logprobs(FIXTURES / "llama", kv_cache_dtype="fp8_e4m3")
+    scaled = prompt_logprobs(scaled_checkpoint(tmp_path / "scaled", scales=True),
+                             kv_cache_dtype="fp8_e4m3")
+    unscaled = prompt_logprobs(scaled_checkpoint(tmp_path / "plain", scales=False),
+                               kv_cache_dtype="fp8_e4m3")
+    np.testing.assert_allclose(scaled, fixture, atol=1e-5)
+    assert np.abs(unscaled - fixture).max() > 2.0

@@ -5,7 +5,7 @@ an engine are skipped, with the reason."""
 
 import jax
 import pytest
-from helpers import assert_pool_clean
+from helpers import assert_pool_clean, scaled_checkpoint
 from jax.sharding import PartitionSpec as P
 
 import serve
@@ -126,6 +126,16 @@ def test_tp_with_fp8_pages():
     llm = LLM("tiny-random", tensor_parallel_size=2, **fp8)
     assert llm.engine.cache.k[0].sharding.spec == P(None, None, "tp", None)
     assert generate(llm, runs=1) == generate(LLM("tiny-random", **fp8), runs=1)
+
+
+@eight_devices
+def test_tp_with_fp8_scales(tmp_path):
+    """A checkpoint's per-KV-head fp8 scales (a different one each head) on 2 devices, each
+    with its own heads' scales: the tokens of one device."""
+    model = str(scaled_checkpoint(tmp_path / "scaled", scales=True))
+    fp8 = KW | dict(kv_cache_dtype="fp8_e4m3")
+    assert generate(LLM(model, tensor_parallel_size=2, **fp8), runs=1) == \
+        generate(LLM(model, **fp8), runs=1)
 
 
 def config(heads, kv_heads, mlp=64):

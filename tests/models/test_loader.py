@@ -114,3 +114,29 @@ def test_tokenizer_and_chat_template_match_hf():
         assert tok.encode(example["text"]) == example["ids_with_special_tokens"]
         assert tok.encode(example["text"], False) == example["ids_without_special_tokens"]
         assert tok.decode(example["ids_without_special_tokens"]) == example["text"]
+
+
+@pytest.mark.parametrize("names", [("k_scale", "v_scale"), ("kv_scale", "kv_scale"),
+                                   ("k_proj.output_scale", "v_proj.output_scale")])
+def test_fp8_kv_scales_are_read(llama_copy, names):
+    """A scalar scale applies to every KV head; one a KV head each to its own; a layer without
+    scale tensors keeps scale 1.0 (None)."""
+    weights = load_file(llama_copy / "model.safetensors")
+    weights["model.layers.0.self_attn." + names[0]] = np.array(2.0, np.float32)
+    weights["model.layers.0.self_attn." + names[1]] = np.array([0.5, 3.0], np.float32)
+    save_file(weights, llama_copy / "model.safetensors")
+    model = load_hf(llama_copy, progress=False)
+    k, v = (2.0, 2.0), (0.5, 3.0)
+    assert model.layers[0].self_attn.kv_scales == ((k, v) if names[0] != names[1] else (v, v))
+    assert model.layers[1].self_attn.kv_scales is None
+
+
+@pytest.mark.parametrize("value, message", [(np.ones(3, np.float32), "has 3 values"),
+                                            (np.array([1.0, 0.0], np.float32), "positive")])
+def test_bad_fp8_kv_scales_are_named(llama_copy, value, message):
+    weights = load_file(llama_copy / "model.safetensors")
+    weights["model.layers.1.self_attn.k_scale"] = value
+    weights["model.layers.1.self_attn.v_scale"] = np.ones(2, np.float32)
+    save_file(weights, llama_copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"model.layers.1.self_attn.k_scale.*{message}"):
+        load_hf(llama_copy, progress=False)
