@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 
 
 class ConfigError(ValueError):
@@ -22,7 +23,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     theta: float
-    kind: str = "default"               # "default" | "llama3"
+    kind: str = "default"               # "default" | "linear" | "llama3"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -40,6 +41,8 @@ class RopeConfig:
             return (inv / np.asarray(self.freq_factors, np.float32)).astype(np.float32)
         if self.kind == "default":
             return inv
+        if self.kind == "linear":
+            return (inv / np.float32(self.factor)).astype(np.float32)
         old_len = self.original_max_position_embeddings
         low_wavelen = old_len / self.low_freq_factor
         high_wavelen = old_len / self.high_freq_factor
@@ -73,11 +76,38 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Which layers attend through sliding_window (Gemma's local layers); () = every layer.
+    sliding_layers: tuple[bool, ...] = ()
+    # RoPE of the sliding-window layers where it differs from `rope` (Gemma 3's local base).
+    local_rope: RopeConfig | None = None
+    # Gemma: embeddings times sqrt(hidden), (1 + w) RMSNorm, norms after attention and the MLP
+    # too, GeGLU (tanh GELU), logit soft-caps, q.k / sqrt(query_pre_attn_scalar).
+    gemma: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it sees every earlier key)."""
+        if not self.sliding_layers:
+            return self.sliding_window
+        return self.sliding_window if self.sliding_layers[layer] else None
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """The distinct windows over the layers, in layer order: one decode plan each."""
+        return tuple(dict.fromkeys(self.window(i) for i in range(self.num_layers)))
+
+    def rope_of(self, layer: int) -> RopeConfig:
+        return self.local_rope if self.local_rope and self.window(layer) else self.rope
 
     def __post_init__(self):
         if self.model_type not in FAMILIES:
             raise ConfigError(f"model_type {self.model_type!r} is not supported; "
                               f"supported: {list(FAMILIES)}")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ConfigError(f"{len(self.sliding_layers)} layer types for {self.num_layers} "
+                              "layers")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_kv_heads})")
@@ -107,9 +137,11 @@ def _need(raw: dict, key: str, source: str, kind=int):
     return kind(value)
 
 
-def _rope(raw: dict, source: str) -> RopeConfig:
+def _rope(raw: dict, source: str, layer_type: str | None = None) -> RopeConfig:
     params = raw.get("rope_parameters")  # transformers >= 5
-    if params is None:
+    if params is not None and layer_type in params:       # one per layer type (Gemma 3)
+        params = params[layer_type]
+    elif params is None:
         if raw.get("rope_theta") is None:
             raise ConfigError(f"{source}: required field 'rope_theta' (or 'rope_parameters') "
                               "is missing")
@@ -118,9 +150,12 @@ def _rope(raw: dict, source: str) -> RopeConfig:
     theta = _need(params, "rope_theta", source + " rope_parameters", float)
     if kind == "default":
         return RopeConfig(theta)
+    if kind == "linear":
+        return RopeConfig(theta, "linear", _need(params, "factor", source + " rope_scaling",
+                                                 float))
     if kind != "llama3":
         raise ConfigError(f"{source}: rope type {kind!r} is not supported "
-                          "(supported: 'default', 'llama3')")
+                          "(supported: 'default', 'linear', 'llama3')")
     sub = source + " rope_scaling"
     return RopeConfig(
         theta, "llama3", _need(params, "factor", sub, float),
@@ -129,8 +164,45 @@ def _rope(raw: dict, source: str) -> RopeConfig:
         _need(params, "original_max_position_embeddings", sub))
 
 
+def _gemma(raw: dict, source: str, layers: int) -> dict:
+    """Gemma 2 / Gemma 3 (text) fields of ModelConfig: the local layers from layer_types (or
+    the pattern HF derives when it is absent: every 2nd layer global in Gemma 2, every
+    sliding_window_pattern-th in Gemma 3), Gemma 3's local RoPE (rope_parameters per layer
+    type, or rope_local_base_freq), soft-caps and the query scale."""
+    gemma3 = raw["model_type"] == "gemma3_text"
+    if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ConfigError(f"{source}: hidden_activation {raw['hidden_activation']!r} is not "
+                          "supported (supported: 'gelu_pytorch_tanh')")
+    types = raw.get("layer_types")
+    if types is None:
+        every = int(raw.get("sliding_window_pattern", 6)) if gemma3 else 2
+        types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                 for i in range(layers)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{source}: layer types {sorted(unknown)} are not supported "
+                          "(supported: 'sliding_attention', 'full_attention')")
+    out = dict(gemma=True, qk_norm=gemma3, tie_word_embeddings=bool(raw.get(
+        "tie_word_embeddings", True)), sliding_window=_need(raw, "sliding_window", source),
+        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        attn_logit_softcap=raw.get("attn_logit_softcapping"),
+        final_logit_softcap=raw.get("final_logit_softcapping"),
+        query_pre_attn_scalar=_need(raw, "query_pre_attn_scalar", source, float))
+    if gemma3:
+        out["rope"] = _rope(raw, source, "full_attention")
+        params = raw.get("rope_parameters") or {}
+        out["local_rope"] = (_rope(raw, source, "sliding_attention")
+                             if "sliding_attention" in params
+                             else RopeConfig(float(raw.get("rope_local_base_freq", 10000.0))))
+    return out
+
+
 def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = raw.get("model_type")
+    if model_type == "gemma3":
+        raise ConfigError(f"{source}: model_type 'gemma3' is Gemma 3 with its vision tower, "
+                          "which is not supported; a text-only checkpoint (model_type "
+                          "'gemma3_text', Gemma3ForCausalLM) is")
     if model_type not in FAMILIES:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported; "
                           f"supported: {list(FAMILIES)}")
@@ -143,24 +215,26 @@ def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     bias = bool(raw.get("attention_bias", False))
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    return ModelConfig(
+    layers = _need(raw, "num_hidden_layers", source)
+    gemma = _gemma(raw, source, layers) if model_type in GEMMA else {}
+    return ModelConfig(**{**dict(
         model_type=model_type,
         vocab_size=_need(raw, "vocab_size", source),
         hidden_size=hidden,
         intermediate_size=_need(raw, "intermediate_size", source),
-        num_layers=_need(raw, "num_hidden_layers", source),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=_need(raw, "num_key_value_heads", source),
         head_dim=int(head_dim),
         rms_norm_eps=_need(raw, "rms_norm_eps", source, float),
-        rope=_rope(raw, source),
+        rope=gemma["rope"] if "rope" in gemma else _rope(raw, source),
         max_position_embeddings=_need(raw, "max_position_embeddings", source),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=True if model_type == "qwen2" else bias,
-        o_bias=bias if model_type in ("llama", "qwen3") else False,
+        o_bias=bias if model_type in ("llama", "qwen3", *GEMMA) else False,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
         qk_norm=model_type == "qwen3",
         sliding_window=raw.get("sliding_window") if model_type == "mistral" else None,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
-    )
+    ), **gemma})

@@ -1,8 +1,15 @@
-"""One Llama-family decoder (Llama 3.x, Qwen2/2.5, Qwen3, Mistral) in Flax NNX.
+"""One decoder for the Llama family (Llama 3.x, Qwen2/2.5, Qwen3, Mistral) and Gemma 2 / 3
+(text) in Flax NNX.
 
 Module and parameter names follow the HF checkpoints (`model.layers.0.self_attn.q_proj`), so
 loading is a rename plus a transpose. K/V go straight into the paged cache: every call writes
 its new tokens into their pages and attends through `kernels.paged_attention`.
+
+Gemma differs by switches of ModelConfig (`gemma`): embeddings times sqrt(hidden), (1 + w)
+RMSNorm in float32, a norm after attention and around the MLP too, GeGLU, the kernels' logit
+soft-cap, a final-logit soft-cap, and q.k over sqrt(query_pre_attn_scalar) (the query is
+scaled so the kernels keep their 1/sqrt(head_dim)). Its local layers attend through a sliding
+window with their own RoPE base (Gemma 3); every layer still keeps all its pages.
 """
 
 import dataclasses
@@ -29,19 +36,25 @@ class Group:
     positions: jax.Array   # [B,T] int32 absolute positions, -1 = padding
     page_table: jax.Array  # [B,M] int32 the rows' pages
     kv_lens: jax.Array     # [B] int32 tokens each row holds once these are written
-    # The decode kernel's work plan (kernels.decode_work), made once a step for every layer;
-    # None until the model makes it, and for calls that take none.
-    work: jax.Array | None = None
+    # The decode kernel's work plans (kernels.decode_work), one per window of cfg.windows, made
+    # once a step for every layer; None until the model makes them, and for calls that take
+    # none.
+    work: tuple | None = None
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones(dim, dtype))
+    """Llama's: w * norm(x) in x's dtype. Gemma's (offset): norm(x) * (1 + w) in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype, offset: bool = False):
+        self.weight = nnx.Param(jnp.zeros(dim, dtype) if offset else jnp.ones(dim, dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
 
 
@@ -65,15 +78,16 @@ def rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = _linear(d, n * h, cfg.qkv_bias, dtype, rngs)
         self.k_proj = _linear(d, k * h, cfg.qkv_bias, dtype, rngs)
         self.v_proj = _linear(d, k * h, cfg.qkv_bias, dtype, rngs)
         self.o_proj = _linear(n * h, d, cfg.o_bias, dtype, rngs)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype, cfg.gemma)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype, cfg.gemma)
+        self.window = cfg.window(layer)
         # fp8 pages' scales a KV head, (k, v), from the checkpoint (models/loader.py): a stored
         # value times its scale is the value. Static (part of the graph), read only when the
         # pages are fp8; None is scale 1.0.
@@ -81,7 +95,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, kv, ctx):
-        """x [S,D]: the tokens of every group, flattened. Attention runs group by group."""
+        """x [S,D]: the tokens of every group, flattened. Attention runs group by group, each
+        with the decode plan of this layer's window."""
         cfg = self.cfg
         s = x.shape[0]
         q = self.q_proj(x).reshape(s, cfg.num_heads, cfg.head_dim)         # [S,N,H]
@@ -90,11 +105,14 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cfg.query_pre_attn_scalar is not None:
+            q = (q * (cfg.head_dim / cfg.query_pre_attn_scalar) ** 0.5).astype(q.dtype)
         scaled = self.kv_scales is not None and jnp.dtype(kv[0].dtype).itemsize == 1
         if scaled:
             q, k, v = self._scale(q, k, v)
-        attend = functools.partial(_attend, impl=ctx["attn_impl"],
-                                   sliding_window=cfg.sliding_window)
+        attend = functools.partial(_attend, impl=ctx["attn_impl"], sliding_window=self.window,
+                                   logit_softcap=cfg.attn_logit_softcap,
+                                   plan=cfg.windows.index(self.window))
         if ctx["mesh"] is not None:
             # Pallas kernels cannot be partitioned by XLA: each device runs them on its own
             # query heads and the KV heads they read (the K axis of q, k, v and the pages).
@@ -125,9 +143,11 @@ class Attention(nnx.Module):
         return q, k.astype(jnp.float32) / k_scale, v.astype(jnp.float32) / v_scale
 
 
-def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_window):
+def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_window,
+            logit_softcap, plan):
     """Writes k, v [S,K,H] into their slots of k_pages, v_pages [P,G,K,H] (page, slot [S]), then
-    attends q [S,N,H] group by group. Returns (out [S,N,H], k_pages', v_pages')."""
+    attends q [S,N,H] group by group (with each group's work[plan]). Returns (out [S,N,H],
+    k_pages', v_pages')."""
     k_pages = write_kv(k_pages, page, slot, k)
     v_pages = write_kv(v_pages, page, slot, v)
     outs, start = [], 0
@@ -137,7 +157,8 @@ def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_wind
         start += b * t
         out = kernels.paged_attention(qg, k_pages, v_pages, g.page_table, g.positions,
                                       g.kv_lens, impl=impl, sliding_window=sliding_window,
-                                      work=g.work)
+                                      logit_softcap=logit_softcap,
+                                      work=None if g.work is None else g.work[plan])
         outs.append(out.reshape(b * t, *q.shape[1:]))
     return jnp.concatenate(outs), k_pages, v_pages
 
@@ -148,31 +169,46 @@ class MLP(nnx.Module):
         self.gate_proj = _linear(d, f, cfg.mlp_bias, dtype, rngs)
         self.up_proj = _linear(d, f, cfg.mlp_bias, dtype, rngs)
         self.down_proj = _linear(f, d, cfg.mlp_bias, dtype, rngs)
+        self.gelu = cfg.gemma            # GeGLU (tanh GELU) in Gemma, SwiGLU elsewhere
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+    """Llama: post_attention_layernorm is the MLP's input norm. Gemma: it normalises the
+    attention output, and pre_/post_feedforward_layernorm surround the MLP."""
 
-    def __call__(self, x, cos, sin, kv, ctx):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs):
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer, dtype, rngs)
+        self.post_attention_layernorm = norm()
+        if cfg.gemma:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(cfg, dtype, rngs)
+        self.rope = cfg.rope_of(layer)
+
+    def __call__(self, x, kv, ctx):
+        cos, sin = ctx["rope"][self.rope]
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, ctx)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        if not self.self_attn.cfg.gemma:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
 
 
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs)
-                                for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs)
+                                for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
         self.cfg = cfg
@@ -192,14 +228,19 @@ class Llama(nnx.Module):
         ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
                "slot": jnp.concatenate([s.ravel() for s in slot]),
                "groups": groups, "attn_impl": attn_impl, "mesh": mesh}
-        positions = jnp.concatenate([g.positions.ravel() for g in groups])    # [S]
-        inv_freq = jnp.asarray(self.cfg.rope.inv_freq(self.cfg.head_dim))     # [H/2]
-        angles = jnp.maximum(positions, 0).astype(jnp.float32)[:, None] * inv_freq
-        cos, sin = jnp.cos(angles), jnp.sin(angles)                           # [S,H/2]
+        positions = jnp.maximum(jnp.concatenate([g.positions.ravel() for g in groups]), 0)
+        ctx["rope"] = {}                                  # RopeConfig -> cos, sin [S,H/2]
+        for layer in self.layers:
+            if layer.rope not in ctx["rope"]:
+                inv_freq = jnp.asarray(layer.rope.inv_freq(self.cfg.head_dim))   # [H/2]
+                angles = positions.astype(jnp.float32)[:, None] * inv_freq
+                ctx["rope"][layer.rope] = jnp.cos(angles), jnp.sin(angles)
         x = self.embed_tokens(jnp.concatenate([g.tokens.ravel() for g in groups]))  # [S,D]
+        if self.cfg.gemma:
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         k_out, v_out = [], []
         for layer, k, v in zip(self.layers, k_pages, v_pages):
-            x, (k, v) = layer(x, cos, sin, (k, v), ctx)
+            x, (k, v) = layer(x, (k, v), ctx)
             k_out.append(k)
             v_out.append(v)
         x = self.norm(x)
@@ -211,20 +252,27 @@ class Llama(nnx.Module):
         return hidden, tuple(k_out), tuple(v_out)
 
     def _planned(self, groups, pages, attn_impl, mesh):
-        """The groups with their decode work plans, made here once for all layers (the plan
-        depends on positions and lengths only). Shapes are one device's under a mesh."""
+        """The groups with their decode work plans, one per window of cfg.windows, made here
+        once for all layers (a plan depends on positions, lengths and the window only). Shapes
+        are one device's under a mesh."""
         tp = mesh.shape[TP] if mesh is not None else 1
         p, g, k, h = pages.shape
         local = jax.ShapeDtypeStruct((p, g, k // tp, h), pages.dtype)
-        return tuple(dataclasses.replace(group, work=kernels.decode_work(
-            jax.ShapeDtypeStruct((*group.tokens.shape, self.cfg.num_heads // tp, h),
-                                 pages.dtype),
-            local, group.page_table, group.positions, group.kv_lens, impl=attn_impl,
-            sliding_window=self.cfg.sliding_window)) for group in groups)
+        def plans(group):
+            q = jax.ShapeDtypeStruct((*group.tokens.shape, self.cfg.num_heads // tp, h),
+                                     pages.dtype)
+            work = tuple(kernels.decode_work(q, local, group.page_table, group.positions,
+                                             group.kv_lens, impl=attn_impl, sliding_window=w)
+                         for w in self.cfg.windows)
+            return None if work[0] is None else work
+        return tuple(dataclasses.replace(group, work=plans(group)) for group in groups)
 
     def logits(self, hidden):
-        """hidden [...,D] -> float32 logits [...,V]."""
+        """hidden [...,D] -> float32 logits [...,V] (soft-capped where the model says)."""
         if self.cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding[...]                          # [V,D]
-            return jnp.dot(hidden, table.T, precision=_precision(table.dtype)).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            out = jnp.dot(hidden, table.T, precision=_precision(table.dtype)).astype(jnp.float32)
+        else:
+            out = self.lm_head(hidden).astype(jnp.float32)
+        cap = self.cfg.final_logit_softcap
+        return out if cap is None else cap * jnp.tanh(out / cap)

@@ -5,7 +5,7 @@ an engine are skipped, with the reason."""
 
 import jax
 import pytest
-from helpers import assert_pool_clean, scaled_checkpoint
+from helpers import FIXTURES, assert_pool_clean, scaled_checkpoint
 from jax.sharding import PartitionSpec as P
 
 import serve
@@ -136,6 +136,16 @@ def test_tp_with_fp8_scales(tmp_path):
     fp8 = KW | dict(kv_cache_dtype="fp8_e4m3")
     assert generate(LLM(model, tensor_parallel_size=2, **fp8), runs=1) == \
         generate(LLM(model, **fp8), runs=1)
+
+
+@eight_devices
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_tp_gemma(family):
+    """Gemma's extra norms, q/k norms (Gemma 3, one KV head repeated), local and global layers
+    on 2 devices: the tokens of one device."""
+    model = str(FIXTURES / family)
+    assert generate(LLM(model, tensor_parallel_size=2, **KW), runs=1) == \
+        generate(LLM(model, **KW), runs=1)
 
 
 def config(heads, kv_heads, mlp=64):

@@ -140,3 +140,49 @@ def test_bad_fp8_kv_scales_are_named(llama_copy, value, message):
     save_file(weights, llama_copy / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"model.layers.1.self_attn.k_scale.*{message}"):
         load_hf(llama_copy, progress=False)
+
+
+def gemma3_hub_config(**changes):
+    """A Gemma 3 text config as the hub's checkpoints written by transformers 4.x have it: no
+    layer_types nor per-type rope_parameters."""
+    raw = dict(model_type="gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+               rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=1e6,
+               rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+               sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256,
+               final_logit_softcapping=None, attn_logit_softcapping=None)
+    return from_hf_dict({**raw, **changes})
+
+
+def test_gemma3_config_without_layer_types():
+    """Layers 6, 12, ... (1-based) are global; local layers use rope_local_base_freq, global
+    ones rope_theta with linear scaling; tied embeddings by default."""
+    cfg = gemma3_hub_config()
+    assert cfg.sliding_layers == (True,) * 5 + (False, True)
+    assert [cfg.window(i) for i in (0, 5, 6)] == [512, None, 512] and cfg.windows == (512, None)
+    assert cfg.rope_of(5).kind == "linear" and cfg.rope_of(5).theta == 1e6
+    assert cfg.rope_of(0).kind == "default" and cfg.rope_of(0).theta == 1e4
+    np.testing.assert_allclose(cfg.rope_of(5).inv_freq(32),
+                               1 / 8 / 1e6 ** (np.arange(0, 32, 2) / 32), rtol=1e-6)
+    assert cfg.tie_word_embeddings and cfg.qk_norm and cfg.gemma
+
+
+def test_gemma2_layers_alternate():
+    cfg = from_hf_dict(dict(
+        model_type="gemma2", vocab_size=256, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=1e4, sliding_window=4096,
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
+    assert cfg.sliding_layers == (True, False, True, False) and not cfg.qk_norm
+    assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (50.0, 30.0)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (dict(model_type="gemma3"), "vision tower.*gemma3_text"),
+    (dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
+    (dict(layer_types=["chunked_attention"] * 7), "layer types \\['chunked_attention'\\]"),
+    (dict(layer_types=["full_attention"] * 3), "3 layer types for 7 layers"),
+])
+def test_gemma_config_errors(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        gemma3_hub_config(**raw)
