@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")
 
 
@@ -86,6 +86,13 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
+    # Mixture of experts (Qwen3-MoE): which layers route each token to experts_per_token of
+    # num_experts SwiGLU experts of width moe_intermediate_size (the others are dense).
+    moe_layers: tuple[bool, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def window(self, layer: int) -> int | None:
         """The sliding window of one layer (None: it sees every earlier key)."""
@@ -105,6 +112,9 @@ class ModelConfig:
         if self.model_type not in FAMILIES:
             raise ConfigError(f"model_type {self.model_type!r} is not supported; "
                               f"supported: {list(FAMILIES)}")
+        if self.moe_layers and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.experts_per_token}) must be between 1 "
+                              f"and num_experts ({self.num_experts})")
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ConfigError(f"{len(self.sliding_layers)} layer types for {self.num_layers} "
                               "layers")
@@ -197,6 +207,20 @@ def _gemma(raw: dict, source: str, layers: int) -> dict:
     return out
 
 
+def _moe(raw: dict, source: str, layers: int) -> dict:
+    """Qwen3-MoE's fields: a layer routes to experts unless mlp_only_layers names it or it is
+    not a multiple of decoder_sparse_step (1-based), as HF decides."""
+    # transformers >= 5 writes num_local_experts (Mixtral's name), earlier ones num_experts
+    experts = _need(raw, "num_experts" if "num_experts" in raw else "num_local_experts", source)
+    step = int(raw.get("decoder_sparse_step", 1))
+    dense = set(raw.get("mlp_only_layers") or [])
+    return dict(moe_layers=tuple(i not in dense and experts > 0 and (i + 1) % step == 0
+                                 for i in range(layers)),
+                num_experts=experts, experts_per_token=_need(raw, "num_experts_per_tok", source),
+                moe_intermediate_size=_need(raw, "moe_intermediate_size", source),
+                norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
+
+
 def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type == "gemma3":
@@ -216,7 +240,8 @@ def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     layers = _need(raw, "num_hidden_layers", source)
-    gemma = _gemma(raw, source, layers) if model_type in GEMMA else {}
+    family = (_gemma(raw, source, layers) if model_type in GEMMA
+              else _moe(raw, source, layers) if model_type == "qwen3_moe" else {})
     return ModelConfig(**{**dict(
         model_type=model_type,
         vocab_size=_need(raw, "vocab_size", source),
@@ -227,14 +252,14 @@ def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
         num_kv_heads=_need(raw, "num_key_value_heads", source),
         head_dim=int(head_dim),
         rms_norm_eps=_need(raw, "rms_norm_eps", source, float),
-        rope=gemma["rope"] if "rope" in gemma else _rope(raw, source),
+        rope=family["rope"] if "rope" in family else _rope(raw, source),
         max_position_embeddings=_need(raw, "max_position_embeddings", source),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=True if model_type == "qwen2" else bias,
-        o_bias=bias if model_type in ("llama", "qwen3", *GEMMA) else False,
+        o_bias=bias if model_type in ("llama", "qwen3", "qwen3_moe", *GEMMA) else False,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         sliding_window=raw.get("sliding_window") if model_type == "mistral" else None,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
-    ), **gemma})
+    ), **family})

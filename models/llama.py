@@ -1,5 +1,5 @@
-"""One decoder for the Llama family (Llama 3.x, Qwen2/2.5, Qwen3, Mistral) and Gemma 2 / 3
-(text) in Flax NNX.
+"""One decoder for the Llama family (Llama 3.x, Qwen2/2.5, Qwen3, Mistral), Gemma 2 / 3 (text)
+and Qwen3-MoE in Flax NNX.
 
 Module and parameter names follow the HF checkpoints (`model.layers.0.self_attn.q_proj`), so
 loading is a rename plus a transpose. K/V go straight into the paged cache: every call writes
@@ -10,6 +10,10 @@ RMSNorm in float32, a norm after attention and around the MLP too, GeGLU, the ke
 soft-cap, a final-logit soft-cap, and q.k over sqrt(query_pre_attn_scalar) (the query is
 scaled so the kernels keep their 1/sqrt(head_dim)). Its local layers attend through a sliding
 window with their own RoPE base (Gemma 3); every layer still keeps all its pages.
+
+Qwen3-MoE's sparse layers (`MoE`) route each token to its top-k experts: the (token, expert)
+pairs are sorted by expert and the experts run as grouped matmuls (`jax.lax.ragged_dot`), one
+per projection for all experts, with no loop over experts.
 """
 
 import dataclasses
@@ -177,6 +181,48 @@ class MLP(nnx.Module):
         return self.down_proj(gate * self.up_proj(x))
 
 
+class Experts(nnx.Module):
+    """E SwiGLU experts, their weights stacked: gate_proj, up_proj [E,D,F], down_proj [E,F,D]
+    (HF keeps one [F,D] / [D,F] tensor an expert: models/loader.py stacks them)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs):
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=-2, out_axis=-1, batch_axis=0)
+        self.gate_proj = nnx.Param(init(rngs.params(), (e, d, f), dtype))
+        self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), dtype))
+        self.down_proj = nnx.Param(init(rngs.params(), (e, f, d), dtype))
+
+    def __call__(self, x, sizes):
+        """x [T,D]: tokens sorted by expert, sizes [E] of them each -> [T,D]."""
+        dot = functools.partial(jax.lax.ragged_dot, group_sizes=sizes,
+                                precision=_precision(x.dtype))
+        gate = dot(x, self.gate_proj[...])
+        return dot(jax.nn.silu(gate) * dot(x, self.up_proj[...]), self.down_proj[...])
+
+
+class MoE(nnx.Module):
+    """Routing as HF computes it: softmax of the router's logits in float32, the top k
+    (renormalised with norm_topk_prob), weights in x's dtype."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs):
+        self.gate = _linear(cfg.hidden_size, cfg.num_experts, False, dtype, rngs)
+        self.experts = Experts(cfg, dtype, rngs)
+        self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
+
+    def __call__(self, x):
+        probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)       # [S,E]
+        weight, expert = jax.lax.top_k(probs, self.top_k)                        # [S,k]
+        if self.normalise:
+            weight = weight / weight.sum(axis=-1, keepdims=True)
+        expert = expert.reshape(-1)
+        order = jnp.argsort(expert, stable=True)                # (token, expert) pairs by expert
+        token = order // self.top_k
+        sizes = jnp.bincount(expert, length=probs.shape[-1]).astype(jnp.int32)
+        out = self.experts(x[token], sizes) * weight.astype(x.dtype).reshape(-1)[order, None]
+        return jnp.zeros_like(x).at[token].add(out)
+
+
 class DecoderLayer(nnx.Module):
     """Llama: post_attention_layernorm is the MLP's input norm. Gemma: it normalises the
     attention output, and pre_/post_feedforward_layernorm surround the MLP."""
@@ -189,7 +235,8 @@ class DecoderLayer(nnx.Module):
         if cfg.gemma:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, rngs) if cfg.moe_layers and cfg.moe_layers[layer] else \
+            MLP(cfg, dtype, rngs)
         self.rope = cfg.rope_of(layer)
 
     def __call__(self, x, kv, ctx):

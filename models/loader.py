@@ -123,7 +123,17 @@ def load_tensors(cfg: ModelConfig, tensor, config_source: str, dtype=jnp.float32
     flat = dict(nnx.to_flat_state(state))
     for path, var in tqdm(flat.items(), desc=desc, unit="tensor", disable=not progress):
         name, transposed = hf_name(path)
-        array, where = tensor(name)
+        if str(path[-2]) == "experts":          # [E,...]: HF's tensor of each expert, stacked
+            base, proj = name.rsplit(".", 1)
+            parts = [tensor(f"{base}.{e}.{proj}.weight") for e in range(cfg.num_experts)]
+            for array, where in parts[1:]:
+                if array.shape != parts[0][0].shape:
+                    raise CheckpointError(f"{where} has shape {tuple(array.shape)}, expert "
+                                          f"0's {tuple(parts[0][0].shape)}")
+            transposed = True
+            array, where = jnp.stack([a for a, _ in parts], axis=-1), parts[0][1]   # [F,D,E]
+        else:
+            array, where = tensor(name)
         expected = var.get_value().shape
         expected = expected[::-1] if transposed else expected
         if array.shape != expected:

@@ -2,7 +2,9 @@
 
 Megatron's split: q/k/v and gate/up are column-sharded (each device computes its own heads and
 its own slice of F), o_proj and down_proj are row-sharded (each device multiplies its slice and
-XLA sums the partial products over "tp"). Embeddings, norms and lm_head are replicated. With
+XLA sums the partial products over "tp"); MoE experts alike, each expert's F split over the
+devices (every device holds a slice of every expert). Embeddings, norms, the router and
+lm_head are replicated. With
 more devices than KV heads, every KV head is repeated so that each device holds one (vLLM's
 rule); the KV pages are then sharded along their K axis like the k/v projections.
 """
@@ -25,9 +27,10 @@ def kv_replicas(cfg, tp: int) -> int:
     if cfg.num_heads % tp:
         raise ValueError(f"{flag}: the model's {cfg.num_heads} attention heads do not split "
                          f"evenly over {tp} devices; choose a divisor of {cfg.num_heads}")
-    if cfg.intermediate_size % tp:
-        raise ValueError(f"{flag}: the model's MLP width {cfg.intermediate_size} does not split "
-                         f"evenly over {tp} devices; choose a divisor of it")
+    for width in (cfg.intermediate_size, cfg.moe_intermediate_size):
+        if width % tp:
+            raise ValueError(f"{flag}: the model's MLP width {width} does not split evenly "
+                             f"over {tp} devices; choose a divisor of it")
     k = cfg.num_kv_heads
     if k % tp == 0:
         return 1
@@ -62,6 +65,8 @@ def param_specs(params):
     """A PartitionSpec for every leaf of a Llama's nnx state (see the module docstring)."""
     def spec(path, x):
         module, leaf = (str(k.key) for k in path[-3:-1])   # (..., 'q_proj', 'kernel', .value)
+        if module == "experts":                            # [E,D,F] / [E,F,D]: F split
+            return P(None, TP, None) if leaf == "down_proj" else P(None, None, TP)
         if module in COLUMN:
             return P(None, TP) if leaf == "kernel" else P(TP)
         if module in ROW and leaf == "kernel":

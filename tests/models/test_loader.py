@@ -186,3 +186,30 @@ def test_gemma2_layers_alternate():
 def test_gemma_config_errors(raw, message):
     with pytest.raises(ConfigError, match=message):
         gemma3_hub_config(**raw)
+
+
+def test_moe_layers_follow_sparse_step_and_dense_list():
+    raw = json.loads((FIXTURES / "qwen3_moe" / "config.json").read_text())
+    raw.update(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
+    cfg = from_hf_dict(raw)
+    assert cfg.moe_layers == (False, True, False, False, False, True)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.norm_topk_prob) == (8, 2, True)
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok \(9\) must be between 1 and "
+                                          r"num_experts \(8\)"):
+        from_hf_dict({**raw, "num_experts_per_tok": 9})
+
+
+def test_missing_or_misshapen_expert_is_named(tmp_path):
+    d = tmp_path / "moe"
+    shutil.copytree(FIXTURES / "qwen3_moe", d)
+    weights = load_file(d / "model.safetensors")
+    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+    weights[name] = weights[name][:-1]
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' has shape \\(31, 64\\), expert "
+                                              "0's \\(32, 64\\)"):
+        load_hf(d, progress=False)
+    del weights[name]
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' is missing"):
+        load_hf(d, progress=False)

@@ -14,7 +14,7 @@ from engine import LLM, SamplingParams
 from engine.step import SamplingArrays, decode_step
 from models import Group
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen3_moe"]
 
 
 def rel_err(ours, ref) -> float:
