@@ -50,16 +50,17 @@ def tiny_random(dtype=jnp.float32) -> tuple[Llama, Tokenizer]:
 
 
 def shaped_random(hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied,
-                  max_positions=131072):
+                  max_positions=131072, rope=None, **family):
     """A preset with a real model's shapes (for benchmarks) and random weights. Token ids past
-    the byte tokenizer's 261 decode to nothing."""
+    the byte tokenizer's 261 decode to nothing. family: ModelConfig's fields of another
+    family (model_type included); rope: Llama 3's base 500k without scaling by default."""
     def make(dtype=jnp.bfloat16) -> tuple[Llama, Tokenizer]:
         tokenizer = byte_tokenizer()
         cfg = ModelConfig(
-            model_type="llama", vocab_size=vocab, hidden_size=hidden,
+            **{"model_type": "llama", **family}, vocab_size=vocab, hidden_size=hidden,
             intermediate_size=intermediate, num_layers=layers, num_heads=heads,
             num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
-            rope=RopeConfig(500000.0), max_position_embeddings=max_positions, bos_token_id=256,
+            rope=rope or RopeConfig(500000.0), max_position_embeddings=max_positions, bos_token_id=256,
             eos_token_ids=(tokenizer.eos_token_id,), tie_word_embeddings=tied)
         return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tokenizer
     return make
@@ -78,4 +79,16 @@ PRESETS = {
     # ~16x longer. 512 bytes of KV a token: 10M tokens are 5.1 GB.
     "llama-2l-random-16m": shaped_random(256, 1024, 2, 4, 1, 64, 128256, tied=True,
                                          max_positions=1 << 24),
+    # Gemma 3 4B's shape: 34 layers, every 6th global, the others a 1024-token window.
+    "gemma-3-4b-random": shaped_random(
+        2560, 10240, 34, 8, 4, 256, 262208, tied=True, rope=RopeConfig(1e6, "linear", 8.0),
+        model_type="gemma3_text", gemma=True, qk_norm=True, sliding_window=1024,
+        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(34)),
+        local_rope=RopeConfig(10000.0), query_pre_attn_scalar=256.0),
+    # Qwen3-30B-A3B's shape: 48 layers of 128 experts of width 768, 8 a token.
+    "qwen3-30b-a3b-random": shaped_random(
+        2048, 6144, 48, 32, 4, 128, 151936, tied=False, max_positions=40960,
+        rope=RopeConfig(1e6), model_type="qwen3_moe", qk_norm=True,
+        moe_layers=(True,) * 48, num_experts=128, experts_per_token=8,
+        moe_intermediate_size=768, norm_topk_prob=True),
 }
