@@ -189,20 +189,23 @@ def penalize(logits, counts, presence, frequency, repetition):
     return logits - frequency[:, None] * generated - presence[:, None] * (generated > 0)
 
 
-def chunked_top_k(x, k: int, chunk: int = 1024):
+def chunked_top_k(x, k: int, chunk: int = 128):
     """lax.top_k(x, k) over the last axis of x [B,V], exactly (ties to the lower index, as
-    lax.top_k), for k <= chunk: the k largest of each chunk of the vocabulary, then the k
-    largest of those. On a GPU a top_k over a whole vocabulary lowers to a sort of it; per
-    chunk the sort stays in one thread block (bench/sampler.py measures both)."""
+    lax.top_k). The k largest lie in the k chunks of the vocabulary with the largest maxima
+    (ties to the lower chunk): an element outside them has k chunk maxima before it in the
+    order, each an element before it too. So: one max over each chunk, a top-k of the V /
+    chunk maxima, and a top-k of the k chunks' elements gathered in index order. On a GPU a
+    top_k over a whole vocabulary lowers to a sort of it (bench/sampler.py measures both)."""
     b, v = x.shape
     n = -(-v // chunk)
-    if n == 1 or k > chunk:
+    if n <= k:
         return jax.lax.top_k(x, k)
-    x = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
-    vals, ids = jax.lax.top_k(x.reshape(b, n, chunk), k)
-    ids = ids + (jnp.arange(n, dtype=ids.dtype) * chunk)[None, :, None]
-    vals, pos = jax.lax.top_k(vals.reshape(b, n * k), k)
-    return vals, jnp.take_along_axis(ids.reshape(b, n * k), pos, axis=1)
+    chunks = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf).reshape(
+        b, n, chunk)
+    best = jnp.sort(jax.lax.top_k(chunks.max(axis=-1), k)[1], axis=-1)      # [B,k] in order
+    held = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(b, k * chunk)
+    vals, pos = jax.lax.top_k(held, k)
+    return vals, jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
 
 
 class Sampled(typing.NamedTuple):

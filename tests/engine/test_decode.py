@@ -219,17 +219,21 @@ def test_request_larger_than_the_pool():
 
 @pytest.mark.parametrize("vocab", [1000, 1024, 1031])
 def test_chunked_top_k_is_lax_top_k(vocab):
-    """Values and ids, ties (to the lower id) across chunk edges and -inf included, for a
-    vocabulary that is a whole number of chunks and ones that pad the last."""
+    """Values and ids, ties (to the lower id) across chunk edges, between chunk maxima and
+    everywhere (a row of integers), and -inf included, for a vocabulary that is a whole number
+    of chunks and ones that pad the last."""
     rng = np.random.default_rng()
-    x = rng.normal(size=(6, vocab)).astype(np.float32)
-    x[1, 60:70] = x[2, ::3] = 9.0        # ties spanning chunks of 64
+    x = rng.normal(size=(7, vocab)).astype(np.float32)
+    x[1, 60:70] = x[2, ::3] = 9.0        # ties spanning chunks of 64; every chunk's max equal
     x[3, :] = -np.inf
     x[4, rng.choice(vocab, 5)] = -np.inf
+    x[5] = np.round(x[5] * 2)
+    x[6, ::2] = -np.inf
     for k in (1, 7, 20, 64):
-        want, got = jax.lax.top_k(x, k), chunked_top_k(jnp.asarray(x), k, chunk=64)
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
+        for chunk in (16, 64):
+            want, got = jax.lax.top_k(x, k), chunked_top_k(jnp.asarray(x), k, chunk=chunk)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_a_packed_feed_opens_to_the_same_arrays():
