@@ -193,7 +193,8 @@ def test_bad_tensor_parallel_size(model, tp, message):
 def test_serve_flag(capsys):
     assert serve.engine_config(serve.parse_args(["--tensor-parallel-size", "2"])
                                ).tensor_parallel_size == 2
+    # No compilation cache: serve.main would turn it on for the rest of this pytest process.
     assert serve.main(["--model", "tiny-random", "--tensor-parallel-size", "3",
-                       "--prompt", "hi"]) == 2
+                       "--prompt", "hi", "--compilation-cache-dir", ""]) == 2
     assert "error: --tensor-parallel-size / tensor_parallel_size=3: the model's 4 attention " \
            "heads" in capsys.readouterr().err
