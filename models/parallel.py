@@ -57,6 +57,9 @@ def replicate_kv_heads(model, times: int) -> None:
                 bias = proj.bias[...].reshape(-1, cfg.head_dim)         # [K,H]
                 proj.bias.set_value(jnp.repeat(bias, times, axis=0).ravel())
             proj.out_features *= times
+        if attn.kv_scales is not None:                       # fp8 scales follow their heads
+            attn.kv_scales = tuple(tuple(x for x in scales for _ in range(times))
+                                   for scales in attn.kv_scales)
         attn.cfg = cfg
     model.cfg = cfg
 

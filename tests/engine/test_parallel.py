@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 import serve
 from engine import LLM, SamplingParams
-from models import PRESETS, ModelConfig, RopeConfig
-from models.parallel import kv_replicas
+from models import PRESETS, ModelConfig, RopeConfig, load_hf
+from models.parallel import kv_replicas, replicate_kv_heads
 from models.presets import shaped_random
 
 # Small models whose heads reach tp=8 (2 KV heads, each repeated 4x) and tp=6 (3 KV heads, an
@@ -131,11 +131,15 @@ def test_tp_with_fp8_pages():
 @eight_devices
 def test_tp_with_fp8_scales(tmp_path):
     """A checkpoint's per-KV-head fp8 scales (a different one each head) on 2 devices, each
-    with its own heads' scales: the tokens of one device."""
-    model = str(scaled_checkpoint(tmp_path / "scaled", scales=True))
+    with its own heads' scales: the tokens of one device. Where KV heads are repeated for more
+    devices than heads, each copy keeps its head's scales."""
+    directory = scaled_checkpoint(tmp_path / "scaled", scales=True)
     fp8 = KW | dict(kv_cache_dtype="fp8_e4m3")
-    assert generate(LLM(model, tensor_parallel_size=2, **fp8), runs=1) == \
-        generate(LLM(model, **fp8), runs=1)
+    assert generate(LLM(str(directory), tensor_parallel_size=2, **fp8), runs=1) == \
+        generate(LLM(str(directory), **fp8), runs=1)
+    model = load_hf(directory, progress=False)
+    replicate_kv_heads(model, 3)
+    assert model.layers[1].self_attn.kv_scales == ((4096.0,) * 3 + (1 / 64,) * 3,) * 2
 
 
 @eight_devices
