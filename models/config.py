@@ -192,6 +192,9 @@ def _gemma(raw: dict, source: str, layers: int) -> dict:
     if unknown:
         raise ConfigError(f"{source}: layer types {sorted(unknown)} are not supported "
                           "(supported: 'sliding_attention', 'full_attention')")
+    # Absent fields take the HF config classes' defaults (Gemma 2's soft-caps 50 and 30).
+    caps = {} if gemma3 else dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    raw = {"sliding_window": 4096, "query_pre_attn_scalar": 256, **caps, **raw}
     out = dict(gemma=True, qk_norm=gemma3, tie_word_embeddings=bool(raw.get(
         "tie_word_embeddings", True)), sliding_window=_need(raw, "sliding_window", source),
         sliding_layers=tuple(t == "sliding_attention" for t in types),

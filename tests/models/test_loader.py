@@ -175,6 +175,15 @@ def test_gemma2_layers_alternate():
         query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
     assert cfg.sliding_layers == (True, False, True, False) and not cfg.qk_norm
     assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (50.0, 30.0)
+    # absent: HF's Gemma2Config defaults (soft-caps 50 and 30, scalar 256, window 4096); an
+    # explicit null turns a soft-cap off
+    bare = from_hf_dict(dict(
+        model_type="gemma2", vocab_size=256, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=1e4,
+        final_logit_softcapping=None))
+    assert (bare.attn_logit_softcap, bare.final_logit_softcap) == (50.0, None)
+    assert (bare.query_pre_attn_scalar, bare.sliding_window) == (256.0, 4096)
 
 
 @pytest.mark.parametrize("raw, message", [
