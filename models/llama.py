@@ -13,7 +13,8 @@ window with their own RoPE base (Gemma 3); every layer still keeps all its pages
 
 Qwen3-MoE's sparse layers (`MoE`) route each token to its top-k experts: the (token, expert)
 pairs are sorted by expert and the experts run as grouped matmuls (`jax.lax.ragged_dot`), one
-per projection for all experts, with no loop over experts.
+per projection for all experts, with no loop over experts; on a CPU, every expert runs on every
+token, weighted by the routing (see MoE).
 """
 
 import dataclasses
@@ -193,6 +194,14 @@ class Experts(nnx.Module):
         self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, f, d), dtype))
 
+    def dense(self, x, mix):
+        """x [S,D], mix [S,E] each expert's weight for each token -> [S,D]."""
+        p = _precision(x.dtype)
+        gate = jnp.einsum("sd,edf->sef", x, self.gate_proj[...], precision=p)
+        up = jnp.einsum("sd,edf->sef", x, self.up_proj[...], precision=p)
+        out = jnp.einsum("sef,efd->sed", jax.nn.silu(gate) * up, self.down_proj[...], precision=p)
+        return jnp.einsum("se,sed->sd", mix, out, precision=p)
+
     def __call__(self, x, sizes):
         """x [T,D]: tokens sorted by expert, sizes [E] of them each -> [T,D]."""
         dot = functools.partial(jax.lax.ragged_dot, group_sizes=sizes,
@@ -215,6 +224,13 @@ class MoE(nnx.Module):
         weight, expert = jax.lax.top_k(probs, self.top_k)                        # [S,k]
         if self.normalise:
             weight = weight / weight.sum(axis=-1, keepdims=True)
+        if jax.default_backend() == "cpu":
+            # Every expert on every token, weighted by the routing (zero off the top k): XLA's
+            # CPU ragged_dot segfaulted in 2 of 3 full test runs (compiling or serialising a
+            # step), never in isolation. GPUs and TPUs take the grouped path below.
+            mix = (jax.nn.one_hot(expert, probs.shape[-1], dtype=x.dtype)
+                   * weight.astype(x.dtype)[..., None]).sum(axis=1)              # [S,E]
+            return self.experts.dense(x, mix)
         expert = expert.reshape(-1)
         order = jnp.argsort(expert, stable=True)                # (token, expert) pairs by expert
         token = order // self.top_k
