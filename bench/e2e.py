@@ -187,8 +187,14 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
             run_loop(engine, state, 1, steps)       # compiles, the first time
             seconds = run_loop(engine, state, launches, steps)
             times[case].append(seconds)
-    # Live KV: the mean over the measured steps (rows start at context + one warm-up launch).
-    live_kv = batch * (context + steps + steps * launches // 2) * engine.spec.bytes_per_token
+    # Live KV: the mean over the measured steps (rows start at context + one warm-up launch);
+    # layers in ring pools (window-sized KV) read their window at most.
+    tokens = context + steps + steps * launches // 2
+    cfg, (ring_layers, _) = engine.model_config, engine.ring
+    window = max((cfg.window(i) or 0) for i in range(cfg.num_layers))
+    layer_token = engine.spec.bytes_per_token // engine.spec.num_layers
+    live_kv = batch * (tokens * engine.spec.bytes_per_token
+                       + ring_layers * min(window, tokens) * layer_token)
     rows = []
     for case, seconds in times.items():
         per_step = statistics.median(seconds)

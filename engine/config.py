@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2")
 KV_POOLS = ("static", "elastic")
 PRECOMPILE = ("auto", "background", "all", "none")
+LOCAL_KV = ("window", "full")
 
 
 def knob(default, help: str, choices=None):
@@ -61,6 +62,10 @@ class EngineConfig:
                                             "pages")
     host_kv_size: int = knob(0, "tokens of host memory for the prefix cache's host tier: pages "
                                 "evicted from the pool move there and come back on a hit (0: off)")
+    local_kv: str = knob("window", "KV of a model's sliding-window layers (Gemma 2 / 3) where it "
+                                   "also has global ones: window keeps a ring of pages a row that "
+                                   "covers the window (memory O(window), the prefix cache off); "
+                                   "full keeps every page, as global layers do", LOCAL_KV)
     kv_pool: str = knob("static", "static: the whole pool at start-up; elastic: it starts at "
                                   "--kv-pool-min-tokens, grows by --kv-pool-growth times up to "
                                   "the static size when admissions need pages, and shrinks once "

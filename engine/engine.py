@@ -88,6 +88,18 @@ def resolve_kv_dtype(kv_cache_dtype: str, dtype):
     return FP8[kv_cache_dtype]
 
 
+def ring_plan(cfg, config: EngineConfig, context_length: int) -> tuple[int, int]:
+    """(layers, pages a row) of the ring pools that keep the sliding-window layers' KV
+    window-sized (kvcache.page_table), or (0, 0): EngineConfig.local_kv "full", or a model
+    without both window and global layers."""
+    windows = [w for w in (cfg.window(i) for i in range(cfg.num_layers)) if w is not None]
+    if config.local_kv != "window" or not 0 < len(windows) < cfg.num_layers:
+        return 0, 0
+    return len(windows), kvcache.ring_pages(max(windows), config.chunked_prefill_size,
+                                            config.page_size,
+                                            math.ceil(context_length / config.page_size))
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = c = config or EngineConfig()
@@ -109,13 +121,21 @@ class Engine:
                              f"max_position_embeddings={cfg.max_position_embeddings}; set "
                              "HYBRIDKV_ALLOW_LONGER_CONTEXT=1 to serve positions past those "
                              "it was trained on")
+        ring_layers, ring = ring_plan(cfg, c, self.context_length)
+        if ring_layers and c.host_kv_size:
+            raise ValueError("host_kv_size (--host-kv-size) is a tier of the prefix cache, which "
+                             "is off for a model whose sliding-window layers keep window-sized "
+                             "KV; pass local_kv='full' (--local-kv full) to keep both")
         # Sized on one device, which holds its share of the weights and K/tp heads of each page.
         device = jax.devices()[0]
         counts_bytes = c.max_running_requests * cfg.vocab_size * 4     # KVCache.counts
+        kv_bytes = 2 * (cfg.num_kv_heads // tp) * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
+        ring_bytes = ring_layers * (1 + c.max_running_requests * ring) * c.page_size * kv_bytes
         spec = kvcache.size_pool(
-            num_layers=cfg.num_layers, page_size=c.page_size, num_kv_heads=cfg.num_kv_heads // tp,
-            head_dim=cfg.head_dim, dtype=jnp.dtype(kv_dtype).name,
-            weight_bytes=parallel.device_bytes(self.params, device) + counts_bytes, device=device,
+            num_layers=cfg.num_layers - ring_layers, page_size=c.page_size,
+            num_kv_heads=cfg.num_kv_heads // tp, head_dim=cfg.head_dim,
+            dtype=jnp.dtype(kv_dtype).name, device=device,
+            weight_bytes=parallel.device_bytes(self.params, device) + counts_bytes + ring_bytes,
             mem_fraction_static=c.mem_fraction_static, max_total_tokens=c.max_total_tokens,
             default_tokens=c.max_running_requests * self.context_length)
         self.spec = dataclasses.replace(spec, num_kv_heads=cfg.num_kv_heads)
@@ -127,17 +147,24 @@ class Engine:
         # A row never holds more pages than the largest pool: the page table is no wider.
         self.pages_per_row = min(math.ceil(self.context_length / c.page_size),
                                  self.spec.num_pages - 1)
+        self.ring = (ring_layers, min(ring, self.pages_per_row))
+        if ring_layers:
+            log.info("%d sliding-window layers keep window-sized KV: a ring of %d pages a row "
+                     "(%.1f MiB in all); the prefix cache is off (--local-kv full keeps it)",
+                     ring_layers, self.ring[1], ring_bytes / 2**20)
         self.runner = ModelRunner(self.graphdef, self.params, config=c, spec=self.spec,
                                   pages_per_row=self.pages_per_row, pool_pages=sizes[0],
                                   mesh=mesh, attn_impl=attn_impl,
                                   stop_ids=limits.MAX_STOP_TOKEN_IDS + len(cfg.eos_token_ids),
                                   vocab=cfg.vocab_size,
-                                  precompile=resolve_precompile(c.precompile))
+                                  precompile=resolve_precompile(c.precompile),
+                                  ring=self.ring)
         self.scheduler = Scheduler(
             sizes=kvcache.elastic.PoolSizes(sizes, c.kv_shrink_after), page_size=c.page_size,
             max_rows=c.max_running_requests, row_width=self.pages_per_row, policy=self.policy,
             chunk_size=c.chunked_prefill_size, max_prefill_rows=c.max_prefill_rows,
-            decode_steps=c.num_continuous_decode_steps, radix_cache=not c.disable_radix_cache,
+            decode_steps=c.num_continuous_decode_steps,
+            radix_cache=not (c.disable_radix_cache or ring_layers),
             host_pages=kvcache.host_tier_pages(c.host_kv_size, self.spec))
         # An elastic pool moves only to sizes whose programs are compiled (engine.programs).
         self.scheduler.pool.usable = self.runner.ready_for

@@ -122,7 +122,7 @@ def padded_ids(*ids) -> tuple[np.ndarray, ...]:
 
 
 def without_kv(cache: kvcache.KVCache) -> kvcache.KVCache:
-    return dataclasses.replace(cache, k=(), v=())
+    return dataclasses.replace(cache, k=(), v=(), ring_k=(), ring_v=())
 
 
 def page_op(fn, **jit_kwargs):
@@ -133,7 +133,8 @@ def page_op(fn, **jit_kwargs):
     jitted = jax.jit(fn, donate_argnums=0, **jit_kwargs)
 
     def call(cache: kvcache.KVCache, *args):
-        return dataclasses.replace(jitted(without_kv(cache), *args), k=cache.k, v=cache.v)
+        return dataclasses.replace(jitted(without_kv(cache), *args), k=cache.k, v=cache.v,
+                                   ring_k=cache.ring_k, ring_v=cache.ring_v)
     return call
 
 

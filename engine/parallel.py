@@ -42,11 +42,13 @@ def shard_model(module, mesh: Mesh):
 
 
 def cache_shardings(cache: kvcache.KVCache, mesh: Mesh) -> kvcache.KVCache:
-    """A KVCache of shardings for `cache` (arrays or their shapes): pages along K, the rest
-    replicated."""
+    """A KVCache of shardings for `cache` (arrays or their shapes): pages (ring pools too)
+    along K, the rest replicated."""
     pages = NamedSharding(mesh, P(None, None, TP, None))
     return dataclasses.replace(jax.tree.map(lambda _: NamedSharding(mesh, P()), cache),
-                               k=tuple(pages for _ in cache.k), v=tuple(pages for _ in cache.v))
+                               k=tuple(pages for _ in cache.k), v=tuple(pages for _ in cache.v),
+                               ring_k=tuple(pages for _ in cache.ring_k),
+                               ring_v=tuple(pages for _ in cache.ring_v))
 
 
 def device_bytes(tree, device: jax.Device) -> int:

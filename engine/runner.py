@@ -57,11 +57,12 @@ class Flight:
 class ModelRunner:
     def __init__(self, graphdef, params, *, config: EngineConfig, spec: kvcache.PoolSpec,
                  pages_per_row: int, pool_pages: int, mesh, attn_impl: str, stop_ids: int,
-                 vocab: int, precompile: str):
+                 vocab: int, precompile: str, ring: tuple[int, int] = (0, 0)):
         """stop_ids: the most stop ids a request may carry (engine.limits, EOS included);
         vocab: the logits' width; precompile: when programs compile (engine.programs, "auto"
-        resolved)."""
+        resolved); ring: (layers, pages a row) of the ring pools (kvcache.page_table), if any."""
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
+        self.ring = ring
         self.vocab = vocab
         self.widths = launch_io.Widths(bucket(stop_ids, 4, 1 << 16), guided.mask_words(vocab))
         self.buckets = Buckets(config)
@@ -123,7 +124,7 @@ class ModelRunner:
     def _init_cache(self, num_pages: int) -> kvcache.KVCache:
         spec = dataclasses.replace(self.spec, num_pages=num_pages)
         return kvcache.init_cache(spec, self.config.max_running_requests, self.pages_per_row,
-                                  self.vocab)
+                                  self.vocab, *self.ring)
 
     def new_cache(self, num_pages: int) -> kvcache.KVCache:
         """An empty cache of num_pages pages, created where it lives (on a mesh, each device

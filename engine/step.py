@@ -132,14 +132,17 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         t = jnp.arange(f.tokens.shape[1])[None, :]
         positions = jnp.where(t < num[:, None], start[:, None] + t, -1)       # [B,T]
         row_pages = cache.page_table[f.rows]                                   # [B,M]
-        groups.append(Group(f.tokens, positions, row_pages, jnp.where(num > 0, start + num, 0)))
+        rings = kvcache.ring_table(f.rows, cache.ring, row_pages.shape[1]) if cache.ring else None
+        groups.append(Group(f.tokens, positions, row_pages, jnp.where(num > 0, start + num, 0),
+                            ring_table=rings))
         cols = jnp.minimum(held[:, None] + jnp.arange(width)[None, :], row_pages.shape[1] - 1)
         new = jnp.take_along_axis(row_pages, cols, axis=1)                     # [B,W]
         after = jnp.sum(row_pages != kvcache.allocator.TRASH_PAGE, axis=1)
         fresh = held[:, None] + jnp.arange(width)[None, :] < after[:, None]
         grown.append((jnp.where(fresh, new, kvcache.allocator.TRASH_PAGE), ok, num))
         starts.append(start)
-    hidden, k, v = model(tuple(groups), cache.k, cache.v, attn_impl, mesh)
+    hidden, k, v, (ring_k, ring_v) = model(tuple(groups), cache.k, cache.v, attn_impl, mesh,
+                                           rings=(cache.ring_k, cache.ring_v))
     lengths, next_token, counts = cache.lengths, cache.next_token, cache.counts
     results = []
     for f, h, start, (new, ok, num) in zip(feeds, hidden, starts, grown):
@@ -162,8 +165,8 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
             emitted = moved if f.emits is None else jnp.where(f.emits, moved, lengths.shape[0])
             counts = counts.at[emitted, sampled.tokens].add(1, mode="drop")
         results.append((sampled, logits, new, ok, prompt))
-    return results, dataclasses.replace(cache, k=k, v=v, lengths=lengths, next_token=next_token,
-                                        counts=counts)
+    return results, dataclasses.replace(cache, k=k, v=v, ring_k=ring_k, ring_v=ring_v,
+                                        lengths=lengths, next_token=next_token, counts=counts)
 
 
 def decode_step(graphdef, params, cache: kvcache.KVCache, rows, tokens, active,

@@ -3,6 +3,15 @@
 Rows are sequence slots. A row's pages fill its page-table columns from 0 up, with no gaps;
 column c holds positions [c*G, (c+1)*G). Entries past the row's last page are the trash page 0.
 Every function here is pure and jit-able; masked-out rows write nowhere (scatters drop them).
+
+Sliding-window layers can keep window-sized KV instead (EngineConfig.local_kv "window"): each
+of them stores its pages in a ring pool of its own, `ring` pages a row, and position s of row r
+lives in ring page 1 + r * ring + (s // G) % ring (`ring_table`). A row's ring is its own from
+the start (no allocator, nothing to free), and holds the last ring * G positions: enough for
+the window behind every query of a step as long as ring >= ceil((W + C - 1) / G) + 1 for a
+window W and C tokens fed a step (engine.Engine sizes it so; kvcache.ring_pages). The page
+table, the allocator and every page operation (prefix cache, host tier, elastic pool) see the
+other layers only.
 """
 
 import dataclasses
@@ -20,7 +29,7 @@ LAYOUT_CODES = {"static": LAYOUT_STATIC, "paged": LAYOUT_PAGED}
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["k", "v", "page_table", "lengths", "next_token", "layout", "alloc",
-                                "counts"],
+                                "counts", "ring_k", "ring_v"],
                    meta_fields=[])
 @dataclasses.dataclass
 class KVCache:
@@ -35,6 +44,15 @@ class KVCache:
     # row's generated tokens, with a flag bit on its prompt's ids (engine.sampling.PROMPT_SEEN;
     # V = 0: no penalties).
     counts: jax.Array
+    # The sliding-window layers' ring pools, one [1 + R * ring, G, K, H] array each (page 0
+    # the trash page), when they keep window-sized KV; () when every layer is in k / v.
+    ring_k: tuple[jax.Array, ...] = ()
+    ring_v: tuple[jax.Array, ...] = ()
+
+    @property
+    def ring(self) -> int:
+        """Ring pages a row (0: no ring pools)."""
+        return (self.ring_k[0].shape[0] - 1) // self.lengths.shape[0] if self.ring_k else 0
 
     @property
     def page_size(self) -> int:
@@ -45,8 +63,12 @@ class KVCache:
         return self.k[0].shape[0]
 
 
-def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int, vocab: int = 0) -> KVCache:
+def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int, vocab: int = 0,
+               ring_layers: int = 0, ring: int = 0) -> KVCache:
+    """An empty cache: spec's pool for its layers, and ring_layers ring pools of `ring` pages
+    a row (see the module)."""
     kv = spec.layer_struct
+    ring_shape = (1 + max_rows * ring, *kv.shape[1:])
     return KVCache(
         k=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
         v=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
@@ -56,7 +78,24 @@ def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int, vocab: int
         layout=jnp.zeros(max_rows, jnp.int32),
         alloc=allocator.init(spec.num_pages),
         counts=jnp.zeros((max_rows, vocab), jnp.int32),
+        ring_k=tuple(jnp.zeros(ring_shape, kv.dtype) for _ in range(ring_layers)),
+        ring_v=tuple(jnp.zeros(ring_shape, kv.dtype) for _ in range(ring_layers)),
     )
+
+
+def ring_pages(window: int, tokens_per_step: int, page_size: int, max_pages_per_row: int) -> int:
+    """Pages a row's ring needs so that a step feeding up to tokens_per_step tokens never
+    overwrites a key its own queries still see (window W, C tokens: the keys of positions
+    [first - W + 1, first + C) span at most ceil((W + C - 1) / G) + 1 pages), and no more than
+    a row can ever hold."""
+    need = -(-(window + tokens_per_step - 1) // page_size) + 1
+    return min(need, max_pages_per_row)
+
+
+def ring_table(rows, ring: int, width: int):
+    """rows [B] -> [B,width] int32: the ring pages holding each page-table column of the rows'
+    sliding-window layers (column c in ring page 1 + row * ring + c % ring)."""
+    return (1 + rows[:, None] * ring + jnp.arange(width)[None, :] % ring).astype(jnp.int32)
 
 
 def grow_rows(cache: KVCache, rows, need, max_need: int):

@@ -9,7 +9,9 @@ Gemma differs by switches of ModelConfig (`gemma`): embeddings times sqrt(hidden
 RMSNorm in float32, a norm after attention and around the MLP too, GeGLU, the kernels' logit
 soft-cap, a final-logit soft-cap, and q.k over sqrt(query_pre_attn_scalar) (the query is
 scaled so the kernels keep their 1/sqrt(head_dim)). Its local layers attend through a sliding
-window with their own RoPE base (Gemma 3); every layer still keeps all its pages.
+window with their own RoPE base (Gemma 3). Given ring pools (kvcache.page_table), the local
+layers keep window-sized KV there, addressed by each group's `ring_table`; otherwise they keep
+every page as the global layers do.
 
 Qwen3-MoE's sparse layers (`MoE`) route each token to its top-k experts: the (token, expert)
 pairs are sorted by expert and the experts run as grouped matmuls (`jax.lax.ragged_dot`), one
@@ -32,7 +34,8 @@ from models.parallel import TP
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["tokens", "positions", "page_table", "kv_lens", "work"],
+                   data_fields=["tokens", "positions", "page_table", "kv_lens", "work",
+                                "ring_table"],
                    meta_fields=[])
 @dataclasses.dataclass
 class Group:
@@ -45,6 +48,8 @@ class Group:
     # once a step for every layer; None until the model makes them, and for calls that take
     # none.
     work: tuple | None = None
+    # [B,M] int32 the rows' ring pages (kvcache.ring_table), for calls with ring pools.
+    ring_table: jax.Array | None = None
 
 
 class RMSNorm(nnx.Module):
@@ -99,9 +104,10 @@ class Attention(nnx.Module):
         self.kv_scales: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, kv, ctx):
+    def __call__(self, x, cos, sin, kv, ctx, ring=False):
         """x [S,D]: the tokens of every group, flattened. Attention runs group by group, each
-        with the decode plan of this layer's window."""
+        with the decode plan of this layer's window. ring: kv are ring pools (window-sized KV,
+        addressed by the groups' ring_table)."""
         cfg = self.cfg
         s = x.shape[0]
         q = self.q_proj(x).reshape(s, cfg.num_heads, cfg.head_dim)         # [S,N,H]
@@ -127,8 +133,11 @@ class Attention(nnx.Module):
             attend = jax.shard_map(attend, mesh=ctx["mesh"],
                                    in_specs=(heads, heads, heads, pages, pages, P(), P(), P()),
                                    out_specs=(heads, pages, pages), check_vma=False)
-        out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], ctx["page"], ctx["slot"],
-                                       ctx["groups"])
+        groups = ctx["groups"]
+        if ring:
+            groups = tuple(dataclasses.replace(g, page_table=g.ring_table) for g in groups)
+        out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], ctx["ring_page" if ring else "page"],
+                                       ctx["slot"], groups)
         if scaled:
             out = (out.astype(jnp.float32) * self._per_query_head(1)).astype(out.dtype)
         return self.o_proj(out.reshape(s, -1)), (k_pages, v_pages)
@@ -255,9 +264,9 @@ class DecoderLayer(nnx.Module):
             MLP(cfg, dtype, rngs)
         self.rope = cfg.rope_of(layer)
 
-    def __call__(self, x, kv, ctx):
+    def __call__(self, x, kv, ctx, ring=False):
         cos, sin = ctx["rope"][self.rope]
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, ctx)
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, ctx, ring)
         if not self.self_attn.cfg.gemma:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x)), kv
@@ -276,21 +285,31 @@ class Llama(nnx.Module):
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
         self.cfg = cfg
 
-    def __call__(self, groups, k_pages, v_pages, attn_impl="auto", mesh=None):
+    def __call__(self, groups, k_pages, v_pages, attn_impl="auto", mesh=None, rings=((), ())):
         """Runs every Group of rows in one pass (the dense layers see all their tokens at once;
         attention runs per group, so decode rows and prefill chunks keep their own shapes).
         With a mesh, the params and pages are sharded over its "tp" axis (see models.parallel)
         and attention runs per device under shard_map.
 
         Writes every non-padding token's K/V into k_pages / v_pages (one [P,G,K,H] array per
-        layer) and returns (hidden per group [B,T,D] after the final norm, k_pages', v_pages').
+        layer) and returns (hidden per group [B,T,D] after the final norm, k_pages', v_pages',
+        rings'). rings: (k, v) ring pools of the sliding-window layers, in layer order (their
+        pages then live there, at the groups' ring_table, and k_pages / v_pages hold the other
+        layers'), or empty: every layer in k_pages / v_pages.
         """
-        page, slot = zip(*(slot_addresses(g.page_table, g.positions, k_pages[0].shape[1])
-                           for g in groups))
+        g = k_pages[0].shape[1]
+        page, slot = zip(*(slot_addresses(x.page_table, x.positions, g) for x in groups))
         groups = self._planned(groups, k_pages[0], attn_impl, mesh)
         ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
                "slot": jnp.concatenate([s.ravel() for s in slot]),
                "groups": groups, "attn_impl": attn_impl, "mesh": mesh}
+        local = [layer.self_attn.window is not None for layer in self.layers]
+        if rings[0]:
+            if len(rings[0]) != sum(local) or all(local):
+                raise ValueError(f"{len(rings[0])} ring pools for {sum(local)} sliding-window "
+                                 f"layers of {len(local)}")
+            ctx["ring_page"] = jnp.concatenate([
+                slot_addresses(x.ring_table, x.positions, g)[0].ravel() for x in groups])
         positions = jnp.maximum(jnp.concatenate([g.positions.ravel() for g in groups]), 0)
         ctx["rope"] = {}                                  # RopeConfig -> cos, sin [S,H/2]
         for layer in self.layers:
@@ -301,18 +320,22 @@ class Llama(nnx.Module):
         x = self.embed_tokens(jnp.concatenate([g.tokens.ravel() for g in groups]))  # [S,D]
         if self.cfg.gemma:
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
-        k_out, v_out = [], []
-        for layer, k, v in zip(self.layers, k_pages, v_pages):
-            x, (k, v) = layer(x, (k, v), ctx)
-            k_out.append(k)
-            v_out.append(v)
+        kv = {False: list(zip(k_pages, v_pages)), True: list(zip(*rings))}
+        out = {False: [], True: []}
+        for layer, in_ring in zip(self.layers, local):
+            in_ring = in_ring and bool(rings[0])
+            k, v = kv[in_ring][len(out[in_ring])]
+            x, (k, v) = layer(x, (k, v), ctx, in_ring)
+            out[in_ring].append((k, v))
         x = self.norm(x)
         hidden, start = [], 0
-        for g in groups:
-            b, t = g.tokens.shape
+        for grp in groups:
+            b, t = grp.tokens.shape
             hidden.append(x[start:start + b * t].reshape(b, t, -1))
             start += b * t
-        return hidden, tuple(k_out), tuple(v_out)
+        k_out, v_out = (tuple(z) for z in zip(*out[False]))
+        ring_out = tuple(tuple(z) for z in zip(*out[True])) or ((), ())
+        return hidden, k_out, v_out, ring_out
 
     def _planned(self, groups, pages, attn_impl, mesh):
         """The groups with their decode work plans, one per window of cfg.windows, made here

@@ -28,7 +28,8 @@ def test_flags_set_every_option():
               "page_size": 8, "max_total_tokens": 4096, "mem_fraction_static": 0.5,
               "context_length": 999, "max_running_requests": 3, "chunked_prefill_size": 100,
               "max_prefill_rows": 2, "num_continuous_decode_steps": 5,
-              "disable_radix_cache": True, "host_kv_size": 0, "kv_pool": "elastic",
+              "disable_radix_cache": True, "host_kv_size": 0, "local_kv": "full",
+              "kv_pool": "elastic",
               "kv_pool_min_tokens": 64, "kv_pool_growth": 4, "kv_shrink_after": 1.5,
               "attention_impl": "reference", "precompile": "all", "tensor_parallel_size": 1}
     assert set(values) == {f.name for f in FIELDS}, "a new option needs a value here"
@@ -52,6 +53,7 @@ def test_help_comes_from_the_config(capsys):
     ({"max_num_seqs": 4}, r"unknown engine option\(s\) \['max_num_seqs'\]"),
     ({"page_size": 0}, "page_size must be a power of two"),
     ({"kv_pool": "huge"}, "unknown kv_pool 'huge'"),
+    ({"local_kv": "ring"}, r"unknown local_kv 'ring'; choose one of \['window', 'full'\]"),
     ({"mem_fraction_static": 1.5}, "mem_fraction_static must be in"),
     ({"context_length": 1}, "context_length must be >= 2"),
     ({"max_total_tokens": 8}, r"max_total_tokens must be >= page_size \(16\)"),

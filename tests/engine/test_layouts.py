@@ -147,3 +147,45 @@ def test_fp8_scales_from_the_checkpoint(tmp_path):
                                kv_cache_dtype="fp8_e4m3")
     np.testing.assert_allclose(scaled, fixture, atol=1e-5)
     assert np.abs(unscaled - fixture).max() > 2.0
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_window_sized_kv_for_local_layers(family):
+    """Sliding-window layers (window 8) keep a ring of 4 pages of 4 a row, prefill chunks of 4
+    tokens: rows of up to 55 tokens wrap their rings several times, in each layout, and give
+    the tokens and log probabilities of keeping every page. The page pool holds the global
+    layers only, and every page is back at the end."""
+    kw = dict(page_size=4, context_length=64, max_running_requests=8, chunked_prefill_size=4,
+              num_continuous_decode_steps=4)
+    model = str(FIXTURES / family)
+    full, ring = LLM(model, local_kv="full", **kw), LLM(model, **kw)
+    cfg, e = ring.engine.model_config, ring.engine
+    local = sum(cfg.window(i) is not None for i in range(cfg.num_layers))
+    assert cfg.windows == (None, 8) or cfg.windows == (8, None)
+    assert 0 < local < cfg.num_layers
+    assert e.cache.ring == kvcache.ring_pages(8, 4, 4, 16) == 4      # ceil((8 + 4 - 1) / 4) + 1
+    assert len(e.cache.ring_k) == len(e.cache.ring_v) == local
+    assert len(e.cache.k) == cfg.num_layers - local == e.spec.num_layers
+    assert e.cache.ring_k[0].shape == (1 + 8 * 4, *e.cache.k[0].shape[1:])
+    assert len(full.engine.cache.k) == cfg.num_layers and not full.engine.cache.ring_k
+    assert e.scheduler.pool.radix is None           # a prefix cache would lack local layers' KV
+    prompts = PROMPTS + [list(range(40, 70))]
+    params = [dataclasses.replace(p, logprobs=2) for p in PARAMS] + [
+        SamplingParams(max_tokens=25, temperature=0, ignore_eos=True, logprobs=2)]
+    for layout in ("static", "paged", "hybrid"):
+        outs = []
+        for llm in (full, ring):
+            llm.engine.scheduler.policy = kvcache.LayoutPolicy(layout, 16)
+            outs.append(llm.generate(prompts, params))
+            assert_pool_clean(llm)
+        for want, got in zip(*outs):
+            assert got.token_ids == want.token_ids
+            assert got.layout == want.layout
+            for a, b in zip(got.logprobs, want.logprobs):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose(list(a.values()), list(b.values()), atol=1e-5)
+
+
+def test_window_sized_kv_refuses_the_host_tier():
+    with pytest.raises(ValueError, match="host_kv_size .* local_kv='full'"):
+        LLM(str(FIXTURES / "gemma2"), page_size=4, context_length=64, host_kv_size=64)

@@ -119,7 +119,7 @@ def prompt_logits(llm, ids: list[int]) -> np.ndarray:
     assert bool(ok[0])
     model = nnx.merge(e.graphdef, e.params)
     group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]))
-    [hidden], _, _ = model((group,), cache.k, cache.v)
+    [hidden], *_ = model((group,), cache.k, cache.v)
     e.cache = kvcache.release_rows(cache, rows, jnp.array([True]))
     return np.asarray(model.logits(hidden[0]))
 

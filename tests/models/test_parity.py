@@ -42,11 +42,14 @@ def test_logits_match_hf(family):
                                    jnp.array([-(-t // 4)]), e.pages_per_row)
     assert bool(ok[0])
     model = nnx.merge(e.graphdef, e.params)
-    group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]))
-    [hidden], k, v = model((group,), cache.k, cache.v)
+    group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]),
+                  ring_table=kvcache.ring_table(rows, cache.ring, e.pages_per_row))
+    [hidden], k, v, (ring_k, ring_v) = model((group,), cache.k, cache.v,
+                                             rings=(cache.ring_k, cache.ring_v))
     logits = model.logits(hidden[0])                                       # [T,V]
     assert rel_err(logits, golden["prompt_logits"]) <= 1e-4
-    cache = dataclasses.replace(cache, k=k, v=v, lengths=cache.lengths.at[1].set(t))
+    cache = dataclasses.replace(cache, k=k, v=v, ring_k=ring_k, ring_v=ring_v,
+                                lengths=cache.lengths.at[1].set(t))
     token = jnp.argmax(logits[-1:], axis=-1).astype(jnp.int32)
     step = jax.jit(decode_step, static_argnums=0)
     generated = [int(token[0])]
