@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen3_moe")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen3_moe",
+            "mixtral")
 GEMMA = ("gemma2", "gemma3_text")
 
 
@@ -86,7 +87,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
-    # Mixture of experts (Qwen3-MoE): which layers route each token to experts_per_token of
+    # Mixture of experts (Qwen3-MoE, Mixtral): which layers route each token to experts_per_token of
     # num_experts SwiGLU experts of width moe_intermediate_size (the others are dense).
     moe_layers: tuple[bool, ...] = ()
     num_experts: int = 0
@@ -224,6 +225,16 @@ def _moe(raw: dict, source: str, layers: int) -> dict:
                 norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
 
 
+def _mixtral(raw: dict, source: str, layers: int) -> dict:
+    """Mixtral's fields: every layer routes to its experts (of width intermediate_size), and
+    the top-k weights are always renormalised."""
+    return dict(moe_layers=(True,) * layers,
+                num_experts=_need(raw, "num_local_experts", source),
+                experts_per_token=_need(raw, "num_experts_per_tok", source),
+                moe_intermediate_size=_need(raw, "intermediate_size", source),
+                norm_topk_prob=True)
+
+
 def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type == "gemma3":
@@ -244,7 +255,8 @@ def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     layers = _need(raw, "num_hidden_layers", source)
     family = (_gemma(raw, source, layers) if model_type in GEMMA
-              else _moe(raw, source, layers) if model_type == "qwen3_moe" else {})
+              else _moe(raw, source, layers) if model_type == "qwen3_moe"
+              else _mixtral(raw, source, layers) if model_type == "mixtral" else {})
     return ModelConfig(**{**dict(
         model_type=model_type,
         vocab_size=_need(raw, "vocab_size", source),
@@ -262,7 +274,8 @@ def from_hf_dict(raw: dict, source: str = "config.json") -> ModelConfig:
         o_bias=bias if model_type in ("llama", "qwen3", "qwen3_moe", *GEMMA) else False,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
-        sliding_window=raw.get("sliding_window") if model_type == "mistral" else None,
+        sliding_window=raw.get("sliding_window") if model_type in ("mistral", "mixtral")
+        else None,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
     ), **family})

@@ -1,5 +1,5 @@
 """One decoder for the Llama family (Llama 3.x, Qwen2/2.5, Qwen3, Mistral), Gemma 2 / 3 (text)
-and Qwen3-MoE in Flax NNX.
+and the mixtures of experts Qwen3-MoE and Mixtral in Flax NNX.
 
 Module and parameter names follow the HF checkpoints (`model.layers.0.self_attn.q_proj`), so
 loading is a rename plus a transpose. K/V go straight into the paged cache: every call writes
@@ -13,10 +13,9 @@ window with their own RoPE base (Gemma 3). Given ring pools (kvcache.page_table)
 layers keep window-sized KV there, addressed by each group's `ring_table`; otherwise they keep
 every page as the global layers do.
 
-Qwen3-MoE's sparse layers (`MoE`) route each token to its top-k experts: the (token, expert)
-pairs are sorted by expert and the experts run as grouped matmuls (`jax.lax.ragged_dot`), one
-per projection for all experts, with no loop over experts; on a CPU, every expert runs on every
-token, weighted by the routing (see MoE).
+Qwen3-MoE's and Mixtral's sparse layers (`MoE`) route each token to its top-k experts: the
+(token, expert) pairs are sorted by expert and the experts run as grouped matmuls
+(`jax.lax.ragged_dot`), one per projection for all experts, with no loop over experts.
 """
 
 import dataclasses
@@ -203,14 +202,6 @@ class Experts(nnx.Module):
         self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, f, d), dtype))
 
-    def dense(self, x, mix):
-        """x [S,D], mix [S,E] each expert's weight for each token -> [S,D]."""
-        p = _precision(x.dtype)
-        gate = jnp.einsum("sd,edf->sef", x, self.gate_proj[...], precision=p)
-        up = jnp.einsum("sd,edf->sef", x, self.up_proj[...], precision=p)
-        out = jnp.einsum("sef,efd->sed", jax.nn.silu(gate) * up, self.down_proj[...], precision=p)
-        return jnp.einsum("se,sed->sd", mix, out, precision=p)
-
     def __call__(self, x, sizes):
         """x [T,D]: tokens sorted by expert, sizes [E] of them each -> [T,D]."""
         dot = functools.partial(jax.lax.ragged_dot, group_sizes=sizes,
@@ -233,13 +224,6 @@ class MoE(nnx.Module):
         weight, expert = jax.lax.top_k(probs, self.top_k)                        # [S,k]
         if self.normalise:
             weight = weight / weight.sum(axis=-1, keepdims=True)
-        if jax.default_backend() == "cpu":
-            # Every expert on every token, weighted by the routing (zero off the top k): XLA's
-            # CPU ragged_dot segfaulted in 2 of 3 full test runs (compiling or serialising a
-            # step), never in isolation. GPUs and TPUs take the grouped path below.
-            mix = (jax.nn.one_hot(expert, probs.shape[-1], dtype=x.dtype)
-                   * weight.astype(x.dtype)[..., None]).sum(axis=1)              # [S,E]
-            return self.experts.dense(x, mix)
         expert = expert.reshape(-1)
         order = jnp.argsort(expert, stable=True)                # (token, expert) pairs by expert
         token = order // self.top_k

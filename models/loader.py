@@ -37,6 +37,18 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return prefix + ".".join(mods) + "." + leaf, False
 
 
+# Mixtral keeps its router and experts under block_sparse_moe, and names the experts'
+# projections w1 (gate), w3 (up) and w2 (down).
+MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def family_name(cfg: ModelConfig, name: str) -> str:
+    """hf_name's tensor name as cfg's family spells it."""
+    if cfg.model_type == "mixtral":
+        return name.replace(".mlp.", ".block_sparse_moe.")
+    return name
+
+
 def weight_files(directory: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file that holds it."""
     index = directory / "model.safetensors.index.json"
@@ -123,8 +135,11 @@ def load_tensors(cfg: ModelConfig, tensor, config_source: str, dtype=jnp.float32
     flat = dict(nnx.to_flat_state(state))
     for path, var in tqdm(flat.items(), desc=desc, unit="tensor", disable=not progress):
         name, transposed = hf_name(path)
+        name = family_name(cfg, name)
         if str(path[-2]) == "experts":          # [E,...]: HF's tensor of each expert, stacked
             base, proj = name.rsplit(".", 1)
+            if cfg.model_type == "mixtral":
+                proj = MIXTRAL_EXPERTS[proj]
             parts = [tensor(f"{base}.{e}.{proj}.weight") for e in range(cfg.num_experts)]
             for array, where in parts[1:]:
                 if array.shape != parts[0][0].shape:

@@ -222,3 +222,21 @@ def test_missing_or_misshapen_expert_is_named(tmp_path):
     save_file(weights, d / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"tensor '{name}' is missing"):
         load_hf(d, progress=False)
+
+
+def test_mixtral_routes_every_layer_and_names_experts_its_way(tmp_path):
+    """Every Mixtral layer is sparse, its experts of intermediate_size wide and their weights
+    always renormalised; a missing expert is named as Mixtral spells it (block_sparse_moe,
+    w1 / w2 / w3)."""
+    cfg = from_hf_dict(json.loads((FIXTURES / "mixtral" / "config.json").read_text()))
+    assert cfg.moe_layers == (True, True) and cfg.norm_topk_prob
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (4, 2, 48)
+    assert cfg.sliding_window is None
+    d = tmp_path / "mixtral"
+    shutil.copytree(FIXTURES / "mixtral", d)
+    weights = load_file(d / "model.safetensors")
+    name = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+    del weights[name]
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' is missing"):
+        load_hf(d, progress=False)

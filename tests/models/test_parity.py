@@ -14,7 +14,8 @@ from engine import LLM, SamplingParams
 from engine.step import SamplingArrays, decode_step
 from models import Group
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen3_moe"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen3_moe",
+            "mixtral"]
 
 
 def rel_err(ours, ref) -> float:
