@@ -16,7 +16,9 @@ cache donated). Measured per decode step, the cases taking turns on one engine:
 - hybrid: even rows static, odd rows paged.
 
 The floor is (weight bytes + live KV bytes) / copy bandwidth, the copy bandwidth measured here
-as bytes read + written per second by a device copy. HF transformers `generate` runs the same
+as bytes read + written per second by a device copy. A mixture of experts counts the experts
+its batch is expected to route to (`step_weight_bytes`); layers with window-sized KV count
+their window. HF transformers `generate` runs the same
 shapes (random bf16 weights, SDPA, its default dynamic cache) in subprocesses, its decode step
 taken as the difference of two generation lengths so that its prefill cancels out.
 `--hf-only` runs just those; `--hf-from FILE` reuses them. (Its static cache is not timed: it
@@ -166,6 +168,22 @@ def device_kernel_times(trace_dir: Path, top: int = 25) -> list[dict]:
     return rows
 
 
+def step_weight_bytes(engine, batch: int) -> int:
+    """Weight bytes a decode step of `batch` rows reads: every weight, but a mixture of
+    experts' sparse layers read only the experts their tokens route to, expected
+    E * (1 - (1 - k / E) ** batch) of E under uniform routing (k of E a token; exact at batch
+    1, and the random weights route about uniformly)."""
+    import kvcache
+    cfg = engine.model_config
+    total = kvcache.nbytes(engine.params)
+    e, k = cfg.num_experts, cfg.experts_per_token
+    for i, sparse in enumerate(cfg.moe_layers):
+        if sparse:
+            experts = kvcache.nbytes(engine.params["layers"][i]["mlp"]["experts"])
+            total -= round(experts * (1 - k / e) ** batch)
+    return total
+
+
 def bench_engine(model: str, batch: int, context: int, steps: int, launches: int,
                  repeats: int, profile: Path | None, kv_cache_dtype: str = "auto") -> list[dict]:
     """Every case of CASES on one engine (same weights, same compiled loop), the cases taking
@@ -201,7 +219,9 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
         rows.append({"model": model, "batch": batch, "context": context, "layout": case,
                      "step_ms": per_step * 1e3, "step_ms_runs": [t * 1e3 for t in seconds],
                      "tokens_per_s": batch / per_step,
-                     "weight_bytes": kvcache.nbytes(engine.params), "live_kv_bytes": live_kv})
+                     "weight_bytes": step_weight_bytes(engine, batch),
+                     "all_weight_bytes": kvcache.nbytes(engine.params),
+                     "live_kv_bytes": live_kv})
         print(json.dumps(rows[-1]), flush=True)
     if profile is not None:
         state = prepare(engine, "paged", batch, context, ahead)

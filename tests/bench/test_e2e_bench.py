@@ -41,3 +41,20 @@ def test_every_case_decodes():
                             profile=None)
     assert [r["layout"] for r in rows] == list(e2e.CASES)
     assert all(r["step_ms"] > 0 and r["live_kv_bytes"] > 0 for r in rows)
+
+
+def test_moe_floor_counts_the_routed_experts():
+    """Qwen3-MoE fixture: 2 sparse layers of 8 experts, 2 a token. One row reads a quarter of
+    each sparse layer's experts; many rows read nearly all; a dense model reads every weight."""
+    from helpers import FIXTURES
+
+    import kvcache
+    engine = Engine(EngineConfig(model=str(FIXTURES / "qwen3_moe"), context_length=64,
+                                 max_running_requests=2))
+    total = kvcache.nbytes(engine.params)
+    experts = sum(kvcache.nbytes(engine.params["layers"][i]["mlp"]["experts"]) for i in (0, 2))
+    assert engine.model_config.moe_layers == (True, False, True)
+    assert e2e.step_weight_bytes(engine, 1) == total - experts * 3 // 4
+    assert total - experts // 1000 < e2e.step_weight_bytes(engine, 64) <= total
+    dense = Engine(EngineConfig(model="tiny-random", context_length=64, max_running_requests=2))
+    assert e2e.step_weight_bytes(dense, 64) == kvcache.nbytes(dense.params)
