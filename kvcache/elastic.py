@@ -147,13 +147,14 @@ def resize(cache: KVCache, num_pages: int, src, dst, mask) -> KVCache:
     mask[i]; src, dst, mask [E], padded). Every page held after the moves must lie below
     num_pages (see compaction_moves). Each layer keeps its sharding (a tensor-parallel pool
     stays split along its KV heads, each device resizing its own share). Consumes `cache`: its
-    K/V arrays are deleted."""
+    K/V arrays are deleted (ring pools, kvcache.page_table, are kept as they are)."""
     k, v = list(cache.k), list(cache.v)
     for layers in (k, v):
         for i, old in enumerate(layers):
             layers[i] = _resize_layer(old, src, dst, mask, num_pages=num_pages,
                                       sharding=old.sharding)
             old.delete()
-    tables = _resize_tables(dataclasses.replace(cache, k=(), v=()), src, dst, mask,
-                            num_pages=num_pages)
-    return dataclasses.replace(tables, k=tuple(k), v=tuple(v))
+    tables = _resize_tables(dataclasses.replace(cache, k=(), v=(), ring_k=(), ring_v=()), src,
+                            dst, mask, num_pages=num_pages)
+    return dataclasses.replace(tables, k=tuple(k), v=tuple(v), ring_k=cache.ring_k,
+                               ring_v=cache.ring_v)

@@ -189,3 +189,21 @@ def test_window_sized_kv_for_local_layers(family):
 def test_window_sized_kv_refuses_the_host_tier():
     with pytest.raises(ValueError, match="host_kv_size .* local_kv='full'"):
         LLM(str(FIXTURES / "gemma2"), page_size=4, context_length=64, host_kv_size=64)
+
+
+def test_window_sized_kv_with_an_elastic_pool():
+    """An elastic pool grows and shrinks the global layers' pages around the ring pools, which
+    keep their shape: the tokens of a static pool that keeps every page."""
+    kw = dict(page_size=4, context_length=64, max_running_requests=8, chunked_prefill_size=4,
+              num_continuous_decode_steps=4)
+    model = str(FIXTURES / "gemma2")
+    want = LLM(model, local_kv="full", **kw).generate(PROMPTS, PARAMS)
+    llm = LLM(model, kv_pool="elastic", kv_pool_min_tokens=8, kv_shrink_after=0,
+              max_total_tokens=256, **kw)
+    rings = [x.shape for x in llm.engine.cache.ring_k]
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == [o.token_ids for o in want]
+    llm.engine.maintain()
+    assert_pool_clean(llm)
+    pool = llm.engine.scheduler.pool.report()
+    assert pool["grows"] > 0 and pool["shrinks"] > 0, pool
+    assert [x.shape for x in llm.engine.cache.ring_k] == rings
