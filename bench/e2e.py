@@ -208,7 +208,7 @@ def bench_engine(model: str, batch: int, context: int, steps: int, launches: int
     # Live KV: the mean over the measured steps (rows start at context + one warm-up launch);
     # layers in ring pools (window-sized KV) read their window at most.
     tokens = context + steps + steps * launches // 2
-    cfg, (ring_layers, _) = engine.model_config, engine.ring
+    cfg, ring_layers = engine.model_config, engine.ring[0]
     window = max((cfg.window(i) or 0) for i in range(cfg.num_layers))
     layer_token = engine.spec.bytes_per_token // engine.spec.num_layers
     live_kv = batch * (tokens * engine.spec.bytes_per_token

@@ -43,6 +43,7 @@ from engine.request import Request
 from engine.runner import Flight, ModelRunner, compiles
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from engine.shapes import bucket, shared_chunk_len
 from models import load_model
 
 log = logging.getLogger("hybridkv")
@@ -88,16 +89,25 @@ def resolve_kv_dtype(kv_cache_dtype: str, dtype):
     return FP8[kv_cache_dtype]
 
 
-def ring_plan(cfg, config: EngineConfig, context_length: int) -> tuple[int, int]:
-    """(layers, pages a row) of the ring pools that keep the sliding-window layers' KV
-    window-sized (kvcache.page_table), or (0, 0): EngineConfig.local_kv "full", or a model
-    without both window and global layers."""
+def ring_plan(cfg, config: EngineConfig, context_length: int) -> tuple[int, int, int]:
+    """(layers, pages a row, scratch pages for a step's prompt chunks) of the ring pools that
+    keep the sliding-window layers' KV window-sized (kvcache.page_table), or zeros:
+    EngineConfig.local_kv "full", or a model without both window and global layers. A ring
+    that holds a row's whole context needs no scratch; otherwise a step's chunks take
+    ceil(tokens / G) + 1 pages a row, tokens as padded (engine.shapes): one long chunk, or
+    --max-prefill-rows short ones."""
     windows = [w for w in (cfg.window(i) for i in range(cfg.num_layers)) if w is not None]
     if config.local_kv != "window" or not 0 < len(windows) < cfg.num_layers:
-        return 0, 0
-    return len(windows), kvcache.ring_pages(max(windows), config.chunked_prefill_size,
-                                            config.page_size,
-                                            math.ceil(context_length / config.page_size))
+        return 0, 0, 0
+    g = config.page_size
+    width = math.ceil(context_length / g)
+    ring = kvcache.ring_pages(max(windows), g, width)
+    if ring == width:
+        return len(windows), ring, 0
+    c, rows = config.chunked_prefill_size, config.max_prefill_rows
+    single = math.ceil(bucket(c, 1, 1 << 30) / g) + 1
+    shared = rows * (math.ceil(shared_chunk_len(c, rows) / g) + 1) if rows > 1 else 0
+    return len(windows), ring, max(single, shared)
 
 
 class Engine:
@@ -121,7 +131,7 @@ class Engine:
                              f"max_position_embeddings={cfg.max_position_embeddings}; set "
                              "HYBRIDKV_ALLOW_LONGER_CONTEXT=1 to serve positions past those "
                              "it was trained on")
-        ring_layers, ring = ring_plan(cfg, c, self.context_length)
+        ring_layers, ring, scratch = ring_plan(cfg, c, self.context_length)
         if ring_layers and c.host_kv_size:
             raise ValueError("host_kv_size (--host-kv-size) is a tier of the prefix cache, which "
                              "is off for a model whose sliding-window layers keep window-sized "
@@ -130,7 +140,8 @@ class Engine:
         device = jax.devices()[0]
         counts_bytes = c.max_running_requests * cfg.vocab_size * 4     # KVCache.counts
         kv_bytes = 2 * (cfg.num_kv_heads // tp) * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
-        ring_bytes = ring_layers * (1 + c.max_running_requests * ring) * c.page_size * kv_bytes
+        ring_bytes = ring_layers * (1 + c.max_running_requests * ring + scratch) * c.page_size \
+            * kv_bytes
         spec = kvcache.size_pool(
             num_layers=cfg.num_layers - ring_layers, page_size=c.page_size,
             num_kv_heads=cfg.num_kv_heads // tp, head_dim=cfg.head_dim,
@@ -147,11 +158,13 @@ class Engine:
         # A row never holds more pages than the largest pool: the page table is no wider.
         self.pages_per_row = min(math.ceil(self.context_length / c.page_size),
                                  self.spec.num_pages - 1)
-        self.ring = (ring_layers, min(ring, self.pages_per_row))
+        if ring >= self.pages_per_row:     # the pool is narrower than the context
+            ring, scratch = self.pages_per_row, 0
+        self.ring = (ring_layers, ring, scratch)
         if ring_layers:
             log.info("%d sliding-window layers keep window-sized KV: a ring of %d pages a row "
                      "(%.1f MiB in all); the prefix cache is off (--local-kv full keeps it)",
-                     ring_layers, self.ring[1], ring_bytes / 2**20)
+                     ring_layers, ring, ring_bytes / 2**20)
         self.runner = ModelRunner(self.graphdef, self.params, config=c, spec=self.spec,
                                   pages_per_row=self.pages_per_row, pool_pages=sizes[0],
                                   mesh=mesh, attn_impl=attn_impl,

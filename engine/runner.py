@@ -57,10 +57,11 @@ class Flight:
 class ModelRunner:
     def __init__(self, graphdef, params, *, config: EngineConfig, spec: kvcache.PoolSpec,
                  pages_per_row: int, pool_pages: int, mesh, attn_impl: str, stop_ids: int,
-                 vocab: int, precompile: str, ring: tuple[int, int] = (0, 0)):
+                 vocab: int, precompile: str, ring: tuple[int, ...] = ()):
         """stop_ids: the most stop ids a request may carry (engine.limits, EOS included);
         vocab: the logits' width; precompile: when programs compile (engine.programs, "auto"
-        resolved); ring: (layers, pages a row) of the ring pools (kvcache.page_table), if any."""
+        resolved); ring: (layers, pages a row, scratch pages) of the ring pools
+        (kvcache.page_table), if any."""
         self.config, self.spec, self.pages_per_row = config, spec, pages_per_row
         self.ring = ring
         self.vocab = vocab

@@ -121,6 +121,7 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
     model = nnx.merge(graphdef, params)
     g = cache.page_size
     groups, starts, grown = [], [], []
+    scratch = 0         # ring scratch pages the feeds so far took
     for f in feeds:
         f = dataclasses.replace(f, tokens=jnp.where(f.tokens < 0, cache.next_token[f.rows][:, None],
                                                     f.tokens))
@@ -132,9 +133,13 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         t = jnp.arange(f.tokens.shape[1])[None, :]
         positions = jnp.where(t < num[:, None], start[:, None] + t, -1)       # [B,T]
         row_pages = cache.page_table[f.rows]                                   # [B,M]
-        rings = kvcache.ring_table(f.rows, cache.ring, row_pages.shape[1]) if cache.ring else None
+        rings = {}
+        if cache.ring:
+            t = f.tokens.shape[1]
+            rings = kvcache.ring_group(cache, f.rows, start, num, t, scratch)
+            scratch += f.rows.shape[0] * (math.ceil(t / g) + 1) if "ring_fill" in rings else 0
         groups.append(Group(f.tokens, positions, row_pages, jnp.where(num > 0, start + num, 0),
-                            ring_table=rings))
+                            **rings))
         cols = jnp.minimum(held[:, None] + jnp.arange(width)[None, :], row_pages.shape[1] - 1)
         new = jnp.take_along_axis(row_pages, cols, axis=1)                     # [B,W]
         after = jnp.sum(row_pages != kvcache.allocator.TRASH_PAGE, axis=1)

@@ -5,11 +5,14 @@ column c holds positions [c*G, (c+1)*G). Entries past the row's last page are th
 Every function here is pure and jit-able; masked-out rows write nowhere (scatters drop them).
 
 Sliding-window layers can keep window-sized KV instead (EngineConfig.local_kv "window"): each
-of them stores its pages in a ring pool of its own, `ring` pages a row, and position s of row r
-lives in ring page 1 + r * ring + (s // G) % ring (`ring_table`). A row's ring is its own from
-the start (no allocator, nothing to free), and holds the last ring * G positions: enough for
-the window behind every query of a step as long as ring >= ceil((W + C - 1) / G) + 1 for a
-window W and C tokens fed a step (engine.Engine sizes it so; kvcache.ring_pages). The page
+of them stores its pages in a ring pool of its own, `ring` pages a row, where position s of row
+r lives in ring page 1 + r * ring + (s // G) % ring. A row's ring is its own from the start (no
+allocator, nothing to free) and holds its last (ring - 1) * G + 1 positions or more: the window
+behind its next query when ring >= ceil((W - 1) / G) + 1 for a window W (ring_pages). A decode
+token goes straight into the ring. A prompt chunk of several tokens would overwrite keys its
+own first queries still need, so it goes to scratch pages after the rings (`scratch` pages
+for all the chunks of a step), its first page copied in from the ring first, and the chunk's last pages go back into
+the ring after attention (ring_group; the model does the copies, layer by layer). The page
 table, the allocator and every page operation (prefix cache, host tier, elastic pool) see the
 other layers only.
 """
@@ -30,7 +33,7 @@ LAYOUT_CODES = {"static": LAYOUT_STATIC, "paged": LAYOUT_PAGED}
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["k", "v", "page_table", "lengths", "next_token", "layout", "alloc",
                                 "counts", "ring_k", "ring_v"],
-                   meta_fields=[])
+                   meta_fields=["ring", "scratch"])
 @dataclasses.dataclass
 class KVCache:
     k: tuple[jax.Array, ...]   # L x [P,G,K,H]
@@ -44,15 +47,13 @@ class KVCache:
     # row's generated tokens, with a flag bit on its prompt's ids (engine.sampling.PROMPT_SEEN;
     # V = 0: no penalties).
     counts: jax.Array
-    # The sliding-window layers' ring pools, one [1 + R * ring, G, K, H] array each (page 0
-    # the trash page), when they keep window-sized KV; () when every layer is in k / v.
+    # The sliding-window layers' ring pools, one [1 + R * ring + scratch, G, K, H] array each
+    # (page 0 the trash page, then every row's ring, then the scratch pages of a step's prompt
+    # chunks), when they keep window-sized KV; () when every layer is in k / v.
     ring_k: tuple[jax.Array, ...] = ()
     ring_v: tuple[jax.Array, ...] = ()
-
-    @property
-    def ring(self) -> int:
-        """Ring pages a row (0: no ring pools)."""
-        return (self.ring_k[0].shape[0] - 1) // self.lengths.shape[0] if self.ring_k else 0
+    ring: int = 0       # static: ring pages a row (0: no ring pools)
+    scratch: int = 0    # static: scratch pages of a step's chunks (0: chunks write the ring)
 
     @property
     def page_size(self) -> int:
@@ -64,11 +65,11 @@ class KVCache:
 
 
 def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int, vocab: int = 0,
-               ring_layers: int = 0, ring: int = 0) -> KVCache:
+               ring_layers: int = 0, ring: int = 0, scratch: int = 0) -> KVCache:
     """An empty cache: spec's pool for its layers, and ring_layers ring pools of `ring` pages
-    a row (see the module)."""
+    a row and `scratch` pages for a step's prompt chunks (see the module)."""
     kv = spec.layer_struct
-    ring_shape = (1 + max_rows * ring, *kv.shape[1:])
+    ring_shape = (1 + max_rows * ring + scratch, *kv.shape[1:])
     return KVCache(
         k=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
         v=tuple(jnp.zeros(kv.shape, kv.dtype) for _ in range(spec.num_layers)),
@@ -80,22 +81,50 @@ def init_cache(spec: PoolSpec, max_rows: int, max_pages_per_row: int, vocab: int
         counts=jnp.zeros((max_rows, vocab), jnp.int32),
         ring_k=tuple(jnp.zeros(ring_shape, kv.dtype) for _ in range(ring_layers)),
         ring_v=tuple(jnp.zeros(ring_shape, kv.dtype) for _ in range(ring_layers)),
+        ring=ring if ring_layers else 0,
+        scratch=scratch if ring_layers else 0,
     )
 
 
-def ring_pages(window: int, tokens_per_step: int, page_size: int, max_pages_per_row: int) -> int:
-    """Pages a row's ring needs so that a step feeding up to tokens_per_step tokens never
-    overwrites a key its own queries still see (window W, C tokens: the keys of positions
-    [first - W + 1, first + C) span at most ceil((W + C - 1) / G) + 1 pages), and no more than
-    a row can ever hold."""
-    need = -(-(window + tokens_per_step - 1) // page_size) + 1
-    return min(need, max_pages_per_row)
+def ring_pages(window: int, page_size: int, max_pages_per_row: int) -> int:
+    """Pages a row's ring needs for a window of W keys: the W - 1 positions before a query
+    span at most ceil((W - 1) / G) + 1 pages, the query's own among them; no more than a row
+    can ever hold."""
+    return min(-(-(window - 1) // page_size) + 1, max_pages_per_row)
 
 
-def ring_table(rows, ring: int, width: int):
-    """rows [B] -> [B,width] int32: the ring pages holding each page-table column of the rows'
-    sliding-window layers (column c in ring page 1 + row * ring + c % ring)."""
-    return (1 + rows[:, None] * ring + jnp.arange(width)[None, :] % ring).astype(jnp.int32)
+def ring_group(cache: KVCache, rows, start, num, tokens: int, scratch_from: int = 0) -> dict:
+    """The ring fields of a models.Group of rows feeding num[b] tokens from position start[b]
+    (tokens: the feed's static width): `ring_table` [B,M], the pages holding each page-table
+    column; for a chunk of several tokens (with scratch pages), also `ring_fill` (src, dst
+    [B]): each row's ring page holding the chunk's first column, copied to its first scratch
+    page before the chunk is written, and `ring_back` (src, dst [B,Y]): the chunk's last
+    columns, copied from scratch into the ring after attention (an index past the pool where
+    there is nothing to copy). Each row takes ceil(tokens / G) + 1 scratch pages, from page
+    scratch_from of the scratch on (other groups of the same step took those before)."""
+    num_rows, width = cache.page_table.shape
+    g, ring = cache.page_size, cache.ring
+    col = jnp.arange(width)[None, :]
+    home = (1 + rows[:, None] * ring + col % ring).astype(jnp.int32)               # [B,M]
+    if tokens == 1 or not cache.scratch:
+        return {"ring_table": home}
+    b, x = rows.shape[0], -(-tokens // g) + 1
+    size = cache.ring_k[0].shape[0]
+    if scratch_from + b * x > cache.scratch:
+        raise ValueError(f"prompt chunks of this step need {scratch_from + b * x} scratch "
+                         f"pages; the ring pools have {cache.scratch}")
+    base = (1 + num_rows * ring + scratch_from + jnp.arange(b) * x).astype(jnp.int32)
+    first = start // g                                                             # [B]
+    table = jnp.where(col < first[:, None], home,
+                      base[:, None] + jnp.clip(col - first[:, None], 0, x - 1))
+    fill = (jnp.take_along_axis(home, jnp.minimum(first, width - 1)[:, None], axis=1)[:, 0],
+            base)
+    last = -(-(start + num) // g)                            # past the chunk's last column
+    back_col = jnp.maximum(first, last - ring)[:, None] + jnp.arange(min(x, ring))[None, :]
+    valid = (back_col < last[:, None]) & (num[:, None] > 0)
+    back = (jnp.where(valid, base[:, None] + back_col - first[:, None], size),
+            jnp.where(valid, 1 + rows[:, None] * ring + back_col % ring, size))
+    return {"ring_table": table, "ring_fill": fill, "ring_back": back}
 
 
 def grow_rows(cache: KVCache, rows, need, max_need: int):

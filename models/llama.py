@@ -10,8 +10,8 @@ RMSNorm in float32, a norm after attention and around the MLP too, GeGLU, the ke
 soft-cap, a final-logit soft-cap, and q.k over sqrt(query_pre_attn_scalar) (the query is
 scaled so the kernels keep their 1/sqrt(head_dim)). Its local layers attend through a sliding
 window with their own RoPE base (Gemma 3). Given ring pools (kvcache.page_table), the local
-layers keep window-sized KV there, addressed by each group's `ring_table`; otherwise they keep
-every page as the global layers do.
+layers keep window-sized KV there, addressed by each group's `ring_table` (a prompt chunk
+through scratch pages); otherwise they keep every page as the global layers do.
 
 Qwen3-MoE's and Mixtral's sparse layers (`MoE`) route each token to its top-k experts: the
 (token, expert) pairs are sorted by expert and the experts run as grouped matmuls
@@ -34,7 +34,7 @@ from models.parallel import TP
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["tokens", "positions", "page_table", "kv_lens", "work",
-                                "ring_table"],
+                                "ring_table", "ring_fill", "ring_back"],
                    meta_fields=[])
 @dataclasses.dataclass
 class Group:
@@ -47,8 +47,12 @@ class Group:
     # once a step for every layer; None until the model makes them, and for calls that take
     # none.
     work: tuple | None = None
-    # [B,M] int32 the rows' ring pages (kvcache.ring_table), for calls with ring pools.
+    # For calls with ring pools (kvcache.ring_group): [B,M] int32 the pages of the rows'
+    # sliding-window layers; a prompt chunk's page copies (src, dst) into its scratch pages
+    # before it is written and back into the ring after attention.
     ring_table: jax.Array | None = None
+    ring_fill: tuple | None = None
+    ring_back: tuple | None = None
 
 
 class RMSNorm(nnx.Module):
@@ -135,6 +139,8 @@ class Attention(nnx.Module):
         groups = ctx["groups"]
         if ring:
             groups = tuple(dataclasses.replace(g, page_table=g.ring_table) for g in groups)
+        else:
+            groups = tuple(dataclasses.replace(g, ring_fill=None, ring_back=None) for g in groups)
         out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], ctx["ring_page" if ring else "page"],
                                        ctx["slot"], groups)
         if scaled:
@@ -160,7 +166,15 @@ def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_wind
             logit_softcap, plan):
     """Writes k, v [S,K,H] into their slots of k_pages, v_pages [P,G,K,H] (page, slot [S]), then
     attends q [S,N,H] group by group (with each group's work[plan]). Returns (out [S,N,H],
-    k_pages', v_pages')."""
+    k_pages', v_pages'). Ring pools: a group's ring_fill copies go before the writes, its
+    ring_back copies after attention (kvcache.ring_group)."""
+    def copy(pages, src_dst):
+        src, dst = (x.ravel() for x in src_dst)
+        return pages.at[dst].set(pages[jnp.minimum(src, pages.shape[0] - 1)], mode="drop")
+
+    for g in groups:
+        if g.ring_fill is not None:
+            k_pages, v_pages = copy(k_pages, g.ring_fill), copy(v_pages, g.ring_fill)
     k_pages = write_kv(k_pages, page, slot, k)
     v_pages = write_kv(v_pages, page, slot, v)
     outs, start = [], 0
@@ -173,6 +187,9 @@ def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_wind
                                       logit_softcap=logit_softcap,
                                       work=None if g.work is None else g.work[plan])
         outs.append(out.reshape(b * t, *q.shape[1:]))
+    for g in groups:
+        if g.ring_back is not None:
+            k_pages, v_pages = copy(k_pages, g.ring_back), copy(v_pages, g.ring_back)
     return jnp.concatenate(outs), k_pages, v_pages
 
 

@@ -13,8 +13,10 @@ def test_window_kv_bench_counts_the_rings(tmp_path):
     window_kv.main(["--contexts", "32768", "--chunks", "512", "16", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     token_layer = 2 * 4 * 256 * 2
-    for row, ring in zip(rows, (97, 66)):      # ceil((1024 + chunk - 1) / 16) + 1
-        assert row["ring_pages"] == ring and row["ring_layers"] == 29
+    # scratch: one chunk of 512 (33 pages) or 4 of 128 (9 pages each); one of 16 or 4 of 4
+    for row, scratch in zip(rows, (36, 8)):
+        assert row["ring_pages"] == 65 and row["ring_layers"] == 29    # ceil(1023 / 16) + 1
         assert row["full_bytes"] == 34 * 32768 * token_layer
-        assert row["window_bytes"] == (5 * 32768 + 29 * ring * 16) * token_layer
-    assert [row["ratio"] for row in rows] == [5.33, 5.73]
+        assert row["window_bytes"] == (5 * 32768 + 29 * 65 * 16) * token_layer
+        assert row["scratch_bytes_shared"] == 29 * scratch * 16 * token_layer
+        assert row["ratio"] == 5.74

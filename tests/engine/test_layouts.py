@@ -151,11 +151,13 @@ def test_fp8_scales_from_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_window_sized_kv_for_local_layers(family):
-    """Sliding-window layers (window 8) keep a ring of 4 pages of 4 a row, prefill chunks of 4
-    tokens: rows of up to 55 tokens wrap their rings several times, in each layout, and give
-    the tokens and log probabilities of keeping every page. The page pool holds the global
-    layers only, and every page is back at the end."""
-    kw = dict(page_size=4, context_length=64, max_running_requests=8, chunked_prefill_size=4,
+    """Sliding-window layers (window 8) keep a ring of 3 pages of 4 a row (at most window /
+    page + 2, issue 30's bound), prompt chunks of 6 tokens (most start inside a page) going
+    through scratch pages: rows of up to 55 tokens wrap their rings many times, in each
+    layout, and give the tokens and log probabilities of keeping every page (measured: without
+    either scratch copy, 0.08 nats off and other tokens). The page pool holds the global layers
+    only, and every page is back at the end."""
+    kw = dict(page_size=4, context_length=64, max_running_requests=8, chunked_prefill_size=6,
               num_continuous_decode_steps=4)
     model = str(FIXTURES / family)
     full, ring = LLM(model, local_kv="full", **kw), LLM(model, **kw)
@@ -163,10 +165,12 @@ def test_window_sized_kv_for_local_layers(family):
     local = sum(cfg.window(i) is not None for i in range(cfg.num_layers))
     assert cfg.windows == (None, 8) or cfg.windows == (8, None)
     assert 0 < local < cfg.num_layers
-    assert e.cache.ring == kvcache.ring_pages(8, 4, 4, 16) == 4      # ceil((8 + 4 - 1) / 4) + 1
+    assert e.cache.ring == kvcache.ring_pages(8, 4, 16) == 3 <= 8 // 4 + 2
+    # scratch: one chunk of 8 tokens as padded (3 pages), or 4 chunks of 1 (2 pages each)
+    assert e.cache.scratch == 8
     assert len(e.cache.ring_k) == len(e.cache.ring_v) == local
     assert len(e.cache.k) == cfg.num_layers - local == e.spec.num_layers
-    assert e.cache.ring_k[0].shape == (1 + 8 * 4, *e.cache.k[0].shape[1:])
+    assert e.cache.ring_k[0].shape == (1 + 8 * 3 + 8, *e.cache.k[0].shape[1:])
     assert len(full.engine.cache.k) == cfg.num_layers and not full.engine.cache.ring_k
     assert e.scheduler.pool.radix is None           # a prefix cache would lack local layers' KV
     prompts = PROMPTS + [list(range(40, 70))]
@@ -194,7 +198,7 @@ def test_window_sized_kv_refuses_the_host_tier():
 def test_window_sized_kv_with_an_elastic_pool():
     """An elastic pool grows and shrinks the global layers' pages around the ring pools, which
     keep their shape: the tokens of a static pool that keeps every page."""
-    kw = dict(page_size=4, context_length=64, max_running_requests=8, chunked_prefill_size=4,
+    kw = dict(page_size=4, context_length=64, max_running_requests=8, chunked_prefill_size=6,
               num_continuous_decode_steps=4)
     model = str(FIXTURES / "gemma2")
     want = LLM(model, local_kv="full", **kw).generate(PROMPTS, PARAMS)
