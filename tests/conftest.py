@@ -34,26 +34,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Mappings past which a test's end, not just its module's, lets go of compiled code: the kernel
-# tests (210 in one module) alone took the process from ~5,000 to ~39,000.
-MAPPINGS_SOFT_LIMIT = 20_000
-
-
-def _mappings() -> int:
-    """The process's memory mappings (0 where /proc is absent)."""
-    try:
-        with open("/proc/self/maps", "rb") as f:
-            return f.read().count(b"\n")
-    except OSError:
-        return 0
-
-
-def _release() -> None:
-    gc.collect()
-    jax.clear_caches()
-    gc.collect()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
     """After each test module, what JAX keeps compiled for it goes. XLA maps each CPU
@@ -61,12 +41,6 @@ def _release_compiled_code():
     fifth of it, and around the 575th test reached the kernel's limit (vm.max_map_count,
     65530), where XLA crashed inside a compile (SIGSEGV, then SIGABRT in CI)."""
     yield
-    _release()
-
-
-@pytest.fixture(autouse=True)
-def _release_compiled_code_when_many():
-    """The same after a test, once the process holds MAPPINGS_SOFT_LIMIT mappings."""
-    yield
-    if _mappings() > MAPPINGS_SOFT_LIMIT:
-        _release()
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
