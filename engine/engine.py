@@ -139,9 +139,10 @@ class Engine:
         # Sized on one device, which holds its share of the weights and K/tp heads of each page.
         device = jax.devices()[0]
         counts_bytes = c.max_running_requests * cfg.vocab_size * 4     # KVCache.counts
-        kv_bytes = 2 * (cfg.num_kv_heads // tp) * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
-        ring_bytes = ring_layers * (1 + c.max_running_requests * ring + scratch) * c.page_size \
-            * kv_bytes
+        ring_bytes = kvcache.PoolSpec(
+            ring_layers, 1 + c.max_running_requests * ring + scratch, c.page_size,
+            cfg.num_kv_heads // tp, cfg.head_dim, jnp.dtype(kv_dtype).name).total_bytes \
+            if ring_layers else 0
         spec = kvcache.size_pool(
             num_layers=cfg.num_layers - ring_layers, page_size=c.page_size,
             num_kv_heads=cfg.num_kv_heads // tp, head_dim=cfg.head_dim,
@@ -161,10 +162,6 @@ class Engine:
         if ring >= self.pages_per_row:     # the pool is narrower than the context
             ring, scratch = self.pages_per_row, 0
         self.ring = (ring_layers, ring, scratch)
-        if ring_layers:
-            log.info("%d sliding-window layers keep window-sized KV: a ring of %d pages a row "
-                     "(%.1f MiB in all); the prefix cache is off (--local-kv full keeps it)",
-                     ring_layers, ring, ring_bytes / 2**20)
         self.runner = ModelRunner(self.graphdef, self.params, config=c, spec=self.spec,
                                   pages_per_row=self.pages_per_row, pool_pages=sizes[0],
                                   mesh=mesh, attn_impl=attn_impl,
@@ -179,6 +176,11 @@ class Engine:
             decode_steps=c.num_continuous_decode_steps,
             radix_cache=not (c.disable_radix_cache or ring_layers),
             host_pages=kvcache.host_tier_pages(c.host_kv_size, self.spec))
+        if ring_layers:
+            log.info("%d sliding-window layers keep window-sized KV: a ring of %d pages a row "
+                     "(%.1f MiB in all); the prefix cache is off (--local-kv full keeps it)",
+                     ring_layers, ring,
+                     kvcache.nbytes((self.cache.ring_k, self.cache.ring_v)) / 2**20)
         # An elastic pool moves only to sizes whose programs are compiled (engine.programs).
         self.scheduler.pool.usable = self.runner.ready_for
         spec, pages = self.spec, sizes[0]

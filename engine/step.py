@@ -135,9 +135,8 @@ def forward(graphdef, params, cache: kvcache.KVCache, feeds: tuple[Feed, ...], *
         row_pages = cache.page_table[f.rows]                                   # [B,M]
         rings = {}
         if cache.ring:
-            t = f.tokens.shape[1]
-            rings = kvcache.ring_group(cache, f.rows, start, num, t, scratch)
-            scratch += f.rows.shape[0] * (math.ceil(t / g) + 1) if "ring_fill" in rings else 0
+            rings, scratch = kvcache.ring_group(cache, f.rows, start, num, f.tokens.shape[1],
+                                                scratch)
         groups.append(Group(f.tokens, positions, row_pages, jnp.where(num > 0, start + num, 0),
                             **rings))
         cols = jnp.minimum(held[:, None] + jnp.arange(width)[None, :], row_pages.shape[1] - 1)

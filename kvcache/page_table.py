@@ -10,11 +10,11 @@ r lives in ring page 1 + r * ring + (s // G) % ring. A row's ring is its own fro
 allocator, nothing to free) and holds its last (ring - 1) * G + 1 positions or more: the window
 behind its next query when ring >= ceil((W - 1) / G) + 1 for a window W (ring_pages). A decode
 token goes straight into the ring. A prompt chunk of several tokens would overwrite keys its
-own first queries still need, so it goes to scratch pages after the rings (`scratch` pages
-for all the chunks of a step), its first page copied in from the ring first, and the chunk's last pages go back into
-the ring after attention (ring_group; the model does the copies, layer by layer). The page
-table, the allocator and every page operation (prefix cache, host tier, elastic pool) see the
-other layers only.
+own first queries still need, so it goes to scratch pages after the rings (`scratch` pages for
+all the chunks of a step), its first page copied in from the ring first, and the chunk's last
+pages go back into the ring after attention (ring_group; the model does the copies, layer by
+layer). The page table, the allocator and every page operation (prefix cache, host tier,
+elastic pool) see the other layers only.
 """
 
 import dataclasses
@@ -93,21 +93,23 @@ def ring_pages(window: int, page_size: int, max_pages_per_row: int) -> int:
     return min(-(-(window - 1) // page_size) + 1, max_pages_per_row)
 
 
-def ring_group(cache: KVCache, rows, start, num, tokens: int, scratch_from: int = 0) -> dict:
-    """The ring fields of a models.Group of rows feeding num[b] tokens from position start[b]
+def ring_group(cache: KVCache, rows, start, num, tokens: int,
+               scratch_from: int = 0) -> tuple[dict, int]:
+    """(The ring fields of a models.Group of rows feeding num[b] tokens from position start[b]
     (tokens: the feed's static width): `ring_table` [B,M], the pages holding each page-table
     column; for a chunk of several tokens (with scratch pages), also `ring_fill` (src, dst
     [B]): each row's ring page holding the chunk's first column, copied to its first scratch
     page before the chunk is written, and `ring_back` (src, dst [B,Y]): the chunk's last
     columns, copied from scratch into the ring after attention (an index past the pool where
-    there is nothing to copy). Each row takes ceil(tokens / G) + 1 scratch pages, from page
-    scratch_from of the scratch on (other groups of the same step took those before)."""
+    there is nothing to copy); the scratch pages taken so far). Each row takes
+    ceil(tokens / G) + 1 scratch pages, from page scratch_from of the scratch on (other groups
+    of the same step took those before)."""
     num_rows, width = cache.page_table.shape
     g, ring = cache.page_size, cache.ring
     col = jnp.arange(width)[None, :]
     home = (1 + rows[:, None] * ring + col % ring).astype(jnp.int32)               # [B,M]
     if tokens == 1 or not cache.scratch:
-        return {"ring_table": home}
+        return {"ring_table": home}, scratch_from
     b, x = rows.shape[0], -(-tokens // g) + 1
     size = cache.ring_k[0].shape[0]
     if scratch_from + b * x > cache.scratch:
@@ -124,7 +126,7 @@ def ring_group(cache: KVCache, rows, start, num, tokens: int, scratch_from: int 
     valid = (back_col < last[:, None]) & (num[:, None] > 0)
     back = (jnp.where(valid, base[:, None] + back_col - first[:, None], size),
             jnp.where(valid, 1 + rows[:, None] * ring + back_col % ring, size))
-    return {"ring_table": table, "ring_fill": fill, "ring_back": back}
+    return {"ring_table": table, "ring_fill": fill, "ring_back": back}, scratch_from + b * x
 
 
 def grow_rows(cache: KVCache, rows, need, max_need: int):

@@ -126,7 +126,7 @@ class Attention(nnx.Module):
             q, k, v = self._scale(q, k, v)
         attend = functools.partial(_attend, impl=ctx["attn_impl"], sliding_window=self.window,
                                    logit_softcap=cfg.attn_logit_softcap,
-                                   plan=cfg.windows.index(self.window))
+                                   plan=cfg.windows.index(self.window), ring=ring)
         if ctx["mesh"] is not None:
             # Pallas kernels cannot be partitioned by XLA: each device runs them on its own
             # query heads and the KV heads they read (the K axis of q, k, v and the pages).
@@ -139,8 +139,6 @@ class Attention(nnx.Module):
         groups = ctx["groups"]
         if ring:
             groups = tuple(dataclasses.replace(g, page_table=g.ring_table) for g in groups)
-        else:
-            groups = tuple(dataclasses.replace(g, ring_fill=None, ring_back=None) for g in groups)
         out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], ctx["ring_page" if ring else "page"],
                                        ctx["slot"], groups)
         if scaled:
@@ -163,17 +161,17 @@ class Attention(nnx.Module):
 
 
 def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_window,
-            logit_softcap, plan):
+            logit_softcap, plan, ring):
     """Writes k, v [S,K,H] into their slots of k_pages, v_pages [P,G,K,H] (page, slot [S]), then
     attends q [S,N,H] group by group (with each group's work[plan]). Returns (out [S,N,H],
-    k_pages', v_pages'). Ring pools: a group's ring_fill copies go before the writes, its
-    ring_back copies after attention (kvcache.ring_group)."""
+    k_pages', v_pages'). ring: the pages are ring pools, where a group's ring_fill copies go
+    before the writes and its ring_back copies after attention (kvcache.ring_group)."""
     def copy(pages, src_dst):
         src, dst = (x.ravel() for x in src_dst)
         return pages.at[dst].set(pages[jnp.minimum(src, pages.shape[0] - 1)], mode="drop")
 
     for g in groups:
-        if g.ring_fill is not None:
+        if ring and g.ring_fill is not None:
             k_pages, v_pages = copy(k_pages, g.ring_fill), copy(v_pages, g.ring_fill)
     k_pages = write_kv(k_pages, page, slot, k)
     v_pages = write_kv(v_pages, page, slot, v)
@@ -188,7 +186,7 @@ def _attend(q, k, v, k_pages, v_pages, page, slot, groups, *, impl, sliding_wind
                                       work=None if g.work is None else g.work[plan])
         outs.append(out.reshape(b * t, *q.shape[1:]))
     for g in groups:
-        if g.ring_back is not None:
+        if ring and g.ring_back is not None:
             k_pages, v_pages = copy(k_pages, g.ring_back), copy(v_pages, g.ring_back)
     return jnp.concatenate(outs), k_pages, v_pages
 

@@ -44,7 +44,7 @@ def test_logits_match_hf(family):
     assert bool(ok[0])
     model = nnx.merge(e.graphdef, e.params)
     group = Group(prompt[None], jnp.arange(t)[None], cache.page_table[rows], jnp.array([t]),
-                  **(kvcache.ring_group(cache, rows, jnp.array([0]), jnp.array([t]), t)
+                  **(kvcache.ring_group(cache, rows, jnp.array([0]), jnp.array([t]), t)[0]
                      if cache.ring else {}))
     [hidden], k, v, (ring_k, ring_v) = model((group,), cache.k, cache.v,
                                              rings=(cache.ring_k, cache.ring_v))
