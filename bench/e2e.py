@@ -99,7 +99,7 @@ def prepare(engine, case: str, batch: int, context: int, ahead: int):
     pages = [math.ceil((context + (ahead if reserved or k == "static" else 0)) / PAGE)
              for k in kinds]
     engine.cache = None
-    engine.cache = kvcache.init_cache(engine.spec, batch, engine.pages_per_row)
+    engine.cache = engine.runner.new_cache(engine.spec.num_pages)    # ring pools included
     layout = np.asarray([kvcache.LAYOUT_CODES[k] for k in kinds], np.int32)
     reserve = np.asarray([n if k == "static" else 0 for k, n in zip(kinds, pages)], np.int32)
     admit = jax.jit(kvcache.admit_rows, static_argnums=4, donate_argnums=0)

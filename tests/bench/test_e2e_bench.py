@@ -2,7 +2,8 @@
 decodes without stalling."""
 
 import numpy as np
-from helpers import bench_module
+import pytest
+from helpers import FIXTURES, bench_module
 
 from engine import Engine, EngineConfig
 
@@ -36,9 +37,13 @@ def test_cases_lay_out_their_pages():
     assert layout == [1, 2, 1, 2]                                         # static, paged, ...
 
 
-def test_every_case_decodes():
-    rows = e2e.bench_engine("tiny-random", B, CONTEXT, steps=2, launches=2, repeats=1,
-                            profile=None)
+@pytest.mark.parametrize("model", ["tiny-random", "gemma3_text"])
+def test_every_case_decodes(model):
+    """gemma3_text: local layers in ring pools (window 8), which the cache prepare() builds
+    must hold as the engine's does."""
+    if model != "tiny-random":
+        model = str(FIXTURES / model)
+    rows = e2e.bench_engine(model, B, CONTEXT, steps=2, launches=2, repeats=1, profile=None)
     assert [r["layout"] for r in rows] == list(e2e.CASES)
     assert all(r["step_ms"] > 0 and r["live_kv_bytes"] > 0 for r in rows)
 
@@ -46,8 +51,6 @@ def test_every_case_decodes():
 def test_moe_floor_counts_the_routed_experts():
     """Qwen3-MoE fixture: 2 sparse layers of 8 experts, 2 a token. One row reads a quarter of
     each sparse layer's experts; many rows read nearly all; a dense model reads every weight."""
-    from helpers import FIXTURES
-
     import kvcache
     engine = Engine(EngineConfig(model=str(FIXTURES / "qwen3_moe"), context_length=64,
                                  max_running_requests=2))
