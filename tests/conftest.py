@@ -16,12 +16,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 def pytest_configure(config):
     """JAX's persistent compilation cache in a directory of this run's own (unless the caller
     chose one): the many engines of the suite compile the same step programs, and a later one
-    loads what an earlier one compiled (tests/engine/test_decode.py: 85 s -> 70 s)."""
+    loads what an earlier one compiled (tests/engine/test_decode.py: 85 s -> 70 s). Under
+    pytest-xdist the controller makes the directory and its workers inherit it through the
+    environment, so each loads what the other compiled."""
+    from engine.engine import use_compilation_cache
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from engine.engine import use_compilation_cache
         directory = tempfile.mkdtemp(prefix="hybridkv-tests-jax-")
         config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
-        use_compilation_cache(directory)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    use_compilation_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def pytest_collection_modifyitems(config, items):
