@@ -11,7 +11,9 @@ head_dim 128, fp16): our paged kernels (Mosaic GPU, kernels/mgpu.py, the one
 kernels.paged_attention picks on Hopper; and the Triton one, kernels/gpu.py) against PyTorch
 SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLOP/s. Mixed (`--cases mixed`):
 decode batches whose rows differ in length by up to 500x, and two of one length, at head_dim
-64 and 128, against SDPA and a copy of the same bytes (mixed_case).
+64 and 128, against SDPA and a copy of the same bytes (mixed_case). FP8 (`--cases fp8`): the
+engine's dispatch on bf16 pages against the same values in float8_e4m3fn pages, decode and
+prefill (fp8_case).
 """
 
 import argparse
@@ -219,6 +221,53 @@ def prefill_case(tokens: int, sweep: list[dict], mosaic_sweep: list[dict],
     return result
 
 
+def fp8_case(batch: int, seq: int, tokens: int, rng: np.random.Generator,
+             impl: str = "gpu") -> dict:
+    """Issue 28's rows: the kernel the engine dispatches to (kernels.paged_attention) on bf16
+    pages and on the same values rounded to float8_e4m3fn pages (scale 1.0), for a decode call
+    of batch rows x seq keys (pages scattered) and a causal prefill of `tokens` tokens; each
+    checked against the float32 reference on the pages it read. Decode in keys per second (and
+    KV bytes per second), prefill in FLOP/s; "speedup" is fp8's rate over bf16's."""
+    import kernels
+    attend = jax.jit(functools.partial(kernels.paged_attention, impl=impl))
+    kq, kk, kv, kp = jax.random.split(jax.random.key(int(rng.integers(2**31))), 4)
+    pages = batch * (seq // PAGE) + 1
+    shape = (pages, PAGE, K_HEADS, HEAD_DIM)
+    k16 = jax.random.normal(kk, shape, jnp.bfloat16)
+    v16 = jax.random.normal(kv, shape, jnp.bfloat16)
+    table = jnp.asarray(1 + rng.permutation(pages - 1).reshape(batch, -1), jnp.int32)
+    lengths = jnp.full((batch,), seq, jnp.int32)
+    decode = (jax.random.normal(kq, (batch, 1, N_HEADS, HEAD_DIM), jnp.bfloat16), table,
+              lengths[:, None] - 1, lengths)
+    prefill_pages = tokens // PAGE
+    prefill = (jax.random.normal(kp, (1, tokens, N_HEADS, HEAD_DIM), jnp.bfloat16),
+               jnp.arange(1, prefill_pages + 1, dtype=jnp.int32)[None],
+               jnp.arange(tokens, dtype=jnp.int32)[None], jnp.array([tokens], jnp.int32))
+    flops = 4 * tokens * tokens * HEAD_DIM * N_HEADS // 2
+    result = {"batch": batch, "seq": seq, "prefill_tokens": tokens, "head_dim": HEAD_DIM}
+    for dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+        k, v = k16.astype(dtype), v16.astype(dtype)
+        name = jnp.dtype(dtype).name
+        row = {}
+        for case, (q, t, pos, n), work in (("decode", decode, batch * seq),
+                                            ("prefill", prefill, flops)):
+            args = (q, k, v, t, pos, n)
+            want = jax.jit(paged_attention_reference)(
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), t, pos, n)
+            seconds = time_jax(attend, *args, iters=5 if case == "prefill" else 20)
+            rate = "keys_per_s" if case == "decode" else "tflop_s"
+            row[case] = {"seconds": seconds, rate: work / seconds / (1 if case == "decode"
+                                                                     else 1e12),
+                         "rel_err": rel_err(attend(*args), want)}
+        row["decode"]["tb_s"] = 2 * batch * seq * K_HEADS * HEAD_DIM * k.dtype.itemsize \
+            / row["decode"]["seconds"] / 1e12
+        result[name] = row
+    fp8, bf16 = result["float8_e4m3fn"], result["bfloat16"]
+    result["speedup"] = {"decode": bf16["decode"]["seconds"] / fp8["decode"]["seconds"],
+                         "prefill": bf16["prefill"]["seconds"] / fp8["prefill"]["seconds"]}
+    return result
+
+
 def mixed_lengths(rng: np.random.Generator) -> dict[str, list[int]]:
     """Decode batches of issue 27: rows of one length, and rows of very different lengths."""
     spread = np.exp(rng.uniform(np.log(1024), np.log(262144), 16)).astype(int).tolist()
@@ -298,7 +347,7 @@ def main() -> None:
     p.add_argument("--commit", default=None, help="commit measured (default: git HEAD)")
     p.add_argument("--cases", default="decode,prefill,mixed",
                    help="which of decode, prefill, mixed (decode batches of mixed lengths, "
-                        "head_dim 64 and 128) to run")
+                        "head_dim 64 and 128), fp8 (bf16 against fp8 pages) to run")
     args = p.parse_args()
     cases = set(args.cases.split(","))
     rng = np.random.default_rng()
@@ -321,7 +370,7 @@ def main() -> None:
               "date": datetime.date.today().isoformat(), "commit": commit,
               "command": "python bench/kernels.py" + (" --quick" if args.quick else "")
               + (f" --cases {args.cases}" if cases != {"decode", "prefill", "mixed"} else ""),
-              "decode": [], "prefill": [], "mixed": []}
+              "decode": [], "prefill": [], "mixed": [], "fp8": []}
     for batch, seq in [(64, 4096), (8, 32768), (1, 131072)] if "decode" in cases else []:
         # Mosaic GPU decode: the default (None: what the engine runs), then twice the items
         # (two programs an SM), each with one and two slots of pages in flight.
@@ -333,6 +382,9 @@ def main() -> None:
         print(json.dumps(report["decode"][-1]["best"]), flush=True)
     if "prefill" in cases:
         report["prefill"].append(prefill_case(8192, prefill_sweep, mosaic_sweep, rng))
+    for batch, seq in [(64, 4096), (8, 32768)] if "fp8" in cases else []:
+        report["fp8"].append(fp8_case(batch, seq, 8192, rng))
+        print(json.dumps(report["fp8"][-1]), flush=True)
     for name, lengths in mixed_lengths(rng).items() if "mixed" in cases else []:
         for head_dim in (64, 128):
             report["mixed"].append(mixed_case(name, lengths, head_dim, rng))
@@ -354,6 +406,12 @@ def main() -> None:
         print(f"{r['case']:>16} {r['head_dim']:>4} {r['ours']['tb_s']:7.2f} "
               f"{r['torch_sdpa']['tb_s']:7.2f} {r['device_copy']['tb_s_read_write']:7.2f} "
               f"{r['ours_vs_sdpa']:9.2f}")
+    for r in report["fp8"]:
+        b, f = r["bfloat16"], r["float8_e4m3fn"]
+        print(f"fp8 {r['batch']:>4} x {r['seq']:<6} decode keys/s bf16 {b['decode']['keys_per_s']:.3g}"
+              f" fp8 {f['decode']['keys_per_s']:.3g} ({r['speedup']['decode']:.2f}x); prefill "
+              f"{r['prefill_tokens']} TFLOP/s bf16 {b['prefill']['tflop_s']:.0f} fp8 "
+              f"{f['prefill']['tflop_s']:.0f} ({r['speedup']['prefill']:.2f}x)")
     for r in report["prefill"]:
         mosaic = r["jax_mosaic_attention"].get("tflop_s", float("nan"))
         print(f"prefill {r['tokens']} causal: ours mosaic {r['best_mosaic']['tflop_s']:.0f}  "
