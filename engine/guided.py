@@ -1,5 +1,5 @@
-"""Structured output: a request's grammar (a JSON schema or a regular expression, compiled by
-llguidance) says before each of its draws which tokens may come next, as a bitmask that the
+"""Structured output: a request's grammar (a JSON schema, a regular expression or a context-free
+grammar, compiled by llguidance) says before each of its draws which tokens may come next, as a bitmask that the
 sampler applies on the device (engine.sampling, the GUIDED level and above).
 
 The mask of a draw depends on every token before it, so a guided row draws one token a launch
@@ -8,17 +8,20 @@ the row's matcher as it reads each token (engine.request.Request.emit) and fills
 when it packs the next launch (engine.launch_io). JSON is compact by default (no whitespace
 between tokens: a model cannot run on in spaces); a schema may ask otherwise through
 llguidance's own "x-guidance" key, e.g. {"x-guidance": {"whitespace_flexible": true}}.
+A context-free grammar comes in GBNF (llama.cpp's EBNF, what SGLang's `ebnf` takes; `root` is
+its start) or in Lark, llguidance's own syntax; llguidance's converter tells them apart.
 """
 
 import collections
 import threading
 
 import llguidance
+import llguidance.gbnf_to_lark
 import llguidance.numpy
 import numpy as np
 
 from engine.limits import InvalidRequest
-from engine.sampling import SamplingParams
+from engine.sampling import GUIDED_FIELDS, SamplingParams
 
 JSON_DEFAULTS = {"whitespace_flexible": False}
 CACHED_GRAMMARS = 256       # compiled grammars kept per process, most recently used
@@ -31,6 +34,12 @@ def grammar(params: SamplingParams) -> str | None:
                                                              defaults=JSON_DEFAULTS)
     if params.guided_regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(params.guided_regex)
+    if params.guided_grammar is not None:
+        try:
+            lark = llguidance.gbnf_to_lark.any_to_lark(params.guided_grammar)
+        except Exception as e:      # GbnfToLarkError, or a bare Exception for an unknown rule
+            raise ValueError(f"not a GBNF or Lark grammar: {e}") from None
+        return llguidance.LLMatcher.grammar_from_lark(lark)
     return None
 
 
@@ -61,7 +70,7 @@ class Grammars:
     def _template(self, params: SamplingParams) -> llguidance.LLMatcher:
         """The compiled matcher of params' grammar, fresh (no token consumed); raises
         InvalidRequest naming the field when the grammar does not compile."""
-        field = "guided_json" if params.guided_json is not None else "guided_regex"
+        field = next(f for f in GUIDED_FIELDS if getattr(params, f) is not None)
         try:
             text = grammar(params)
         except ValueError as e:

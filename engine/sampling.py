@@ -30,9 +30,10 @@ class SamplingParams:
     time it was (OpenAI's and vLLM's meaning: generated tokens only); repetition_penalty
     (> 0) divides the positive logits and multiplies the negative ones of every token of the
     prompt or generated before (HF's and vLLM's meaning). The bias comes first, then the
-    penalties (vLLM's order). guided_json (a JSON schema, as a dict or its JSON text) or
-    guided_regex (a regular expression) constrains the output to match it (structured output,
-    engine.guided; vLLM's names), not together with min_tokens. Values outside engine.limits
+    penalties (vLLM's order). guided_json (a JSON schema, as a dict or its JSON text),
+    guided_regex (a regular expression) or guided_grammar (a context-free grammar in GBNF,
+    llama.cpp's EBNF, or in Lark) constrains the output to match it (structured output,
+    engine.guided; vLLM's names), one of them at most, not together with min_tokens. Values outside engine.limits
     raise InvalidRequest (a ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
@@ -50,6 +51,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     guided_json: str | None = None     # or a dict; kept as its JSON text
     guided_regex: str | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= limits.INT32_MAX:
@@ -119,14 +121,16 @@ class SamplingParams:
                 raise InvalidRequest(f"guided_json has {len(text)} characters; at most "
                                      f"{limits.MAX_GRAMMAR_CHARS} are allowed", "guided_json")
             object.__setattr__(self, "guided_json", text)
-        regex = self.guided_regex
-        if regex is not None and (not isinstance(regex, str) or not regex
-                                  or len(regex) > limits.MAX_GRAMMAR_CHARS):
-            _bad("guided_regex", f"a regular expression of 1 to {limits.MAX_GRAMMAR_CHARS} "
-                 "characters", regex)
-        if schema is not None and regex is not None:
-            raise InvalidRequest("give at most one of guided_json and guided_regex",
-                                 "guided_regex")
+        for field, what in (("guided_regex", "a regular expression"),
+                            ("guided_grammar", "a grammar")):
+            text = getattr(self, field)
+            if text is not None and (not isinstance(text, str) or not text
+                                     or len(text) > limits.MAX_GRAMMAR_CHARS):
+                _bad(field, f"{what} of 1 to {limits.MAX_GRAMMAR_CHARS} characters", text)
+        given = [f for f in GUIDED_FIELDS if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise InvalidRequest(f"give at most one of {', '.join(GUIDED_FIELDS)} (got "
+                                 f"{' and '.join(given)})", given[-1])
         if self.guided and self.min_tokens:
             raise InvalidRequest("min_tokens cannot be combined with structured output (the "
                                  "grammar decides where the output ends)", "min_tokens")
@@ -134,7 +138,10 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         """Whether the output is constrained by a grammar (structured output)."""
-        return self.guided_json is not None or self.guided_regex is not None
+        return any(getattr(self, f) is not None for f in GUIDED_FIELDS)
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_grammar")
 
 
 def _is_int(x) -> bool:

@@ -28,7 +28,8 @@ async def generate(body: GenerateRequest, http: Request, s: Ctx):
         f: f"sampling_params.{f}" for f in (
             "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "logit_bias",
             "presence_penalty", "frequency_penalty", "repetition_penalty")} | {
-        "guided_json": "sampling_params.json_schema", "guided_regex": "sampling_params.regex"}
+        "guided_json": "sampling_params.json_schema", "guided_regex": "sampling_params.regex",
+        "guided_grammar": "sampling_params.ebnf"}
     logprobs = body.top_logprobs_num if body.return_logprob else None
     # SGLang's: the prompt's log probabilities from position logprob_start_len (-1: none).
     start = body.logprob_start_len if logprobs is not None else -1

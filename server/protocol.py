@@ -6,7 +6,7 @@ server.errors). Sampling values are range-checked once, by SamplingParams, for e
 No field is silently ignored. A field these bodies do not declare is refused (400 naming it),
 but for IGNORED_FIELDS, which tell an engine nothing (who the end user is, what OpenAI should
 store). Fields of OpenAI's, vLLM's or SGLang's APIs that this server does not implement yet
-(best_of, suffix, OpenAI's older function-calling names, ebnf grammars) are declared
+(best_of, suffix, OpenAI's older function-calling names) are declared
 `Unsupported`: accepted at the value that asks for nothing (what clients send by default: null,
 0, false, {}, []), refused naming the field at any other.
 """
@@ -286,10 +286,11 @@ class GenerateSampling(_Body):
     n: StrictInt = Field(default=1, ge=1, le=limits.MAX_N)
     regex: str | None = None
     json_schema: str | None = None      # the schema as JSON text, as SGLang takes it
-    ebnf: Unsupported()
+    ebnf: str | None = None             # a grammar in GBNF (or Lark), engine.guided
 
     def guided(self) -> dict:
-        return {"guided_json": self.json_schema, "guided_regex": self.regex}
+        return {"guided_json": self.json_schema, "guided_regex": self.regex,
+                "guided_grammar": self.ebnf}
 
 
 class GenerateRequest(_Body):

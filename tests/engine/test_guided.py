@@ -1,6 +1,7 @@
 """Structured output (engine.guided): the sampler's mask against llguidance's own numpy one;
 through the engine, 20 random JSON schemas (objects, arrays, enums, nested, required fields)
-whose every output parses and validates, regular expressions whose outputs match, greedy draws
+whose every output parses and validates, regular expressions and context-free grammars (GBNF,
+Lark) whose outputs match, greedy draws
 that are the most likely token the grammar allows, guided rows beside plain multi-step ones;
 bad grammars named."""
 
@@ -111,6 +112,26 @@ def test_regex_outputs_match(tiny, regex):
         assert re.fullmatch(regex, out.text), (regex, out.text)
 
 
+def balanced(text: str) -> bool:
+    """Whether text is "x" inside n >= 0 pairs of parentheses (no regex says this)."""
+    n = len(text) // 2
+    return text == "(" * n + "x" + ")" * n
+
+
+@pytest.mark.parametrize("grammar, check", [
+    ('root ::= greeting " " num "!"\ngreeting ::= "hi" | "hello"\nnum ::= [0-9] [0-9]?',
+     lambda t: re.fullmatch(r"(hi|hello) [0-9][0-9]?!", t)),
+    ('root ::= "(" root ")" | "x"', balanced),                      # recursive: not a regex
+    ('start: ("ab" | "c")+ "."', lambda t: re.fullmatch(r"(ab|c)+\.", t))])     # Lark
+def test_context_free_grammar_outputs_match(tiny, grammar, check):
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=s, guided_grammar=grammar)
+              for s in range(4)]
+    for out in tiny.generate(["pick:"] * 4, params):
+        assert out.finish_reason == "stop"
+        assert check(out.text), (grammar, out.text)
+    assert_pool_clean(tiny)
+
+
 def test_a_grammar_of_one_string_forces_it(tiny):
     [out] = tiny.generate(["x"], SamplingParams(max_tokens=30, temperature=1.5, seed=3,
                                                guided_regex=r"forced: \{ok\}"))
@@ -149,6 +170,12 @@ def test_bad_grammars_are_named(tiny):
                       ({"guided_regex": "a(b"}, "guided_regex"),
                       ({"guided_regex": ""}, "guided_regex"),
                       ({"guided_json": {}, "guided_regex": "a"}, "guided_regex"),
+                      ({"guided_grammar": "root ::= nope"}, "guided_grammar"),
+                      ({"guided_grammar": 'root ::= "a'}, "guided_grammar"),
+                      ({"guided_grammar": 'start: "a" ('}, "guided_grammar"),
+                      ({"guided_grammar": ""}, "guided_grammar"),
+                      ({"guided_regex": "a", "guided_grammar": "start: \"a\""},
+                       "guided_grammar"),
                       ({"guided_regex": "a", "min_tokens": 2}, "min_tokens")]:
         with pytest.raises(InvalidRequest) as e:
             tiny.generate(["x"], SamplingParams(max_tokens=4, **kw))

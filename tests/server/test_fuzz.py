@@ -44,7 +44,8 @@ FORMATS = st.sampled_from([{"type": "text"}, {"type": "json_object"}, {
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {
     "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}}
 GRAMMARS = {"regex": st.sampled_from(["[ab]{1,3}", "(x|y)z"]),      # /generate's
-            "json_schema": st.just('{"enum": [1, 2]}')}
+            "json_schema": st.just('{"enum": [1, 2]}'),
+            "ebnf": st.just('root ::= "a" | "b" [0-9]')}
 messages = st.lists(st.fixed_dictionaries({
     "role": st.sampled_from(["system", "user", "assistant"]),
     "content": st.one_of(good_text, st.lists(st.fixed_dictionaries(
@@ -95,6 +96,7 @@ BAD = {
     "response_format": [{"type": "json_schema"}, {"type": "xml"}, {"type": "json_schema",
                         "json_schema": {"name": "x", "schema": {"type": "frob"}}}],
     "regex": ["a(b", "", "x" * 70_000], "json_schema": ["{", "[]", '{"type": "frob"}'],
+    "ebnf": ["root ::= nope", "", 'root ::= "a'],
     "tools": [[{"type": "function", "function": {"name": "bad name"}}], [TOOL] * 129],
     "tool_choice": ["maybe", {"type": "function", "function": {"name": "nope"}}],
 }
@@ -223,7 +225,6 @@ BASE = {C: {"model": MODEL, "prompt": "hi", "max_tokens": 2},
 UNSUPPORTED = [
     (C, "best_of", 3, 1), (C, "suffix", "}", ""),
     (CHAT, "functions", [{"name": "f"}], []), (CHAT, "function_call", "auto", "none"),
-    (GEN, "sampling_params.ebnf", 'root ::= "a"', None),
 ]
 
 
@@ -238,7 +239,7 @@ def body_with(path: str, field: str, value) -> dict:
 def test_an_unimplemented_field_is_refused_unless_it_asks_for_nothing(client, path, field,
                                                                        asks, neutral):
     """No field is silently ignored (issue 29): asking for what the server does not implement
-    (best_of, suffix, the older function-calling names, ebnf grammars) is a 400 naming the
+    (best_of, suffix, the older function-calling names) is a 400 naming the
     field; the value clients send by default passes."""
     r = post(client, path, body_with(path, field, asks))
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

@@ -1,7 +1,7 @@
 """The sampling fields of the API over the real app and engine process (tiny model): log
 probabilities of sampled tokens and of echoed prompts (completions' echo, /generate's
 logprob_start_len) through the official client and raw bodies, logit_bias, penalties,
-min_tokens, structured output (response_format, /generate's regex and json_schema)."""
+min_tokens, structured output (response_format, /generate's regex, json_schema and ebnf)."""
 
 import json
 import re
@@ -266,9 +266,11 @@ def test_response_format_through_the_official_client(client):
     assert isinstance(json.loads(anything.choices[0].message.content), dict)
 
 
-def test_generate_takes_sglang_regex_and_json_schema(client):
+def test_generate_takes_sglang_regex_json_schema_and_ebnf(client):
     for sp, check in [({"regex": r"[0-9]{2}:[0-9]{2} (am|pm)"},
                        lambda t: re.fullmatch(r"[0-9]{2}:[0-9]{2} (am|pm)", t)),
+                      ({"ebnf": 'root ::= "at " hour ":00"\nhour ::= [1-9] | "1" [0-2]'},
+                       lambda t: re.fullmatch(r"at ([1-9]|1[0-2]):00", t)),
                       ({"json_schema": json.dumps(PERSON)},
                        lambda t: jsonschema.validate(json.loads(t), PERSON) is None)]:
         r = post(client, GEN, {"text": "when?", "sampling_params": {
@@ -287,7 +289,7 @@ def test_generate_takes_sglang_regex_and_json_schema(client):
      "response_format"),
     (GEN, "sampling_params.regex", "a(b", "sampling_params.regex"),
     (GEN, "sampling_params.json_schema", "{oops", "sampling_params.json_schema"),
-    (GEN, "sampling_params.ebnf", "root ::= \"a\"", "sampling_params.ebnf")])
+    (GEN, "sampling_params.ebnf", "root ::= hour", "sampling_params.ebnf")])
 def test_bad_structured_output_is_named(client, path, field, value, param):
     r = post(client, path, body_with(path, field, value))
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
