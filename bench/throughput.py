@@ -9,7 +9,8 @@ decode steps a launch, greedy, no stop), all prompts queued at once, the prefix 
 passes repeat the same prompts, which would otherwise hit it). A first pass over the same
 prompts compiles every program the run meets (lazily: nothing compiles in the background); then
 `--repeats` timed passes, each reporting seconds and output tokens a second, and checking that
-every request produced its `--output-len` tokens and the same tokens as the first pass.
+every request produced its `--output-len` tokens and counting the requests whose tokens differ
+from the first pass's (any: the run fails, after writing its JSON).
 
 `--tree DIR` runs the engine of another checkout (DIR's packages first on sys.path), for
 bisecting a regression across commits in one lease; older trees name the decode-steps knob
@@ -82,9 +83,9 @@ def main(argv=None) -> dict:
     passes = []
     for i in range(a.repeats):
         seconds, outputs = run_pass(engine, SamplingParams, prompts, a.output_len, f"r{i}")
-        assert outputs == first, "a timed pass gave other tokens than the first"
         passes.append({"seconds": seconds,
-                       "output_tokens_per_s": a.num_prompts * a.output_len / seconds})
+                       "output_tokens_per_s": a.num_prompts * a.output_len / seconds,
+                       "requests_unlike_first_pass": sum(o != f for o, f in zip(outputs, first))})
         print(json.dumps(passes[-1]), flush=True)
     result = {"device": jax.devices()[0].device_kind,
               "engine": sys.modules["engine.engine"].__file__,      # the tree that ran
@@ -93,6 +94,8 @@ def main(argv=None) -> dict:
               "best_output_tokens_per_s": max(x["output_tokens_per_s"] for x in passes)}
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
+    assert not any(x["requests_unlike_first_pass"] for x in passes), \
+        "a timed pass gave other tokens than the first"
     return result
 
 
