@@ -1,6 +1,6 @@
 """Structured output: a request's grammar (a JSON schema, a regular expression or a context-free
-grammar, compiled by llguidance) says before each of its draws which tokens may come next, as a bitmask that the
-sampler applies on the device (engine.sampling, the GUIDED level and above).
+grammar, compiled by llguidance) says before each of its draws which tokens may come next, as
+a bitmask that the sampler applies on the device (engine.sampling, the GUIDED level and above).
 
 The mask of a draw depends on every token before it, so a guided row draws one token a launch
 and is planned only once the host has read its last one (engine.scheduler); the host advances

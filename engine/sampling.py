@@ -33,8 +33,8 @@ class SamplingParams:
     penalties (vLLM's order). guided_json (a JSON schema, as a dict or its JSON text),
     guided_regex (a regular expression) or guided_grammar (a context-free grammar in GBNF,
     llama.cpp's EBNF, or in Lark) constrains the output to match it (structured output,
-    engine.guided; vLLM's names), one of them at most, not together with min_tokens. Values outside engine.limits
-    raise InvalidRequest (a ValueError) naming the field."""
+    engine.guided; vLLM's names), one of them at most, not together with min_tokens. Values
+    outside engine.limits raise InvalidRequest (a ValueError) naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
