@@ -13,7 +13,8 @@ SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLOP/s. Mixed (`--c
 decode batches whose rows differ in length by up to 500x, and two of one length, at head_dim
 64 and 128, against SDPA and a copy of the same bytes (mixed_case). FP8 (`--cases fp8`): the
 engine's dispatch on bf16 pages against the same values in float8_e4m3fn pages, decode and
-prefill (fp8_case).
+prefill (fp8_case). MoE (`--cases moe`): the experts' grouped product at Qwen3-30B-A3B's shapes,
+kernels.grouped_matmul against XLA's own jax.lax.ragged_dot (moe_case).
 """
 
 import argparse
@@ -268,6 +269,41 @@ def fp8_case(batch: int, seq: int, tokens: int, rng: np.random.Generator,
     return result
 
 
+QWEN3_30B_EXPERTS = dict(experts=128, hidden=2048, width=768, top_k=8)
+
+
+def moe_case(tokens: int, rng: np.random.Generator, impl: str = "gpu", experts=128,
+             hidden=2048, width=768, top_k=8) -> dict:
+    """The experts' grouped product of a step of `tokens` tokens (each routed to top_k of the
+    experts at random, rows sorted by expert), bf16: kernels.grouped_matmul (what the engine
+    runs) against jax.lax.ragged_dot as XLA lowers it, for the gate (hidden -> width; up is the
+    same) and down (width -> hidden) projections, each checked against ragged_dot in float32.
+    The floor reads each routed expert's weights once: weight_tb_s is those bytes a second."""
+    import kernels
+    expert = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
+    sizes = jnp.asarray(np.bincount(expert.ravel(), minlength=experts), jnp.int32)
+    used = int((np.asarray(sizes) > 0).sum())
+    m = tokens * top_k
+    result = {"tokens": tokens, "rows": m, "experts_used": used, "experts": experts}
+    exact = jax.jit(lambda a, b, s: jax.lax.ragged_dot(
+        a.astype(jnp.float32), b.astype(jnp.float32), s, precision=jax.lax.Precision.HIGHEST))
+    for proj, (k, n) in (("gate", (hidden, width)), ("down", (width, hidden))):
+        lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+        rhs = jnp.asarray(rng.normal(size=(experts, k, n)) / np.sqrt(k), jnp.bfloat16)
+        want = exact(lhs, rhs, sizes)
+        weight_bytes, flops = used * k * n * 2, 2 * m * k * n
+        row = {}
+        for name, fn in (("ours", jax.jit(functools.partial(kernels.grouped_matmul, impl=impl))),
+                         ("xla_ragged_dot", jax.jit(jax.lax.ragged_dot))):
+            seconds = time_jax(fn, lhs, rhs, sizes, iters=10, repeats=5)
+            row[name] = {"seconds": seconds, "weight_tb_s": weight_bytes / seconds / 1e12,
+                         "tflop_s": flops / seconds / 1e12,
+                         "rel_err": rel_err(fn(lhs, rhs, sizes), want)}
+        row["speedup"] = row["xla_ragged_dot"]["seconds"] / row["ours"]["seconds"]
+        result[proj] = row
+    return result
+
+
 def mixed_lengths(rng: np.random.Generator) -> dict[str, list[int]]:
     """Decode batches of issue 27: rows of one length, and rows of very different lengths."""
     spread = np.exp(rng.uniform(np.log(1024), np.log(262144), 16)).astype(int).tolist()
@@ -347,7 +383,8 @@ def main() -> None:
     p.add_argument("--commit", default=None, help="commit measured (default: git HEAD)")
     p.add_argument("--cases", default="decode,prefill,mixed",
                    help="which of decode, prefill, mixed (decode batches of mixed lengths, "
-                        "head_dim 64 and 128), fp8 (bf16 against fp8 pages) to run")
+                        "head_dim 64 and 128), fp8 (bf16 against fp8 pages), moe (the experts' "
+                        "grouped product) to run")
     args = p.parse_args()
     cases = set(args.cases.split(","))
     rng = np.random.default_rng()
@@ -370,7 +407,7 @@ def main() -> None:
               "date": datetime.date.today().isoformat(), "commit": commit,
               "command": "python bench/kernels.py" + (" --quick" if args.quick else "")
               + (f" --cases {args.cases}" if cases != {"decode", "prefill", "mixed"} else ""),
-              "decode": [], "prefill": [], "mixed": [], "fp8": []}
+              "decode": [], "prefill": [], "mixed": [], "fp8": [], "moe": []}
     for batch, seq in [(64, 4096), (8, 32768), (1, 131072)] if "decode" in cases else []:
         # Mosaic GPU decode: the default (None: what the engine runs), then twice the items
         # (two programs an SM), each with one and two slots of pages in flight.
@@ -385,6 +422,9 @@ def main() -> None:
     for batch, seq in [(64, 4096), (8, 32768)] if "fp8" in cases else []:
         report["fp8"].append(fp8_case(batch, seq, 8192, rng))
         print(json.dumps(report["fp8"][-1]), flush=True)
+    for tokens in [1, 64, 512, 4096] if "moe" in cases else []:
+        report["moe"].append(moe_case(tokens, rng, **QWEN3_30B_EXPERTS))
+        print(json.dumps(report["moe"][-1]), flush=True)
     for name, lengths in mixed_lengths(rng).items() if "mixed" in cases else []:
         for head_dim in (64, 128):
             report["mixed"].append(mixed_case(name, lengths, head_dim, rng))
@@ -412,6 +452,11 @@ def main() -> None:
               f" fp8 {f['decode']['keys_per_s']:.3g} ({r['speedup']['decode']:.2f}x); prefill "
               f"{r['prefill_tokens']} TFLOP/s bf16 {b['prefill']['tflop_s']:.0f} fp8 "
               f"{f['prefill']['tflop_s']:.0f} ({r['speedup']['prefill']:.2f}x)")
+    for r in report["moe"]:
+        print(f"moe {r['tokens']:>5} tokens ({r['experts_used']} experts): " + "; ".join(
+            f"{p} ours {r[p]['ours']['seconds'] * 1e6:.0f} us ({r[p]['ours']['weight_tb_s']:.2f} "
+            f"TB/s of weights), ragged_dot {r[p]['xla_ragged_dot']['seconds'] * 1e6:.0f} us "
+            f"({r[p]['speedup']:.1f}x)" for p in ("gate", "down")))
     for r in report["prefill"]:
         mosaic = r["jax_mosaic_attention"].get("tflop_s", float("nan"))
         print(f"prefill {r['tokens']} causal: ours mosaic {r['best_mosaic']['tflop_s']:.0f}  "

@@ -121,3 +121,17 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
         return mgpu.paged_prefill_mgpu(*args, logit_softcap=logit_softcap, interpret=interpret)
     from kernels.gpu import paged_attention_gpu
     return paged_attention_gpu(*args, **options, interpret=interpret, work=work)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto"):
+    """jax.lax.ragged_dot's product (lhs [M,K] rows sorted by group, group g's group_sizes[g]
+    rows times rhs[g] [K,N]; the sizes sum to M) for mixture-of-experts layers. On a GPU, and
+    with 'gpu-interpret', the Pallas kernel of kernels/grouped.py (XLA's GPU lowering of
+    ragged_dot expands it to a dense product per group: see there); elsewhere ragged_dot
+    itself, float32 at full precision."""
+    impl = resolve_impl(impl)
+    if impl in ("gpu", "gpu-interpret"):
+        from kernels.grouped import grouped_matmul as kernel
+        return kernel(lhs, rhs, group_sizes, interpret=impl == "gpu-interpret")
+    exact = jax.lax.Precision.HIGHEST if lhs.dtype == jax.numpy.float32 else None
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=exact)

@@ -15,7 +15,8 @@ through scratch pages); otherwise they keep every page as the global layers do.
 
 Qwen3-MoE's and Mixtral's sparse layers (`MoE`) route each token to its top-k experts: the
 (token, expert) pairs are sorted by expert and the experts run as grouped matmuls
-(`jax.lax.ragged_dot`), one per projection for all experts, with no loop over experts.
+(`kernels.grouped_matmul`: a Pallas kernel on a GPU, `jax.lax.ragged_dot` elsewhere and under
+a mesh), one per projection for all experts, with no loop over experts.
 """
 
 import dataclasses
@@ -217,10 +218,11 @@ class Experts(nnx.Module):
         self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, f, d), dtype))
 
-    def __call__(self, x, sizes):
-        """x [T,D]: tokens sorted by expert, sizes [E] of them each -> [T,D]."""
-        dot = functools.partial(jax.lax.ragged_dot, group_sizes=sizes,
-                                precision=_precision(x.dtype))
+    def __call__(self, x, sizes, impl):
+        """x [T,D]: tokens sorted by expert, sizes [E] of them each -> [T,D]. impl: the
+        attention implementation's name, which picks the grouped product's too
+        (kernels.grouped_matmul)."""
+        dot = functools.partial(kernels.grouped_matmul, group_sizes=sizes, impl=impl)
         gate = dot(x, self.gate_proj[...])
         return dot(jax.nn.silu(gate) * dot(x, self.up_proj[...]), self.down_proj[...])
 
@@ -234,7 +236,7 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, dtype, rngs)
         self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
 
-    def __call__(self, x):
+    def __call__(self, x, impl="reference"):
         probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)       # [S,E]
         weight, expert = jax.lax.top_k(probs, self.top_k)                        # [S,k]
         if self.normalise:
@@ -243,7 +245,7 @@ class MoE(nnx.Module):
         order = jnp.argsort(expert, stable=True)                # (token, expert) pairs by expert
         token = order // self.top_k
         sizes = jnp.bincount(expert, length=probs.shape[-1]).astype(jnp.int32)
-        out = self.experts(x[token], sizes) * weight.astype(x.dtype).reshape(-1)[order, None]
+        out = self.experts(x[token], sizes, impl) * weight.astype(x.dtype).reshape(-1)[order, None]
         return jnp.zeros_like(x).at[token].add(out)
 
 
@@ -266,11 +268,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, kv, ctx, ring=False):
         cos, sin = ctx["rope"][self.rope]
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, ctx, ring)
+        mlp = self.mlp
+        if isinstance(mlp, MoE):
+            mlp = functools.partial(mlp, impl=ctx["moe_impl"])
         if not self.self_attn.cfg.gemma:
             x = x + attn
-            return x + self.mlp(self.post_attention_layernorm(x)), kv
+            return x + mlp(self.post_attention_layernorm(x)), kv
         x = x + self.post_attention_layernorm(attn)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
+        return x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x))), kv
 
 
 class Llama(nnx.Module):
@@ -301,7 +306,10 @@ class Llama(nnx.Module):
         groups = self._planned(groups, k_pages[0], attn_impl, mesh)
         ctx = {"page": jnp.concatenate([p.ravel() for p in page]),
                "slot": jnp.concatenate([s.ravel() for s in slot]),
-               "groups": groups, "attn_impl": attn_impl, "mesh": mesh}
+               "groups": groups, "attn_impl": attn_impl, "mesh": mesh,
+               # A Pallas call cannot be partitioned by XLA: under a mesh the experts' product
+               # stays ragged_dot, which XLA splits along F (models.parallel).
+               "moe_impl": "reference" if mesh is not None else attn_impl}
         local = [layer.self_attn.window is not None for layer in self.layers]
         if rings[0]:
             if len(rings[0]) != sum(local) or all(local):

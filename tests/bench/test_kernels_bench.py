@@ -1,5 +1,6 @@
-"""bench/kernels.py's fp8 rows on the CPU (interpret mode, tiny shapes): both dtypes run, each
-result checked against the reference, and the rates and speed-ups are reported."""
+"""bench/kernels.py's fp8 and MoE rows on the CPU (interpret mode, tiny shapes): both dtypes
+(both products) run, each result checked against the reference, and the rates and speed-ups
+are reported."""
 
 import numpy as np
 from helpers import bench_module
@@ -17,3 +18,14 @@ def test_fp8_case_checks_and_times_both_dtypes():
     bf16, fp8 = result["bfloat16"]["decode"], result["float8_e4m3fn"]["decode"]
     assert np.isclose(fp8["tb_s"] * fp8["seconds"] * 2, bf16["tb_s"] * bf16["seconds"])
     assert set(result["speedup"]) == {"decode", "prefill"}
+
+
+def test_moe_case_checks_and_times_both_products():
+    result = kernels_bench.moe_case(5, np.random.default_rng(0), impl="gpu-interpret",
+                                    experts=6, hidden=32, width=16, top_k=2)
+    assert result["rows"] == 10 and 1 <= result["experts_used"] <= 6
+    for proj in ("gate", "down"):
+        for name in ("ours", "xla_ragged_dot"):
+            row = result[proj][name]
+            assert row["seconds"] > 0 and row["weight_tb_s"] > 0 and row["rel_err"] < 0.02
+        assert result[proj]["speedup"] > 0
