@@ -236,7 +236,7 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, dtype, rngs)
         self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
 
-    def __call__(self, x, impl="reference"):
+    def __call__(self, x, impl):
         probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)       # [S,E]
         weight, expert = jax.lax.top_k(probs, self.top_k)                        # [S,k]
         if self.normalise:
