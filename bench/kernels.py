@@ -250,15 +250,15 @@ def fp8_case(batch: int, seq: int, tokens: int, rng: np.random.Generator,
         k, v = k16.astype(dtype), v16.astype(dtype)
         name = jnp.dtype(dtype).name
         row = {}
-        for case, (q, t, pos, n), work in (("decode", decode, batch * seq),
-                                            ("prefill", prefill, flops)):
+        # case: operands, work, its rate's name and unit, timed calls a repeat
+        for case, (q, t, pos, n), work, rate, unit, iters in (
+                ("decode", decode, batch * seq, "keys_per_s", 1, 20),
+                ("prefill", prefill, flops, "tflop_s", 1e12, 5)):
             args = (q, k, v, t, pos, n)
             want = jax.jit(paged_attention_reference)(
                 q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), t, pos, n)
-            seconds = time_jax(attend, *args, iters=5 if case == "prefill" else 20)
-            rate = "keys_per_s" if case == "decode" else "tflop_s"
-            row[case] = {"seconds": seconds, rate: work / seconds / (1 if case == "decode"
-                                                                     else 1e12),
+            seconds = time_jax(attend, *args, iters=iters)
+            row[case] = {"seconds": seconds, rate: work / seconds / unit,
                          "rel_err": rel_err(attend(*args), want)}
         row["decode"]["tb_s"] = 2 * batch * seq * K_HEADS * HEAD_DIM * k.dtype.itemsize \
             / row["decode"]["seconds"] / 1e12
@@ -269,20 +269,18 @@ def fp8_case(batch: int, seq: int, tokens: int, rng: np.random.Generator,
     return result
 
 
-QWEN3_30B_EXPERTS = dict(experts=128, hidden=2048, width=768, top_k=8)
-
-
 def moe_case(tokens: int, rng: np.random.Generator, impl: str = "gpu", experts=128,
              hidden=2048, width=768, top_k=8) -> dict:
-    """The experts' grouped product of a step of `tokens` tokens (each routed to top_k of the
-    experts at random, rows sorted by expert), bf16: kernels.grouped_matmul (what the engine
-    runs) against jax.lax.ragged_dot as XLA lowers it, for the gate (hidden -> width; up is the
-    same) and down (width -> hidden) projections, each checked against ragged_dot in float32.
-    The floor reads each routed expert's weights once: weight_tb_s is those bytes a second."""
+    """The experts' grouped product (Qwen3-30B-A3B's shapes by default) of a step of `tokens`
+    tokens (each routed to top_k of the experts at random, rows sorted by expert), bf16:
+    kernels.grouped_matmul (what the engine runs) against jax.lax.ragged_dot as XLA lowers it,
+    for the gate (hidden -> width; up is the same) and down (width -> hidden) projections, each
+    checked against ragged_dot in float32. The floor reads each routed expert's weights once:
+    weight_tb_s is those bytes a second."""
     import kernels
     expert = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
-    sizes = jnp.asarray(np.bincount(expert.ravel(), minlength=experts), jnp.int32)
-    used = int((np.asarray(sizes) > 0).sum())
+    counts = np.bincount(expert.ravel(), minlength=experts)
+    sizes, used = jnp.asarray(counts, jnp.int32), int((counts > 0).sum())
     m = tokens * top_k
     result = {"tokens": tokens, "rows": m, "experts_used": used, "experts": experts}
     exact = jax.jit(lambda a, b, s: jax.lax.ragged_dot(
@@ -423,7 +421,7 @@ def main() -> None:
         report["fp8"].append(fp8_case(batch, seq, 8192, rng))
         print(json.dumps(report["fp8"][-1]), flush=True)
     for tokens in [1, 64, 512, 4096] if "moe" in cases else []:
-        report["moe"].append(moe_case(tokens, rng, **QWEN3_30B_EXPERTS))
+        report["moe"].append(moe_case(tokens, rng))
         print(json.dumps(report["moe"][-1]), flush=True)
     for name, lengths in mixed_lengths(rng).items() if "mixed" in cases else []:
         for head_dim in (64, 128):

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.gpu import _pow2
+
 
 def tile_table(group_sizes, block_m: int, num_tiles: int):
     """int32 [3, num_tiles]: each tile's group, first row and end row (rows [first, end) of
@@ -60,7 +62,7 @@ def _kernel(table_ref, lhs_ref, rhs_ref, o_ref, *, block_m: int, block_n: int, b
                            mask=rows[:, None] & k_ok[None, :], other=0)
             w = plgpu.load(rhs_ref.at[g, ks, cols], mask=k_ok[:, None] & col_ok[None, :],
                            other=0)
-            return acc + plgpu.dot(x, w, precision=exact).astype(jnp.float32)
+            return acc + plgpu.dot(x, w, precision=exact)          # float32 out
 
         acc = jax.lax.fori_loop(0, pl.cdiv(k_dim, block_k), body,
                                 jnp.zeros((block_m, block_n), jnp.float32))
@@ -68,17 +70,14 @@ def _kernel(table_ref, lhs_ref, rhs_ref, o_ref, *, block_m: int, block_n: int, b
                     mask=rows[:, None] & col_ok[None, :])
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret",
                                              "num_warps", "num_stages"))
 def grouped_matmul(lhs, rhs, group_sizes, *, block_m=None, block_n=128, block_k=64,
                    interpret=False, num_warps=4, num_stages=3):
     """lhs [M,K], rhs [G,K,N], group_sizes [G] summing to M (every row belongs to a group:
-    rows past the sum are never written) -> [M,N] in lhs' dtype, accumulated in float32. block_m defaults to the average
-    rows a group, as a power of two in [16, 64] (a decode step's experts get a few rows each)."""
+    rows past the sum are never written) -> [M,N] in lhs' dtype, accumulated in float32.
+    block_m defaults to the average rows a group, as a power of two in [16, 64] (a decode
+    step's experts get a few rows each)."""
     m, k = lhs.shape
     g, _, n = rhs.shape
     if block_m is None:
