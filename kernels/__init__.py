@@ -52,6 +52,26 @@ def _hopper_or_newer() -> bool:
     return compute_capability() >= 9.0
 
 
+# Decode calls of at least UNSPLIT_ROWS rows over a page table of at most UNSPLIT_MAX_KEYS key
+# slots a row run on the Triton kernel with one work item a row: no row is long enough to be
+# worth splitting, so there is no merge of partials, whose fixed cost (~13-16 us a call) such
+# calls cannot hide. Measured on the H100 at 32 query heads, 8 KV heads, page 16, 64 rows of
+# 512-640 keys over a 256-page table: 59 us (head_dim 64; 75 at 128) against 93 (95) for the
+# Mosaic kernel's split plan; 64 rows of 2-4k keys: 193 us (327) against 232 (348); and the
+# serving bench (bench/throughput.py, 1B shape, 64 running, context 4096) at 18,062-18,182
+# output tokens/s against 15,968-16,785 (BENCHMARKS "the no-regression check"). A wider table
+# keeps the split plan: there one row may be long enough (a 128k row beside 63 of 2k) that one
+# program a KV head would leave the rest of the GPU idle.
+UNSPLIT_ROWS = 64
+UNSPLIT_MAX_KEYS = 8192
+
+
+def _unsplit(q, k_pages, page_table) -> bool:
+    """Whether a call is a decode call that runs one work item a row (see UNSPLIT_ROWS)."""
+    return (q.shape[1] == 1 and q.shape[0] >= UNSPLIT_ROWS
+            and page_table.shape[1] * k_pages.shape[1] <= UNSPLIT_MAX_KEYS)
+
+
 def _kernel_for(q, k_pages, page_table, impl: str, sliding_window) -> str:
     """Which kernel paged_attention runs for these operands (impl resolved): 'reference',
     'mgpu-decode', 'mgpu-prefill', 'triton' or 'tpu'."""
@@ -60,7 +80,7 @@ def _kernel_for(q, k_pages, page_table, impl: str, sliding_window) -> str:
     if impl.startswith("tpu"):
         return "tpu"
     from kernels import mgpu
-    if impl == "gpu-interpret" or _hopper_or_newer():
+    if (impl == "gpu-interpret" or _hopper_or_newer()) and not _unsplit(q, k_pages, page_table):
         if q.shape[1] == 1 and mgpu.supports_decode(q, k_pages, page_table):
             return "mgpu-decode"
         if q.shape[1] > 1 and mgpu.supports(q, k_pages, sliding_window):
@@ -78,8 +98,17 @@ def decode_work(q, k_pages, page_table, q_positions, kv_lens, *, impl="auto",
     if q.shape[1] != 1 or kernel not in ("mgpu-decode", "triton"):
         return None
     from kernels import gpu, mgpu
-    make = mgpu.decode_work if kernel == "mgpu-decode" else gpu.decode_work
-    return make(q.shape, k_pages.shape, q_positions, kv_lens, sliding_window=sliding_window)
+    if kernel == "mgpu-decode":
+        return mgpu.decode_work(q.shape, k_pages.shape, q_positions, kv_lens,
+                                sliding_window=sliding_window)
+    return gpu.decode_work(q.shape, k_pages.shape, q_positions, kv_lens,
+                           sliding_window=sliding_window, items=_triton_items(q, k_pages, page_table))
+
+
+def _triton_items(q, k_pages, page_table) -> int | None:
+    """The Triton decode kernel's work items for a call: one a row (UNSPLIT_ROWS), else its
+    default."""
+    return q.shape[0] if _unsplit(q, k_pages, page_table) else None
 
 
 def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, impl="auto",
@@ -120,7 +149,8 @@ def paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, im
     if kernel == "mgpu-prefill":
         return mgpu.paged_prefill_mgpu(*args, logit_softcap=logit_softcap, interpret=interpret)
     from kernels.gpu import paged_attention_gpu
-    return paged_attention_gpu(*args, **options, interpret=interpret, work=work)
+    return paged_attention_gpu(*args, **options, interpret=interpret, work=work,
+                               items=_triton_items(q, k_pages, page_table))
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto"):

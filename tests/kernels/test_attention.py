@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels import worklist
 
 SEED = None          # an int replays a failure reported as "seed=..."
 K_HEADS, HEAD_DIM = 2, 16   # Triton's dot needs every dimension >= 16
@@ -336,6 +337,43 @@ def test_decode_dispatch_by_table_size(rows, width, page_size, kernel, monkeypat
                             jnp.ones((rows,), jnp.int32), impl="gpu-interpret")
     assert calls == [kernel]
     assert mgpu.DECODE_MIN_KEYS == 4096
+
+
+@pytest.mark.parametrize("rows,width,kernel,items", [
+    (64, 256, "triton", 64), (96, 512, "triton", 96), (63, 256, "mosaic", None),
+    (64, 513, "mosaic", None)])
+def test_many_rows_over_a_narrow_table_decode_one_item_a_row(rows, width, kernel, items,
+                                                             monkeypatch):
+    """Decode calls of >= kernels.UNSPLIT_ROWS rows over a table of <= UNSPLIT_MAX_KEYS key
+    slots (page 16 here: 512 pages) go to the Triton kernel with one work item a row (nothing
+    to merge); fewer rows, or a wider table, keep the dispatch by table size and its plan."""
+    from kernels import gpu, mgpu
+    calls = []
+    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **kw: calls.append(("mosaic",)))
+    monkeypatch.setattr(gpu, "paged_attention_gpu",
+                        lambda *a, **kw: calls.append(("triton", kw["items"])))
+    q = jnp.zeros((rows, 1, 32, 128), jnp.bfloat16)
+    pages = jnp.zeros((4, 16, 8, 128), jnp.bfloat16)
+    table = jnp.zeros((rows, width), jnp.int32)
+    pos, lens = jnp.zeros((rows, 1), jnp.int32), jnp.ones((rows,), jnp.int32)
+    kernels.paged_attention(q, pages, pages, table, pos, lens, impl="gpu-interpret")
+    assert calls == [(kernel, items) if kernel == "triton" else (kernel,)]
+    work = kernels.decode_work(q, pages, table, pos, lens, impl="gpu-interpret")
+    assert work.shape == (3, items or worklist.default_items(rows))
+    assert (kernels.UNSPLIT_ROWS, kernels.UNSPLIT_MAX_KEYS) == (64, 8192)
+
+
+def test_one_item_a_row_equals_dense_attention(seed, monkeypatch):
+    """The unsplit dispatch's output: 8 rows of ragged lengths (the bar lowered to 8 rows to
+    keep interpret mode quick) through kernels.paged_attention in interpret mode against
+    float64 dense attention."""
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(kernels, "UNSPLIT_ROWS", 8)
+    case = make_case(rng, q_per_kv=4, page_size=4, num_queries=1,
+                     lengths=[int(x) for x in rng.integers(0, 40, 8)])
+    assert kernels._unsplit(case["q"], case["k_pages"], case["table"])
+    np.testing.assert_allclose(run(case, impl="gpu-interpret"), expected(case), **F32_TOL,
+                               err_msg=describe(seed, case))
 
 
 def poisoned(case, which):
