@@ -34,7 +34,7 @@ from flax import nnx
 
 import kernels
 import kvcache
-from engine import envs, limits, parallel
+from engine import envs, limits, parallel, sampling
 from engine.config import KV_CACHE_DTYPES, EngineConfig
 from engine.front import Front
 from engine.guided import Grammars
@@ -271,6 +271,8 @@ class Engine:
         if plan.grow_to is not None:
             self.runner.resize(plan.grow_to)
         self.runner.queue(plan)
+        if plan.chunks:
+            self._expect_decode(plan)
         if plan.runs:
             self.timing["overlapped_launches"] += bool(self._flights)
             self._flights.append(self.runner.launch(plan))
@@ -287,6 +289,18 @@ class Engine:
         self.timing["step_seconds"] += end - start
         self._last_end = end
         return advanced
+
+    def _expect_decode(self, plan: Plan) -> None:
+        """A mixed step whose chunks end their prompts, with no request queued behind them, is
+        followed by a decode loop of its rows: the runner is told, to compile that loop while
+        the step's own program compiles (ModelRunner.expect_loop)."""
+        if self.scheduler.waiting or any(r.computed + n < r.num_tokens for r, n in plan.chunks):
+            return
+        rows = plan.decode + [r for r, _ in plan.chunks]
+        if all(r.budget <= 1 for r in rows):
+            return          # nothing left to decode after this launch's draws
+        steps = 1 if all(r.params.guided for r in rows) else self.scheduler.decode_steps
+        self.runner.expect_loop(len(rows), steps, max(sampling.level(r.params) for r in rows))
 
     def _land(self, flight: Flight) -> list[Request]:
         """Reads a launch's results (waiting for it) and does the host's bookkeeping: page ids,

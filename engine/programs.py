@@ -10,7 +10,10 @@ launch waits for a compiler. EngineConfig.precompile picks when programs compile
   "Start-up"), so a server is ready after three compiles instead of ~30-70.
 - "all": every shape before ready (the old behaviour; the steadiest timings from the start).
 - "none": a launch compiles its own shape when first met, on the request path (CPU tests,
-  where compiles are quick and most shapes are never met).
+  where compiles are quick and most shapes are never met). On a CPU, a step that ends its
+  prompts also has the thread compile the decode loop expected after it, beside the step's
+  own compile (ModelRunner.expect_loop: `serve.py --chat --prompt` on SmolLM2, cold, median
+  19.4 s of seven runs against 23.9 s of five without, on a 2-core CPU; BENCHMARKS.md).
 
 Programs compile ahead of time (`jit(...).trace(...).lower().compile()`) and are called
 directly: a compiled program needs no arrays of its shape to exist, so the shapes of pool sizes
@@ -49,6 +52,7 @@ class Programs:
         self.mode, self._compile = mode, compile
         self._compiled: dict[Shape, object] = {}
         self._pending: collections.deque[Shape] = collections.deque()
+        self._compiling: set[Shape] = set()    # being compiled, by any thread
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._busy = False          # the thread is compiling one
@@ -86,12 +90,22 @@ class Programs:
         return need, self.compile(need)
 
     def compile(self, shape: Shape):
-        """shape's program, compiled unless it is already."""
-        if shape not in self._compiled:
+        """shape's program, compiled unless it is already; a shape that another thread is
+        compiling is waited for, not compiled twice."""
+        with self._cv:
+            self._cv.wait_for(lambda: shape not in self._compiling)
+            if shape in self._compiled:
+                return self._compiled[shape]
+            self._compiling.add(shape)
+        try:
             program = self._compile(shape)
             with self._cv:
-                self._compiled.setdefault(shape, program)
-        return self._compiled[shape]
+                self._compiled[shape] = program
+        finally:
+            with self._cv:
+                self._compiling.discard(shape)
+                self._cv.notify_all()
+        return program
 
     def ahead(self, shapes: Iterable[Shape], progress: bool = True) -> None:
         """Compiles shapes now, one at a time, behind a progress bar."""

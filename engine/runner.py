@@ -117,6 +117,9 @@ class ModelRunner:
         self._loop = jax.jit(loop, out_shardings=(rep, cs), donate_argnames="cache",
                              static_argnames=("ops_layout", "layout", "num_steps", "attn_impl"))
         self.programs = Programs(self._compile, precompile)
+        # Lazy compiles on a CPU may run two at a time: XLA's CPU compiler keeps one core busy a
+        # program, and there is no autotuner timing kernels on a shared device (see warmup).
+        self._overlap_compiles = precompile == "none" and jax.default_backend() == "cpu"
         self._timer = concurrent.futures.ThreadPoolExecutor(1, "hybridkv-timer")
         self._device_end = 0.0              # when the last timed launch ended
         self.device_busy_seconds = 0.0      # device time in model launches (the timer thread's)
@@ -352,6 +355,14 @@ class ModelRunner:
                                       attn_impl=self.attn_impl)
             key = ("step", layout)
         return traced.lower().compile(), key
+
+    def expect_loop(self, rows: int, steps: int, level: int) -> None:
+        """Says that a decode loop of `rows` rows, `steps` steps at this sampler level will
+        likely follow the launch about to be made: where compiles are lazy and may overlap (a
+        CPU), the compile thread compiles its program beside that launch's own."""
+        need = self.buckets.loop(self.cache.num_pages, rows, steps, level)
+        if self._overlap_compiles and not self.programs.has([need]):
+            self.programs.background([need], first=True)
 
     def shapes_for(self, pages: int) -> tuple[list[Shape], list[Shape]]:
         """(the largest shapes, the others) at a pool of `pages` pages. The others: every

@@ -49,6 +49,28 @@ def _gguf():
     return gguf
 
 
+def read(path: Path):
+    """gguf's reader of a .gguf file, over a plain ndarray view of its memory map: the reader
+    slices its data once or more per metadata value, and a slice of an np.memmap costs Python
+    work of its own (__array_finalize__), so SmolLM2's 49k-token vocabulary took 3.0 s to read
+    through the memmap and 0.75 s through the view, on this project's 2-core CPU."""
+    gguf = _gguf()
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, mapped):
+            self._data = np.asarray(mapped)     # a view of the same memory, not a copy
+
+    try:
+        return Reader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Undoes llama.cpp's reordering of a query / key projection's rows (or bias): within each
     head, rows 0, 2, 4, ... (then 1, 3, 5, ...) are HF's first (then second) half."""
@@ -129,10 +151,7 @@ def read_tokenizer(fields: dict, path: Path) -> Tokenizer:
 def load_gguf(path: str | Path, dtype, progress: bool = True):
     """A .gguf file -> (model, tokenizer)."""
     gguf, path = _gguf(), Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    reader = read(path)
     fields = {k: f.contents() for k, f in reader.fields.items()}
     raw = read_config(fields, path)
     tokenizer = read_tokenizer(fields, path)     # before the weights: refused early
