@@ -11,7 +11,8 @@ head_dim 128, fp16): our paged kernels (Mosaic GPU, kernels/mgpu.py, the one
 kernels.paged_attention picks on Hopper; and the Triton one, kernels/gpu.py) against PyTorch
 SDPA and JAX's Mosaic GPU attention on contiguous inputs, in FLOP/s. Mixed (`--cases mixed`):
 decode batches whose rows differ in length by up to 500x, and two of one length, at head_dim
-64 and 128, against SDPA and a copy of the same bytes (mixed_case). FP8 (`--cases fp8`): the
+64 and 128, through the dispatch and through the Triton kernel with one work item a row,
+against SDPA and a copy of the same bytes (mixed_case). FP8 (`--cases fp8`): the
 engine's dispatch on bf16 pages against the same values in float8_e4m3fn pages, decode and
 prefill (fp8_case). MoE (`--cases moe`): the experts' grouped product at Qwen3-30B-A3B's shapes,
 kernels.grouped_matmul against XLA's own jax.lax.ragged_dot (moe_case).
@@ -311,14 +312,19 @@ def mixed_lengths(rng: np.random.Generator) -> dict[str, list[int]]:
 
 
 def mixed_case(name: str, lengths: list[int], head_dim: int, rng: np.random.Generator,
-               kernel=paged_decode_mgpu) -> dict:
+               impl: str = "gpu") -> dict:
     """A decode call over rows of the given lengths (Llama-3.2-1B / 8B attention: 32 query heads,
-    8 KV heads, page 16, bf16, pages scattered): our kernel's default against PyTorch SDPA on
-    the same KV laid out contiguously (one batched call when the rows are of one length, else
-    one call a row, times summed) and a device copy of the same bytes; each checked against
-    SDPA."""
+    8 KV heads, page 16, bf16, pages scattered, a table as wide as the longest row): the
+    dispatch (kernels.paged_attention, its plan made inside the jit as the model makes it; the
+    JSON names the kernel and whether it ran one item a row) and, beside it, the Triton kernel
+    with one item a row whatever the table (what kernels.UNSPLIT_ROWS would cost if it took
+    every table), against PyTorch SDPA on the same KV laid out contiguously (one batched call
+    when the rows are of one length, else one call a row, times summed) and a device copy of
+    the same bytes; each checked against SDPA."""
     import torch
     import torch.nn.functional as F
+
+    import kernels
 
     pages = [-(-s // PAGE) for s in lengths]
     b, width = len(lengths), max(pages)
@@ -336,11 +342,23 @@ def mixed_case(name: str, lengths: list[int], head_dim: int, rng: np.random.Gene
     args = (q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths, jnp.int32)[:, None] - 1,
             jnp.asarray(lengths, jnp.int32))
     kv_bytes = 2 * sum(lengths) * K_HEADS * head_dim * 2
-    out = np.asarray(kernel(*args), np.float32)[:, 0]            # [B,N,H]
-    seconds = time_jax(kernel, *args)
+
+    @jax.jit
+    def ours(q, k, v, t, pos, lens):
+        work = kernels.decode_work(q, k, t, pos, lens, impl=impl)
+        return kernels.paged_attention(q, k, v, t, pos, lens, impl=impl, work=work)
+
+    unsplit = functools.partial(paged_attention_gpu, items=b)
+    runs = {}
+    for key, fn in (("ours", ours), ("unsplit_triton", unsplit)):
+        seconds = time_jax(fn, *args)
+        runs[key] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12,
+                     "out": np.asarray(fn(*args), np.float32)[:, 0]}
     result = {"case": name, "head_dim": head_dim, "rows": b, "keys": sum(lengths),
-              "kv_bytes": kv_bytes, "items": worklist.default_items(b),
-              "ours": {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12}}
+              "kv_bytes": kv_bytes,
+              "kernel": kernels._kernel_for(q, k_pages, table, kernels.resolve_impl(impl), None),
+              "one_item_a_row": kernels._unsplit(q, k_pages, table),
+              **{key: {k: v for k, v in run.items() if k != "out"} for key, run in runs.items()}}
 
     def dense(pool, r):                                         # [1,K,S,H]
         rows = pool[jnp.asarray(table[r, :pages[r]])].reshape(-1, K_HEADS, head_dim)
@@ -359,7 +377,8 @@ def mixed_case(name: str, lengths: list[int], head_dim: int, rng: np.random.Gene
                                    for r in range(b)])
             seconds = sum(time_torch(lambda r=r: sdpa(tq[r:r + 1], *kvs[r])) for r in range(b))
             del kvs
-    result["ours"]["rel_err_vs_sdpa"] = rel_err(out, want)
+    for key, run in runs.items():
+        result[key]["rel_err_vs_sdpa"] = rel_err(run["out"], want)
     result["torch_sdpa"] = {"seconds": seconds, "tb_s": kv_bytes / seconds / 1e12,
                             "calls": 1 if len(set(lengths)) == 1 else b}
     result["ours_vs_sdpa"] = result["torch_sdpa"]["seconds"] / result["ours"]["seconds"]
@@ -438,12 +457,13 @@ def main() -> None:
               f"{r['ours_contiguous_table']['tb_s']:7.2f} "
               f"{r['best_triton']['tb_s']:7.2f} {r['jax_paged']['tb_s']:7.2f} "
               f"{r['torch_sdpa']['tb_s']:7.2f} {r['device_copy']['tb_s_read_write']:7.2f}")
-    print(f"{'mixed decode':>16} {'H':>4} {'ours':>7} {'sdpa':>7} {'copy':>7} {'ours/sdpa':>9}"
-          "  TB/s (copy: read+write)")
+    print(f"{'mixed decode':>16} {'H':>4} {'ours':>7} {'unsplit':>7} {'sdpa':>7} {'copy':>7} "
+          f"{'ours/sdpa':>9}  TB/s (copy: read+write); ours = the dispatch's kernel")
     for r in report["mixed"]:
         print(f"{r['case']:>16} {r['head_dim']:>4} {r['ours']['tb_s']:7.2f} "
+              f"{r['unsplit_triton']['tb_s']:7.2f} "
               f"{r['torch_sdpa']['tb_s']:7.2f} {r['device_copy']['tb_s_read_write']:7.2f} "
-              f"{r['ours_vs_sdpa']:9.2f}")
+              f"{r['ours_vs_sdpa']:9.2f}  {r['kernel']}{' one item a row' * r['one_item_a_row']}")
     for r in report["fp8"]:
         b, f = r["bfloat16"], r["float8_e4m3fn"]
         print(f"fp8 {r['batch']:>4} x {r['seq']:<6} decode keys/s bf16 {b['decode']['keys_per_s']:.3g}"
