@@ -296,9 +296,9 @@ class Engine:
         the step's own program compiles (ModelRunner.expect_loop)."""
         if self.scheduler.waiting or any(r.computed + n < r.num_tokens for r, n in plan.chunks):
             return
-        rows = plan.decode + [r for r, _ in plan.chunks]
-        if all(r.budget <= 1 for r in rows):
-            return          # nothing left to decode after this launch's draws
+        rows = [r for r in plan.decode + [r for r, _ in plan.chunks] if r.budget > 1]
+        if not rows:
+            return          # nothing left to decode after this launch's one draw a row
         steps = 1 if all(r.params.guided for r in rows) else self.scheduler.decode_steps
         self.runner.expect_loop(len(rows), steps, max(sampling.level(r.params) for r in rows))
 
