@@ -144,10 +144,14 @@ class Programs:
             thread.join()
 
     def _work(self) -> None:
+        """The compile thread: compiles the queued shapes, then ends (`background` starts
+        another when more come). A thread left waiting would hold the engine alive, its pool
+        and compiled programs with it, for as long as the process runs."""
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending or self._closed)
-                if self._closed:
+                if self._closed or not self._pending:
+                    self._thread = None
+                    self._cv.notify_all()
                     return
                 shape, self._busy = self._pending.popleft(), True
             try:

@@ -5,8 +5,11 @@ background thread compiles the rest while requests run; an elastic pool grows on
 whose programs are compiled."""
 
 import dataclasses
+import gc
 import itertools
 import threading
+import time
+import weakref
 
 import pytest
 from helpers import assert_pool_clean
@@ -113,6 +116,24 @@ def test_a_shape_the_thread_is_compiling_is_waited_for_not_compiled_twice():
     assert programs.get(shape) == (shape, "program of 4 rows")
     assert calls == ["hybridkv-compile"] and len(programs) == 1
     programs.close()
+
+
+def test_the_compile_thread_ends_with_its_queue_and_lets_the_engine_go():
+    """Once its queue is empty the compile thread ends, so nothing holds the engine: dropped,
+    it is collected (a waiting thread kept every engine a test process made, and their
+    programs' memory maps, until the process ended)."""
+    llm = LLM(**CONFIG, precompile="none")
+    llm.generate([PROMPTS[1]], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+    programs = llm.engine.runner.programs
+    programs.wait()
+    deadline = time.monotonic() + 30
+    while programs._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert programs._thread is None
+    engine = weakref.ref(llm.engine)
+    del llm, programs
+    gc.collect()
+    assert engine() is None
 
 
 def test_the_decode_loop_after_a_prompt_compiles_beside_its_step():
