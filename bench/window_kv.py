@@ -24,7 +24,7 @@ from flax import nnx
 sys.path[0] = str(Path(__file__).resolve().parent.parent)    # the project, not bench/
 import kvcache  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.engine import ring_plan  # noqa: E402
+from engine.shapes import ring_plan  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
 
 

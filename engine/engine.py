@@ -43,7 +43,7 @@ from engine.request import Request
 from engine.runner import Flight, ModelRunner, compiles
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
-from engine.shapes import bucket, shared_chunk_len
+from engine.shapes import ring_plan
 from models import load_model
 
 log = logging.getLogger("hybridkv")
@@ -87,27 +87,6 @@ def resolve_kv_dtype(kv_cache_dtype: str, dtype):
                          f"compute capability 8.9 or later; {device.device_kind} has "
                          f"{kernels.compute_capability()}: choose one of {others}")
     return FP8[kv_cache_dtype]
-
-
-def ring_plan(cfg, config: EngineConfig, context_length: int) -> tuple[int, int, int]:
-    """(layers, pages a row, scratch pages for a step's prompt chunks) of the ring pools that
-    keep the sliding-window layers' KV window-sized (kvcache.page_table), or zeros:
-    EngineConfig.local_kv "full", or a model without both window and global layers. A ring
-    that holds a row's whole context needs no scratch; otherwise a step's chunks take
-    ceil(tokens / G) + 1 pages a row, tokens as padded (engine.shapes): one long chunk, or
-    --max-prefill-rows short ones."""
-    windows = [w for w in (cfg.window(i) for i in range(cfg.num_layers)) if w is not None]
-    if config.local_kv != "window" or not 0 < len(windows) < cfg.num_layers:
-        return 0, 0, 0
-    g = config.page_size
-    width = math.ceil(context_length / g)
-    ring = kvcache.ring_pages(max(windows), g, width)
-    if ring == width:
-        return len(windows), ring, 0
-    c, rows = config.chunked_prefill_size, config.max_prefill_rows
-    single = math.ceil(bucket(c, 1, 1 << 30) / g) + 1
-    shared = rows * (math.ceil(shared_chunk_len(c, rows) / g) + 1) if rows > 1 else 0
-    return len(windows), ring, max(single, shared)
 
 
 class Engine:

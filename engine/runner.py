@@ -174,7 +174,7 @@ class ModelRunner:
         # where every call expects them (the pages kept their sharding; a no-op for them).
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding)
         if self.programs.mode == "background":     # the tight shapes of this size next
-            self.programs.background(self.shapes_for(num_pages)[1], first=True)
+            self.programs.background(self.buckets.shapes_for(num_pages)[1], first=True)
 
     # -- page operations (engine.page_ops.PageOpQueue) ------------------------------------------
     def queue(self, plan: Plan) -> None:
@@ -364,23 +364,9 @@ class ModelRunner:
         if self._overlap_compiles and not self.programs.has([need]):
             self.programs.background([need], first=True)
 
-    def shapes_for(self, pages: int) -> tuple[list[Shape], list[Shape]]:
-        """(the largest shapes, the others) at a pool of `pages` pages. The others: every
-        shape at the PLAIN sampler, then the largest at ADJUSTED (so that launches wanting log
-        probabilities or biases, without top-k / top-p, stop sorting the vocabulary) and at
-        GUIDED (structured output; its one-step loop too), then the largest mixed steps at PROMPT (prompt log
-        probabilities)."""
-        b = self.buckets
-        prompt = [s for s in b.largest(pages, sampling.PROMPT) if s.kind == "step"]
-        guided = b.largest(pages, sampling.GUIDED)
-        # Guided rows draw one token a launch: a loop of them alone runs one step.
-        guided += [dataclasses.replace(s, steps=1) for s in guided if s.kind == "loop"]
-        return b.largest(pages), (b.shapes(pages) + b.largest(pages, sampling.ADJUSTED)
-                                  + guided + prompt)
-
     def ready_for(self, pages: int) -> bool:
         """Whether launches at a pool of `pages` pages run without compiling first."""
-        return self.programs.mode == "none" or self.programs.has(self.shapes_for(pages)[0])
+        return self.programs.mode == "none" or self.programs.has(self.buckets.shapes_for(pages)[0])
 
     def warmup(self, sizes: tuple[int, ...], progress: bool = True) -> int:
         """Compiles programs ahead, as EngineConfig.precompile says (engine.programs), for the
@@ -400,12 +386,12 @@ class ModelRunner:
             return 0
         self.cache = self.pages.run(self.cache, self.pages.ops.fill())
         pages = self.cache.num_pages
-        first, rest = self.shapes_for(pages)
+        first, rest = self.buckets.shapes_for(pages)
         others = [s for s in sizes if s != pages]
         if mode == "all":
-            first += rest + [x for s in others for part in self.shapes_for(s) for x in part]
+            first += rest + [x for s in others for part in self.buckets.shapes_for(s) for x in part]
         self.programs.ahead(first, progress)
         if mode == "background":
-            self.programs.background([x for s in others for x in self.shapes_for(s)[0]] + rest)
+            self.programs.background([x for s in others for x in self.buckets.shapes_for(s)[0]] + rest)
         return len(self.programs)
 

@@ -15,9 +15,11 @@ rest run such requests padded to them), and GUIDED's one-step loop.
 """
 
 import dataclasses
+import math
 
+import kvcache
 from engine.config import EngineConfig
-from engine.sampling import FILTERED, PLAIN
+from engine.sampling import ADJUSTED, FILTERED, GUIDED, PLAIN, PROMPT
 
 FACTOR = 4          # bucket growth of rows and single-chunk lengths
 MIN_CHUNK = 64      # the shortest single-chunk bucket
@@ -34,6 +36,27 @@ def bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
 def shared_chunk_len(chunk_size: int, max_prefill_rows: int) -> int:
     """The most tokens a chunk may have when it shares a step with other chunks."""
     return max(1, chunk_size // max_prefill_rows)
+
+
+def ring_plan(cfg, config: EngineConfig, context_length: int) -> tuple[int, int, int]:
+    """(layers, pages a row, scratch pages for a step's prompt chunks) of the ring pools that
+    keep the sliding-window layers' KV window-sized (kvcache.page_table), or zeros:
+    EngineConfig.local_kv "full", or a model without both window and global layers. A ring
+    that holds a row's whole context needs no scratch; otherwise a step's chunks take
+    ceil(tokens / G) + 1 pages a row, tokens as padded (engine.shapes): one long chunk, or
+    --max-prefill-rows short ones."""
+    windows = [w for w in (cfg.window(i) for i in range(cfg.num_layers)) if w is not None]
+    if config.local_kv != "window" or not 0 < len(windows) < cfg.num_layers:
+        return 0, 0, 0
+    g = config.page_size
+    width = math.ceil(context_length / g)
+    ring = kvcache.ring_pages(max(windows), g, width)
+    if ring == width:
+        return len(windows), ring, 0
+    c, rows = config.chunked_prefill_size, config.max_prefill_rows
+    single = math.ceil(bucket(c, 1, 1 << 30) / g) + 1
+    shared = rows * (math.ceil(shared_chunk_len(c, rows) / g) + 1) if rows > 1 else 0
+    return len(windows), ring, max(single, shared)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -115,3 +138,16 @@ class Buckets:
         for r in sorted({s.chunk_rows for s in steps}):
             top.append(max((s for s in steps if s.chunk_rows == r), key=lambda s: s.cost))
         return [dataclasses.replace(s, sampler=sampler) for s in top]
+
+    def shapes_for(self, pages: int) -> tuple[list[Shape], list[Shape]]:
+        """(the largest shapes, the others) at a pool of `pages` pages. The others: every
+        shape at the PLAIN sampler, then the largest at ADJUSTED (so that launches wanting log
+        probabilities or biases, without top-k / top-p, stop sorting the vocabulary) and at
+        GUIDED (structured output; its one-step loop too), then the largest mixed steps at
+        PROMPT (prompt log probabilities)."""
+        prompt = [s for s in self.largest(pages, PROMPT) if s.kind == "step"]
+        guided = self.largest(pages, GUIDED)
+        # Guided rows draw one token a launch: a loop of them alone runs one step.
+        guided += [dataclasses.replace(s, steps=1) for s in guided if s.kind == "loop"]
+        return self.largest(pages), (self.shapes(pages) + self.largest(pages, ADJUSTED)
+                                     + guided + prompt)
